@@ -1,0 +1,110 @@
+"""Configuration: one typed object, read once from ``D3K2_*`` environment variables in create_app()."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from d3k2.errors import D3K2Error
+
+
+class ConfigError(D3K2Error):
+    code = "configuration-invalid"
+
+
+def default_cards_dir() -> Path:
+    """cards/ of the checkout (editable install) or the copy packed into the wheel."""
+    here = Path(__file__).resolve().parent
+    packed = here / "_cards"
+    if packed.is_dir():
+        return packed
+    return here.parent.parent / "cards"
+
+
+# Origins (scheme://host:port) as fnmatch patterns; the dev default admits loopback only.
+_LOOPBACK = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "dev"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    profile: str = "seed"
+    cards_dir: Path = field(default_factory=default_cards_dir)
+    data_dir: Path = Path("data")
+    max_body_bytes: int = 5 * 1024 * 1024
+    fhir_timeout: float = 2.0
+    fhir_budget: float = 3.0
+    fhir_max_pages: int = 5
+    fhir_workers: int = 8
+    fhir_max_bytes: int = 20 * 1024 * 1024
+    fhir_allowed: tuple[str, ...] = _LOOPBACK
+    stale_days_vitd: int = 365
+    stale_days_egfr: int = 365
+    log_level: str = "INFO"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from ``D3K2_*`` variables; unknown values fail with the variable named."""
+    env = os.environ if env is None else env
+    base = Settings()
+    allowed_raw = env.get("D3K2_FHIR_ALLOWED")
+    allowed = (
+        tuple(part.strip().rstrip("/") for part in allowed_raw.split(",") if part.strip())
+        if allowed_raw is not None
+        else base.fhir_allowed
+    )
+    environment = env.get("D3K2_ENV", base.env)
+    if environment not in ("dev", "production", "test"):
+        raise ConfigError(f"D3K2_ENV must be dev, production or test, got {environment!r}")
+    return Settings(
+        env=environment,
+        host=env.get("D3K2_HOST", base.host),
+        port=_int(env, "D3K2_PORT", base.port),
+        profile=env.get("D3K2_PROFILE", base.profile),
+        cards_dir=Path(env["D3K2_CARDS_DIR"]) if env.get("D3K2_CARDS_DIR") else base.cards_dir,
+        data_dir=Path(env.get("D3K2_DATA_DIR", str(base.data_dir))),
+        max_body_bytes=_int(env, "D3K2_MAX_BODY_BYTES", base.max_body_bytes),
+        fhir_timeout=_float(env, "D3K2_FHIR_TIMEOUT", base.fhir_timeout),
+        fhir_budget=_float(env, "D3K2_FHIR_BUDGET", base.fhir_budget),
+        fhir_max_pages=_int(env, "D3K2_FHIR_MAX_PAGES", base.fhir_max_pages),
+        fhir_workers=max(1, _int(env, "D3K2_FHIR_WORKERS", base.fhir_workers)),
+        fhir_max_bytes=_int(env, "D3K2_FHIR_MAX_BYTES", base.fhir_max_bytes),
+        fhir_allowed=allowed,
+        stale_days_vitd=_int(env, "D3K2_STALE_DAYS_VITD", base.stale_days_vitd),
+        stale_days_egfr=_int(env, "D3K2_STALE_DAYS_EGFR", base.stale_days_egfr),
+        log_level=env.get("D3K2_LOG_LEVEL", base.log_level).upper(),
+    )
