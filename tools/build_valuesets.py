@@ -33,7 +33,9 @@ def build(concept: dict) -> dict:
             continue
         for pattern in rng["pattern"].split("|"):
             prefix = pattern.strip().removesuffix(".*")
-            filters.setdefault(rng["system"], []).append({"property": "concept", "op": "is-a", "value": prefix})
+            filters.setdefault(rng["system"], []).append(
+                {"property": "concept", "op": "is-a", "value": prefix}
+            )
     description = concept["meaning"]
     if left_out:
         description += " Left out until verified: " + ", ".join(left_out) + "."
@@ -49,7 +51,10 @@ def build(concept: dict) -> dict:
         "description": description,
         "useContext": [
             {
-                "code": {"system": "http://terminology.hl7.org/CodeSystem/usage-context-type", "code": "focus"},
+                "code": {
+                    "system": "http://terminology.hl7.org/CodeSystem/usage-context-type",
+                    "code": "focus",
+                },
                 "valueCodeableConcept": {"text": concept.get("use", "include")},
             }
         ],

@@ -131,10 +131,14 @@ def load_terminology(directory: Path) -> Terminology:
                     displays.setdefault((system, code), concept["display"])
                 size += 1
             for j, flt in enumerate(include.get("filter", [])):
-                if not (isinstance(flt, dict) and flt.get("op") == "is-a" and isinstance(flt.get("value"), str)):
+                if not (
+                    isinstance(flt, dict) and flt.get("op") == "is-a" and isinstance(flt.get("value"), str)
+                ):
                     raise _fail(path, f"compose.include[{i}].filter[{j}]", "only is-a filters are supported")
                 if system != ICD10CM:
-                    raise _fail(path, f"compose.include[{i}].filter[{j}]", "is-a is supported for ICD-10-CM only")
+                    raise _fail(
+                        path, f"compose.include[{i}].filter[{j}]", "is-a is supported for ICD-10-CM only"
+                    )
                 prefixes.setdefault(system, []).append((normalise_code(system, flt["value"]), vs_id))
                 size += 1
         infos[vs_id] = ValueSetInfo(vs_id, str(doc.get("url", "")), str(doc.get("title", vs_id)), size)

@@ -1,0 +1,67 @@
+"""create_app(): the Flask factory. Configuration and the rule set are read here, once."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from d3k2.api import blueprint
+from d3k2.config import ConfigError, Settings, from_env
+from d3k2.errors import D3K2Error
+from d3k2.fhir.client import FhirClient
+from d3k2.ruleset import RuleSet, load_ruleset
+from d3k2.web import Runtime, error_response, json_response
+
+log = logging.getLogger("d3k2")
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "authorization, content-type, accept",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def create_app(settings: Settings | None = None, ruleset: RuleSet | None = None) -> Flask:
+    settings = settings or from_env()
+    ruleset = ruleset or load_ruleset(settings.cards_dir)
+    if settings.profile not in ruleset.profiles:
+        raise ConfigError(
+            f"profile {settings.profile!r} is not in the rule set (known: {', '.join(sorted(ruleset.profiles))})"
+        )
+    app = Flask("d3k2")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["d3k2"] = Runtime(settings, ruleset, FhirClient(settings), settings.profile)
+    app.register_blueprint(blueprint)
+
+    @app.errorhandler(D3K2Error)
+    def _known(exc: D3K2Error) -> Response:
+        return json_response(exc.body(), exc.status)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_exc: RequestEntityTooLarge) -> Response:
+        return error_response(
+            413, "payload-too-large", f"the body is larger than {settings.max_body_bytes} bytes"
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "-")
+        return error_response(exc.code or 500, code, exc.description or code)
+
+    @app.errorhandler(Exception)
+    def _bug(exc: Exception) -> Response:
+        log.exception("unhandled error (a bug) on %s %s", request.method, request.url_rule)
+        return error_response(500, "internal-error", "an internal error occurred; it has been logged")
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        for name, value in CORS_HEADERS.items():
+            response.headers.setdefault(name, value)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return app

@@ -1,0 +1,362 @@
+"""Fallback FHIR client: fetches the prefetch keys an EHR did not send, in parallel, within one time budget.
+
+This module is the I/O edge of prefetch resolution; the pure core never imports it (nor ``requests``).
+Failures are per key: every query yields a FetchOutcome, and only a fhirServer outside the allow-list
+raises (before any connection is made).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from http.cookiejar import DefaultCookiePolicy
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import orjson
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from d3k2.config import Settings
+from d3k2.errors import FhirServerNotAllowed
+
+log = logging.getLogger("d3k2.fhir")
+
+ACCEPT = "application/fhir+json"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_CHUNK = 64 * 1024
+_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+_IPV6 = re.compile(r"[0-9a-f:.]+")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# "," (the FHIR OR separator) and the other sub-delimiters stay as the template wrote them; "|" is not allowed
+# unescaped in a URI and "+" would be decoded as a space by servers that use form decoding (sekmet does):
+# both are percent-encoded, and escapes already in the template are kept as they are.
+_QUERY_SAFE = "&=,:/;@!$'()*-._~"
+_PATH_SAFE = "/:@!$'()*,;=-._~"
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    key: str
+    resource: dict[str, Any] | None
+    error: str | None
+    pages: int
+    elapsed_ms: float
+    truncated: bool = False
+
+
+class _FetchFailed(Exception):
+    """A per-key failure; its message is a short reason free of URLs, tokens and patient data."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def origin(url: str) -> str | None:
+    """``scheme://host:port``, default port filled in; None unless a plain http(s) URL without userinfo."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ch == "\\" for ch in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or "@" in parts.netloc:
+        return None
+    host = parts.hostname or ""
+    if ":" in host:
+        if not _IPV6.fullmatch(host):
+            return None
+        host = f"[{host}]"
+    elif not _HOST.fullmatch(host):
+        return None
+    if port == 0:
+        return None
+    return f"{scheme}://{host}:{port or _DEFAULT_PORTS[scheme]}"
+
+
+def is_allowed(base_url: str, patterns: Sequence[str]) -> bool:
+    """Whether the origin of ``base_url`` matches one of the origin patterns (``*`` and ``?`` wildcards).
+
+    Brackets in a pattern are literal so that ``http://[::1]:*`` names the IPv6 loopback instead of
+    being read as an fnmatch character class.
+    """
+    found = origin(base_url)
+    if found is None or "?" in base_url or "#" in base_url:
+        return False
+    return any(fnmatchcase(found, pattern.rstrip("/").lower().replace("[", "[[]")) for pattern in patterns)
+
+
+def _requote(text: str, safe: str) -> str:
+    """Percent-encode what is unsafe in ``text`` while keeping escapes the template already contains."""
+    out: list[str] = []
+    pos = 0
+    for escape in _PERCENT_ESCAPE.finditer(text):
+        out.append(quote(text[pos : escape.start()], safe=safe))
+        out.append(escape.group())
+        pos = escape.end()
+    out.append(quote(text[pos:], safe=safe))
+    return "".join(out)
+
+
+def build_url(base_url: str, query: str) -> str:
+    """``base_url`` joined with a relative query such as ``Observation?code=http://loinc.org|1989-3``.
+
+    Joined by concatenation, never ``urljoin``, so that no query can move the request to another origin.
+    """
+    path, sep, params = query.lstrip("/").partition("?")
+    url = f"{base_url.rstrip('/')}/{_requote(path, _PATH_SAFE)}"
+    return f"{url}?{_requote(params, _QUERY_SAFE)}" if sep else url
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a transport failure, read from the exception chain (never its message)."""
+    causes = list(_chain(exc))
+
+    def found(*kinds: type[BaseException]) -> bool:
+        return any(isinstance(cause, kinds) for cause in causes)
+
+    if found(ConnectionRefusedError):
+        return "connection refused"
+    if found(urllib3.exceptions.NameResolutionError, socket.gaierror):
+        return "host name not resolved"
+    if found(urllib3.exceptions.SSLError):
+        return "TLS error"
+    # urllib3 derives NewConnectionError from ConnectTimeoutError for compatibility: it is no timeout.
+    timeouts = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    if any(
+        isinstance(cause, timeouts) and not isinstance(cause, urllib3.exceptions.NewConnectionError)
+        for cause in causes
+    ):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed"
+    return "request failed"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo.extend(item for item in linked if isinstance(item, BaseException))
+
+
+def _new_session(settings: Settings) -> requests.Session:
+    session = requests.Session()
+    # No retries: a refused connection does not heal within milliseconds, and a retried connect timeout
+    # would spend the whole budget twice over; the key is reported missing and the next hook call tries again.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.fhir_workers, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    # One session serves every patient and user: no cookie may carry state from one call to the next, and
+    # no ~/.netrc entry or proxy variable may add credentials or reroute requests behind the allow-list.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    session.trust_env = False
+    return session
+
+
+class FhirClient:
+    """Thread-safe; create one per application and close it at shutdown."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+        self._settings = settings
+        self._owns_session = session is None
+        self._session = session if session is not None else _new_session(settings)
+        self._pool = ThreadPoolExecutor(max_workers=settings.fhir_workers, thread_name_prefix="d3k2-fhir")
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._owns_session:
+            self._session.close()
+
+    def fetch_many(
+        self, base_url: str, queries: Mapping[str, str], access_token: str | None
+    ) -> dict[str, FetchOutcome]:
+        """Run every query against ``base_url`` in parallel; return one outcome per key within the budget."""
+        base_origin = origin(base_url)
+        if base_origin is None or not is_allowed(base_url, self._settings.fhir_allowed):
+            raise FhirServerNotAllowed(
+                "fhirServer is not in the allow-list; nothing was fetched", origin=base_origin
+            )
+        started = time.monotonic()
+        deadline = started + self._settings.fhir_budget
+        futures: dict[str, Future[FetchOutcome]] = {
+            key: self._pool.submit(
+                self._fetch_one, key, build_url(base_url, query), base_origin, access_token, deadline
+            )
+            for key, query in queries.items()
+        }
+        wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+        outcomes: dict[str, FetchOutcome] = {}
+        for key, future in futures.items():
+            if future.done():
+                outcomes[key] = future.result()
+                continue
+            # A running worker cannot be interrupted; it stops at its own timeout, bounded by the deadline.
+            future.cancel()
+            outcome = FetchOutcome(
+                key=key,
+                resource=None,
+                error=f"timed out after {self._settings.fhir_budget:g} s budget",
+                pages=0,
+                elapsed_ms=(time.monotonic() - started) * 1000,
+            )
+            _log(outcome, status=None)
+            outcomes[key] = outcome
+        return outcomes
+
+    def _fetch_one(
+        self, key: str, url: str, base_origin: str, access_token: str | None, deadline: float
+    ) -> FetchOutcome:
+        started = time.monotonic()
+        pages = 0
+        status: int | None = None
+        merged: dict[str, Any] | None = None
+        truncated = False
+        try:
+            while True:
+                status, resource = self._get(url, access_token, deadline)
+                pages += 1
+                if merged is None:
+                    if resource.get("resourceType") != "Bundle" or resource.get("type") != "searchset":
+                        merged = resource
+                        break
+                    merged = {k: v for k, v in resource.items() if k not in ("link", "entry")}
+                    merged["link"] = [link for link in _links(resource) if link.get("relation") == "self"]
+                    merged["entry"] = []
+                elif resource.get("resourceType") != "Bundle":
+                    raise _FetchFailed(f"page {pages} is not a Bundle")
+                merged["entry"].extend(resource.get("entry") or [])
+                next_url = _next_link(resource, url)
+                if next_url is None:
+                    break
+                if pages >= max(1, self._settings.fhir_max_pages):
+                    truncated = True
+                    break
+                if origin(next_url) != base_origin:
+                    raise _FetchFailed("next link to another origin not followed")
+                url = next_url
+            outcome = FetchOutcome(key, merged, None, pages, _ms_since(started), truncated)
+        except _FetchFailed as failed:
+            status = failed.status
+            outcome = FetchOutcome(key, None, str(failed), pages, _ms_since(started))
+        _log(outcome, status)
+        return outcome
+
+    def _get(self, url: str, access_token: str | None, deadline: float) -> tuple[int, dict[str, Any]]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _FetchFailed(self._budget_spent())
+        timeout = min(self._settings.fhir_timeout, remaining)
+        headers = {"Accept": ACCEPT}
+        if access_token:
+            headers["Authorization"] = f"Bearer {access_token}"
+        try:
+            with self._session.get(
+                url, headers=headers, timeout=timeout, stream=True, allow_redirects=False
+            ) as response:
+                status = response.status_code
+                if 300 <= status < 400:
+                    raise _FetchFailed(f"redirect not followed (HTTP {status})", status)
+                if status >= 400:
+                    raise _FetchFailed(f"HTTP {status}", status)
+                body = self._read_bounded(response, deadline)
+        except requests.RequestException as exc:
+            reason = _reason(exc)
+            if reason == "timed out" and timeout < self._settings.fhir_timeout:
+                reason = self._budget_spent()
+            elif reason == "timed out":
+                reason = f"timed out after {timeout:g} s"
+            raise _FetchFailed(reason) from exc
+        try:
+            resource = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _FetchFailed(f"response is not JSON (HTTP {status})", status) from None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise _FetchFailed(f"response is not a FHIR resource (HTTP {status})", status)
+        if resource["resourceType"] == "OperationOutcome":
+            raise _FetchFailed(f"OperationOutcome (HTTP {status})", status)
+        return status, resource
+
+    def _read_bounded(self, response: requests.Response, deadline: float) -> bytes:
+        limit = self._settings.fhir_max_bytes
+        too_large = f"response larger than {limit} bytes"
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _FetchFailed(too_large)
+        chunks: list[bytes] = []
+        size = 0
+        # Decoded bytes are counted, so a compressed body cannot expand past the bound either.
+        for chunk in response.iter_content(chunk_size=_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise _FetchFailed(too_large)
+            if time.monotonic() > deadline:
+                raise _FetchFailed(self._budget_spent())
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _budget_spent(self) -> str:
+        return f"timed out after {self._settings.fhir_budget:g} s budget"
+
+
+def _links(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    links = bundle.get("link")
+    return [link for link in links if isinstance(link, dict)] if isinstance(links, list) else []
+
+
+def _next_link(bundle: dict[str, Any], current_url: str) -> str | None:
+    for link in _links(bundle):
+        url = link.get("url")
+        if link.get("relation") == "next" and isinstance(url, str) and url:
+            return urljoin(current_url, url)
+    return None
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000
+
+
+def _log(outcome: FetchOutcome, status: int | None) -> None:
+    if outcome.error is None:
+        log.info(
+            "fhir fetch key=%s status=%s pages=%d truncated=%s elapsed_ms=%.1f",
+            outcome.key,
+            status,
+            outcome.pages,
+            outcome.truncated,
+            outcome.elapsed_ms,
+        )
+    else:
+        log.warning(
+            "fhir fetch key=%s status=%s pages=%d elapsed_ms=%.1f error=%s",
+            outcome.key,
+            status,
+            outcome.pages,
+            outcome.elapsed_ms,
+            outcome.error,
+        )

@@ -1,0 +1,147 @@
+"""Prefetch resolution: the four states of a key (CDS Hooks 2.0 "Prefetch"), then fallback fetching.
+
+1. key absent → fetch from fhirServer (with the bearer token when given);
+2. key null → the EHR has no data: nothing fetched;
+3. OperationOutcome (alone or an error inside the Bundle) → failed at the EHR: fetch if possible;
+4. needed, not given and no fhirServer to ask → PrefetchUnavailable (HTTP 412) naming the keys.
+A key whose fetch fails is named on the answer (and blocks dosing suggestions when required).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from d3k2.errors import PrefetchUnavailable
+from d3k2.fhir.client import FetchOutcome
+from d3k2.hooks import CdsRequest
+from d3k2.ruleset import PrefetchKey
+
+_TOKEN = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
+
+
+class Fetcher(Protocol):
+    def fetch_many(
+        self, base_url: str, queries: Mapping[str, str], access_token: str | None
+    ) -> dict[str, FetchOutcome]: ...
+
+
+@dataclass
+class Resolved:
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # "<label> (<reason>)" for the card
+    incomplete: list[str] = field(default_factory=list)  # labels of required keys without data
+    issues: list[str] = field(default_factory=list)
+    fetched: dict[str, str] = field(default_factory=dict)  # key → "ok" or the error
+
+
+def fill_template(query: str, request: CdsRequest) -> str | None:
+    """Replace {{context.x}} / {{userPractitionerId}} tokens; None when a token cannot be filled."""
+    context = request.context.model_dump(exclude_none=True)
+    user = context.get("userId") or ""
+
+    def value(name: str) -> str | None:
+        if name.startswith("context."):
+            got = context.get(name.removeprefix("context."))
+            return got if isinstance(got, str) else None
+        if name in ("userPractitionerId", "userPatientId", "userRelatedPersonId"):
+            kind = name.removeprefix("user").removesuffix("Id")
+            return user.split("/", 1)[1] if user.startswith(kind + "/") else None
+        return None
+
+    missing = False
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal missing
+        got = value(match.group(1))
+        if got is None:
+            missing = True
+            return ""
+        return got
+
+    filled = _TOKEN.sub(replace, query)
+    return None if missing else filled
+
+
+def _failed(value: Mapping[str, Any]) -> bool:
+    if value.get("resourceType") == "OperationOutcome":
+        return True
+    if value.get("resourceType") != "Bundle":
+        return False
+    for entry in _entries(value):
+        if entry.get("resourceType") == "OperationOutcome":
+            issues = entry.get("issue")
+            if isinstance(issues, list) and any(
+                isinstance(i, Mapping) and i.get("severity") in ("error", "fatal") for i in issues
+            ):
+                return True
+    return False
+
+
+def _entries(bundle: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            resource = entry.get("resource")
+            if isinstance(resource, dict):
+                yield resource
+
+
+def resources_of(value: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A Bundle's entry resources (OperationOutcomes left out), or the resource itself."""
+    if value.get("resourceType") == "Bundle":
+        return [r for r in _entries(value) if r.get("resourceType") != "OperationOutcome"]
+    return [dict(value)]
+
+
+def resolve(
+    keys: Mapping[str, PrefetchKey],
+    request: CdsRequest,
+    fetcher: Fetcher | None,
+) -> Resolved:
+    result = Resolved()
+    given = request.prefetch or {}
+    to_fetch: dict[str, str] = {}
+    unobtainable: list[str] = []
+    for key, spec in keys.items():
+        if key in given:
+            value = given[key]
+            if value is None:
+                continue
+            if isinstance(value, dict) and not _failed(value) and isinstance(value.get("resourceType"), str):
+                result.resources.extend(resources_of(value))
+                continue
+            if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+                result.issues.append(f"prefetch '{key}' is not a FHIR resource")
+        query = fill_template(spec.query, request)
+        if request.fhirServer and query is not None and fetcher is not None:
+            to_fetch[key] = query
+        elif spec.required:
+            unobtainable.append(key)
+        else:
+            result.missing.append(f"{spec.label} (not prefetched, no FHIR server to ask)")
+    if unobtainable:
+        raise PrefetchUnavailable(
+            "prefetch data the rules need was not sent and cannot be fetched (no fhirServer in the request)",
+            keys=unobtainable,
+        )
+    if to_fetch and fetcher is not None and request.fhirServer:
+        token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
+        outcomes = fetcher.fetch_many(request.fhirServer, to_fetch, token)
+        for key, outcome in outcomes.items():
+            spec = keys[key]
+            result.fetched[key] = outcome.error or "ok"
+            if outcome.error is None and outcome.resource is not None and not _failed(outcome.resource):
+                result.resources.extend(resources_of(outcome.resource))
+                if outcome.truncated:
+                    result.issues.append(f"{spec.label}: only the first pages were read")
+                continue
+            reason = outcome.error or "the FHIR server answered with an OperationOutcome"
+            result.missing.append(f"{spec.label} (could not be fetched: {reason})")
+            if spec.required:
+                result.incomplete.append(spec.label)
+    return result

@@ -1,0 +1,95 @@
+"""Values with comparators as intervals, so that `<5` or `>60` never becomes an exact number."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A set of possible true values; comparisons answer True, False or None (cannot tell)."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    @classmethod
+    def exact(cls, value: float) -> Interval:
+        return cls(value, value)
+
+    @classmethod
+    def from_comparator(cls, value: float, comparator: str | None) -> Interval:
+        if comparator in (None, "", "="):
+            return cls.exact(value)
+        if comparator == "<":
+            return cls(-math.inf, value, True, True)
+        if comparator == "<=":
+            return cls(-math.inf, value, True, False)
+        if comparator == ">":
+            return cls(value, math.inf, True, True)
+        if comparator == ">=":
+            return cls(value, math.inf, False, True)
+        raise ValueError(f"unknown comparator {comparator!r}")
+
+    @property
+    def is_exact(self) -> bool:
+        return self.lo == self.hi
+
+    def scaled(self, factor: float) -> Interval:
+        return Interval(self.lo * factor, self.hi * factor, self.lo_open, self.hi_open)
+
+    def lt(self, x: float) -> bool | None:
+        if self.hi < x or (self.hi == x and self.hi_open):
+            return True
+        if self.lo >= x:
+            return False
+        return None
+
+    def le(self, x: float) -> bool | None:
+        if self.hi <= x:
+            return True
+        if self.lo > x or (self.lo == x and self.lo_open):
+            return False
+        return None
+
+    def gt(self, x: float) -> bool | None:
+        result = self.le(x)
+        return None if result is None else not result
+
+    def ge(self, x: float) -> bool | None:
+        result = self.lt(x)
+        return None if result is None else not result
+
+    def within(self, lower: float, upper: float, lower_open: bool, upper_open: bool) -> bool | None:
+        """Whether every possible value lies in the band (lower, upper) with the given openness."""
+        above = Interval(self.lo, self.hi, self.lo_open, self.hi_open)
+        low_ok = above.gt(lower) if lower_open else above.ge(lower)
+        high_ok = above.lt(upper) if upper_open else above.le(upper)
+        if low_ok is False or high_ok is False:
+            return False
+        if low_ok is None or high_ok is None:
+            return None
+        return True
+
+
+def format_number(value: float, decimals: int = 1) -> str:
+    """Thousands separators; integers without a trailing .0."""
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def format_interval(interval: Interval, unit: str, decimals: int = 1) -> str:
+    if interval.is_exact:
+        return f"{format_number(interval.lo, decimals)} {unit}"
+    if math.isinf(interval.lo):
+        op = "<" if interval.hi_open else "≤"
+        return f"{op}{format_number(interval.hi, decimals)} {unit}"
+    if math.isinf(interval.hi):
+        op = ">" if interval.lo_open else "≥"
+        return f"{op}{format_number(interval.lo, decimals)} {unit}"
+    return f"{format_number(interval.lo, decimals)}–{format_number(interval.hi, decimals)} {unit}"

@@ -1,0 +1,106 @@
+"""One CDS Hooks call from parsed JSON to the response: request model → prefetch/fetch → facts →
+rules → cards. No Flask here, so the CLI (replay, explain) runs exactly the same path as HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from d3k2.cards import build_cards
+from d3k2.engine import Evaluation, evaluate
+from d3k2.errors import BadRequest, UnknownService
+from d3k2.facts import Facts, MedicationClassifier, extract_facts
+from d3k2.fhir.prefetch import Fetcher, Resolved, resolve
+from d3k2.hooks import CdsRequest, parse_request
+from d3k2.orders import DraftReading, classify_medication, read_draft_orders
+from d3k2.ruleset import ORDER_HOOKS, RuleSet, Service
+
+
+@dataclass(frozen=True)
+class Outcome:
+    response: dict[str, Any]
+    evaluation: Evaluation
+    resolved: Resolved
+    drafts: DraftReading | None
+
+
+def classifier(ruleset: RuleSet) -> MedicationClassifier:
+    def classify(codeable: object) -> Sequence[tuple[str, str, str]]:
+        return [
+            (i.concept, i.name, i.matched_by)
+            for i in classify_medication(codeable, ruleset.terminology, ruleset.catalog)
+        ]
+
+    return classify
+
+
+def discovery(ruleset: RuleSet) -> dict[str, Any]:
+    return {
+        "services": [
+            {
+                "hook": svc.hook,
+                "id": svc.id,
+                "title": svc.title,
+                "description": svc.description,
+                "prefetch": {key: spec.query for key, spec in svc.prefetch.items()},
+            }
+            for svc in ruleset.services.values()
+        ]
+    }
+
+
+def find_service(ruleset: RuleSet, service_id: str) -> Service:
+    service = ruleset.services.get(service_id)
+    if service is None:
+        raise UnknownService(f"no CDS service with id {service_id!r}", service=service_id)
+    return service
+
+
+def facts_for(
+    ruleset: RuleSet, resources: list[dict[str, Any]], today: date, resolved: Resolved | None = None
+) -> Facts:
+    return extract_facts(
+        resources,
+        today=today,
+        config=ruleset.facts,
+        terminology=ruleset.terminology,
+        classify=classifier(ruleset),
+        missing=resolved.missing if resolved else (),
+        incomplete=resolved.incomplete if resolved else (),
+        issues=resolved.issues if resolved else (),
+    )
+
+
+def drafts_of(ruleset: RuleSet, request: CdsRequest) -> DraftReading | None:
+    if request.hook not in ORDER_HOOKS:
+        return None
+    context = request.context
+    orders = context.draftOrders if context.draftOrders is not None else context.medications
+    selections = context.selections if request.hook == "order-select" else None
+    return read_draft_orders(orders, selections, ruleset.terminology, ruleset.catalog)
+
+
+def call_service(
+    ruleset: RuleSet,
+    service_id: str,
+    payload: Any,
+    *,
+    today: date,
+    profile: str,
+    fetcher: Fetcher | None,
+) -> Outcome:
+    service = find_service(ruleset, service_id)
+    request = parse_request(payload)
+    if request.hook != service.hook:
+        raise BadRequest(f"service {service_id!r} answers hook {service.hook!r}, not {request.hook!r}")
+    resolved = resolve(service.prefetch, request, fetcher)
+    facts = facts_for(ruleset, resolved.resources, today, resolved)
+    drafts = drafts_of(ruleset, request)
+    evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts)
+    cards = build_cards(
+        ruleset, evaluation, hook_instance=request.hookInstance, patient_id=request.context.patientId
+    )
+    return Outcome({"cards": cards, "systemActions": []}, evaluation, resolved, drafts)
