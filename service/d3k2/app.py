@@ -28,9 +28,8 @@ def create_app(settings: Settings | None = None, ruleset: RuleSet | None = None)
     settings = settings or from_env()
     ruleset = ruleset or load_ruleset(settings.cards_dir)
     if settings.profile not in ruleset.profiles:
-        raise ConfigError(
-            f"profile {settings.profile!r} is not in the rule set (known: {', '.join(sorted(ruleset.profiles))})"
-        )
+        known = ", ".join(sorted(ruleset.profiles))
+        raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
     app = Flask("d3k2")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["d3k2"] = Runtime(settings, ruleset, FhirClient(settings), settings.profile)

@@ -119,9 +119,8 @@ def template_fields(
 ) -> dict[str, SimpleNamespace]:
     profile = ruleset.profiles[profile_name]
     vitd = _measurement_fields(facts.vitd)
-    vitd.band = _band_label(
-        values.get("vitd.band") if isinstance(values.get("vitd.band"), str) else None, profile
-    )
+    band = values.get("vitd.band")
+    vitd.band = _band_label(band if isinstance(band, str) else None, profile)
     calcium = _measurement_fields(facts.calcium)
     calcium.limit = describe_limit(facts.calcium, ruleset.facts.labs["calcium"]) if facts.calcium else ""
     pregnancy = "; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or "none"

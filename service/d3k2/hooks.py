@@ -19,7 +19,7 @@ class FhirAuthorization(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     access_token: str
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 (the token type, not a secret)
     expires_in: int | None = None
     scope: str | None = None
     subject: str | None = None

@@ -166,7 +166,10 @@ class Rule(_Strict):
     blocks: list[str] = []
 
     def indicator_for(self, hook: str) -> Indicator:
-        return self.indicator_by_hook.get(hook, self.indicator)  # type: ignore[call-overload]
+        for name, indicator in self.indicator_by_hook.items():
+            if name == hook:
+                return indicator
+        return self.indicator
 
 
 class PrefetchKey(_Strict):
