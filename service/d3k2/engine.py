@@ -106,7 +106,7 @@ def _evidence(facts: Facts, *concepts: str) -> str:
 
 def _measurement_fields(m: Measurement | None) -> SimpleNamespace:
     if m is None:
-        return SimpleNamespace(shown="no result", date="no date", stale="", notes="", age="", status="")
+        return SimpleNamespace(shown="not on record", date="no date", stale="", notes="", age="", status="")
     stale = f" (stale: {m.age_days} days old)" if m.stale else ""
     notes = f" ({'; '.join(m.notes)})" if m.notes else ""
     return SimpleNamespace(
@@ -243,7 +243,7 @@ def _draft_fields(draft: DraftOrder, ingredient: IngredientDose) -> SimpleNamesp
     daily = (
         f"{format_number(ingredient.daily)} {ingredient.unit}/day"
         if ingredient.daily is not None and ingredient.unit
-        else "dose unknown"
+        else "unknown dose"
     )
     return SimpleNamespace(
         name=draft.medication_text or ingredient.name,
