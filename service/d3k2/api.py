@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from d3k2.errors import BadRequest, UnsupportedMediaType
+from d3k2.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from d3k2.hooks import parse_feedback
+from d3k2.limits import json_too_deep, prefetch_entries
 from d3k2.service import call_service, discovery, find_service
 from d3k2.web import json_response, runtime
 
@@ -30,6 +31,9 @@ def _json_body() -> Any:
     raw = request.get_data(cache=False)
     if not raw:
         raise BadRequest("the body is empty; a JSON object is required")
+    depth = runtime().settings.max_json_depth
+    if json_too_deep(raw, depth):
+        raise BadRequest(f"the JSON body nests deeper than {depth} levels")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -57,6 +61,9 @@ def post_service(service_id: str) -> Response:
     rt = runtime()
     find_service(rt.ruleset, service_id)
     payload = _json_body()
+    entries, bound = prefetch_entries(payload), rt.settings.max_prefetch_entries
+    if entries > bound:
+        raise PayloadTooLarge(f"prefetch holds {entries} resources; at most {bound} are accepted")
     outcome = call_service(
         rt.ruleset, service_id, payload, today=_today(), profile=rt.profile, fetcher=rt.fetcher
     )

@@ -8,8 +8,9 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from d3k2.api import blueprint
+from d3k2.auth import Authenticator, www_authenticate
 from d3k2.config import ConfigError, Settings, from_env
-from d3k2.errors import D3K2Error
+from d3k2.errors import D3K2Error, Unauthorized
 from d3k2.fhir.client import FhirClient
 from d3k2.ruleset import RuleSet, load_ruleset
 from d3k2.web import Runtime, error_response, json_response
@@ -34,10 +35,20 @@ def create_app(settings: Settings | None = None, ruleset: RuleSet | None = None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["d3k2"] = Runtime(settings, ruleset, FhirClient(settings), settings.profile)
     app.register_blueprint(blueprint)
+    authenticator = Authenticator.from_settings(settings)
+    app.extensions["d3k2.auth"] = authenticator
+
+    @app.before_request
+    def _authenticate() -> None:
+        authenticator.check(request)
 
     @app.errorhandler(D3K2Error)
     def _known(exc: D3K2Error) -> Response:
         return json_response(exc.body(), exc.status)
+
+    @app.errorhandler(Unauthorized)
+    def _unauthorized(exc: Unauthorized) -> Response:
+        return json_response(exc.body(), exc.status, {"WWW-Authenticate": www_authenticate(exc)})
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_exc: RequestEntityTooLarge) -> Response:
@@ -60,6 +71,7 @@ def create_app(settings: Settings | None = None, ruleset: RuleSet | None = None)
         for name, value in CORS_HEADERS.items():
             response.headers.setdefault(name, value)
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 

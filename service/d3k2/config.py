@@ -46,9 +46,34 @@ class Settings:
     stale_days_vitd: int = 365
     stale_days_egfr: int = 365
     log_level: str = "INFO"
+    database_url: str | None = None  # None: SQLite file under data_dir
+    auth: str | None = None  # off | optional | required; None: required in production, else optional
+    trust_file: Path | None = None
+    public_base_url: str | None = None  # external scheme://host[:port][/prefix] when behind a proxy
+    jti_db: Path | None = None  # None: <data_dir>/jti.sqlite3
+    jwks_ttl: float = 300.0
+    max_json_depth: int = 64
+    max_prefetch_entries: int = 20_000
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def auth_mode(self) -> str:
+        if self.auth is not None:
+            return self.auth
+        return "required" if self.env == "production" else "optional"
+
+    @property
+    def jti_path(self) -> Path:
+        return self.jti_db if self.jti_db is not None else self.data_dir / "jti.sqlite3"
+
+    @property
+    def database(self) -> str:
+        """SQLAlchemy URL of the feedback store: D3K2_DATABASE_URL, else an SQLite file under data_dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'd3k2.sqlite3').resolve()}"
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -107,4 +132,30 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stale_days_vitd=_int(env, "D3K2_STALE_DAYS_VITD", base.stale_days_vitd),
         stale_days_egfr=_int(env, "D3K2_STALE_DAYS_EGFR", base.stale_days_egfr),
         log_level=env.get("D3K2_LOG_LEVEL", base.log_level).upper(),
+        database_url=env.get("D3K2_DATABASE_URL") or None,
+        auth=_auth_mode(env),
+        trust_file=Path(env["D3K2_TRUST_FILE"]) if env.get("D3K2_TRUST_FILE") else None,
+        public_base_url=_public_base_url(env),
+        jti_db=Path(env["D3K2_JTI_DB"]) if env.get("D3K2_JTI_DB") else None,
+        jwks_ttl=_float(env, "D3K2_JWKS_TTL", base.jwks_ttl),
+        max_json_depth=max(1, _int(env, "D3K2_MAX_JSON_DEPTH", base.max_json_depth)),
+        max_prefetch_entries=_int(env, "D3K2_MAX_PREFETCH_ENTRIES", base.max_prefetch_entries),
     )
+
+
+def _auth_mode(env: Mapping[str, str]) -> str | None:
+    raw = env.get("D3K2_AUTH")
+    if raw is None or raw == "":
+        return None
+    if raw not in ("off", "optional", "required"):
+        raise ConfigError(f"D3K2_AUTH must be off, optional or required, got {raw!r}")
+    return raw
+
+
+def _public_base_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("D3K2_PUBLIC_BASE_URL")
+    if raw is None or raw == "":
+        return None
+    if not raw.startswith(("http://", "https://")) or "?" in raw or "#" in raw:
+        raise ConfigError(f"D3K2_PUBLIC_BASE_URL must be an http(s) URL without query, got {raw!r}")
+    return raw.rstrip("/")

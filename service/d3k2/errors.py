@@ -25,6 +25,13 @@ class BadRequest(D3K2Error):
     code = "bad-request"
 
 
+class Unauthorized(D3K2Error):
+    """The caller's JWT is missing or does not verify; the detail says why without quoting the token."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class UnknownService(D3K2Error):
     status = 404
     code = "unknown-service"

@@ -44,6 +44,7 @@ class LabConfig:
     default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
     default_upper_limit: float | None = None
     source: str = ""
+    decimals: int = 2
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[I
         raise Unreadable(f"unit {unit!r} not understood for {lab.label}")
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
-    return reported_interval.scaled(factor), format_interval(reported_interval, display_unit), unit
+    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
+    return converted, format_interval(reported_interval, display_unit), unit
 
 
 def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:

@@ -40,6 +40,14 @@ class Interval:
     def scaled(self, factor: float) -> Interval:
         return Interval(self.lo * factor, self.hi * factor, self.lo_open, self.hi_open)
 
+    def rounded(self, decimals: int) -> Interval:
+        """Converted values keep the precision a lab reports (2.62 mmol/L is 10.50 mg/dL, not 10.50096)."""
+
+        def r(v: float) -> float:
+            return v if math.isinf(v) else round(v, decimals)
+
+        return Interval(r(self.lo), r(self.hi), self.lo_open, self.hi_open)
+
     def lt(self, x: float) -> bool | None:
         if self.hi < x or (self.hi == x and self.hi_open):
             return True

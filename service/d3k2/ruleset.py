@@ -344,6 +344,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
                 default_upper_limit=lab.get("default_upper_limit"),
                 source=str(lab.get("source", "")),
+                decimals=int(lab.get("decimals", 2)),
             )
             for name, lab in data["labs"].items()
         }

@@ -1,0 +1,42 @@
+"""Bounds on what one request may make the service parse and evaluate (each gives a 4xx, never a 5xx)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# A JSON string with its escapes (unrolled loop: linear, no backtracking); brackets inside it do not nest.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPEN = frozenset(b"[{")
+
+
+def json_too_deep(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text nests arrays/objects deeper than ``limit``, read from the bytes before parsing.
+
+    Malformed text may be misjudged here; the parser rejects it right after.
+    """
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for byte in brackets:
+        if byte in _OPEN:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def prefetch_entries(payload: Any) -> int:
+    """Resources in ``prefetch``: a Bundle counts its entries, any other value counts one."""
+    prefetch = payload.get("prefetch") if isinstance(payload, Mapping) else None
+    if not isinstance(prefetch, Mapping):
+        return 0
+    total = 0
+    for value in prefetch.values():
+        if isinstance(value, Mapping):
+            entries = value.get("entry")
+            total += len(entries) if isinstance(entries, list) else 1
+    return total

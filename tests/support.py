@@ -1,0 +1,56 @@
+"""Shared test helpers: the repo's paths, the loaded rule set, fixtures and a fixed "today"."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from d3k2.ruleset import RuleSet, load_ruleset
+
+REPO = Path(__file__).resolve().parents[1]
+CARDS = REPO / "cards"
+FIXTURES = REPO / "fixtures"
+SANDBOX = REPO.parent / "shared" / "sandbox"
+TODAY = date(2026, 11, 24)
+
+
+@cache
+def ruleset() -> RuleSet:
+    return load_ruleset(CARDS)
+
+
+@dataclass(frozen=True)
+class Fixture:
+    path: Path
+    hook: str
+    name: str
+    request: dict[str, Any]
+    expected: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f"{self.hook}/{self.name}"
+
+
+def fixtures() -> list[Fixture]:
+    found = []
+    for request in sorted(FIXTURES.glob("*/*/request.json")):
+        folder = request.parent
+        found.append(
+            Fixture(
+                folder,
+                folder.parent.name,
+                folder.name,
+                json.loads(request.read_text(encoding="utf-8")),
+                json.loads((folder / "expected.json").read_text(encoding="utf-8")),
+            )
+        )
+    return found
+
+
+def topics(response: dict[str, Any]) -> list[str]:
+    return [card["source"]["topic"]["code"] for card in response.get("cards", [])]
