@@ -43,8 +43,6 @@ class Settings:
     fhir_workers: int = 8
     fhir_max_bytes: int = 20 * 1024 * 1024
     fhir_allowed: tuple[str, ...] = _LOOPBACK
-    stale_days_vitd: int = 365
-    stale_days_egfr: int = 365
     log_level: str = "INFO"
     database_url: str | None = None  # None: SQLite file under data_dir
     auth: str | None = None  # off | optional | required; None: required in production, else optional
@@ -129,8 +127,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         fhir_workers=max(1, _int(env, "D3K2_FHIR_WORKERS", base.fhir_workers)),
         fhir_max_bytes=_int(env, "D3K2_FHIR_MAX_BYTES", base.fhir_max_bytes),
         fhir_allowed=allowed,
-        stale_days_vitd=_int(env, "D3K2_STALE_DAYS_VITD", base.stale_days_vitd),
-        stale_days_egfr=_int(env, "D3K2_STALE_DAYS_EGFR", base.stale_days_egfr),
         log_level=env.get("D3K2_LOG_LEVEL", base.log_level).upper(),
         database_url=env.get("D3K2_DATABASE_URL") or None,
         auth=_auth_mode(env),

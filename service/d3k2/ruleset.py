@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from d3k2.errors import RuleSetError
 from d3k2.facts import FactsConfig, LabConfig
@@ -72,7 +72,29 @@ class Ref(_Strict):
     ref: str
 
 
-Condition = Annotated[FactTest | AllOf | AnyOf | NotOf | Ref, Field(union_mode="left_to_right")]
+def _condition_kind(value: Any) -> str | None:
+    """Which condition a TOML table is, from its keys, so that errors name the right field."""
+    if isinstance(value, BaseModel):
+        return type(value).__name__
+    if isinstance(value, dict):
+        for key, kind in (("fact", "FactTest"), ("all", "AllOf"), ("any", "AnyOf"), ("not", "NotOf"), ("ref", "Ref")):
+            if key in value:
+                return kind
+    return None
+
+
+Condition = Annotated[
+    Annotated[FactTest, Tag("FactTest")]
+    | Annotated[AllOf, Tag("AllOf")]
+    | Annotated[AnyOf, Tag("AnyOf")]
+    | Annotated[NotOf, Tag("NotOf")]
+    | Annotated[Ref, Tag("Ref")],
+    Discriminator(
+        _condition_kind,
+        custom_error_type="condition",
+        custom_error_message="a condition needs one of: fact, all, any, not, ref",
+    ),
+]
 for _model in (AllOf, AnyOf, NotOf):
     _model.model_rebuild()
 
