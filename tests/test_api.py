@@ -362,3 +362,41 @@ def test_fhir_server_off_the_allow_list_is_refused(tmp_path) -> None:
         response = post(c, "/cds-services/d3k2-patient-view", body)
     assert response.status_code == 403
     assert response.get_json()["error"] == "fhir-server-not-allowed"
+
+
+def test_medication_reference_is_read_from_the_fhir_server(client, fhir_server: FhirServer) -> None:
+    fhir_server.load(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "Medication",
+                        "id": "api-medref-warfarin",
+                        "code": {"coding": [{"system": RXNORM, "code": "855332"}], "text": "warfarin 5 mg"},
+                    },
+                    "request": {"method": "PUT", "url": "Medication/api-medref-warfarin"},
+                }
+            ],
+        }
+    )
+    body = sandbox("patient-view.request.json")
+    body["fhirServer"] = fhir_server.base_url
+    body["prefetch"]["medstatements"] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "MedicationStatement",
+                    "id": "api-medref-ms",
+                    "status": "active",
+                    "medicationReference": {"reference": "Medication/api-medref-warfarin"},
+                    "subject": {"reference": "Patient/d3k2-pt-1"},
+                }
+            }
+        ],
+    }
+    response = post(client, "/cds-services/d3k2-patient-view", body)
+    assert "vka-k2" in topics(response.get_json())

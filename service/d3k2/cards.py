@@ -10,7 +10,7 @@ from typing import Any
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from d3k2.engine import Evaluation, Finding
+from d3k2.engine import Evaluation, Finding, evaluate_condition
 from d3k2.ruleset import Product, RuleSet, Suggestion
 from d3k2.terminology import UCUM
 
@@ -128,6 +128,19 @@ def _suggestion(
     return result
 
 
+def _offered(
+    suggestion: Suggestion, finding: Finding, ruleset: RuleSet, profile: str, blocked: set[str]
+) -> bool:
+    """Profile-specific, conditional, and never a product another card on the answer warns against."""
+    if suggestion.profiles is not None and profile not in suggestion.profiles:
+        return False
+    if suggestion.product and set(ruleset.products[suggestion.product].categories) & blocked:
+        return False
+    if suggestion.when is not None:
+        return evaluate_condition(suggestion.when, finding.values, ruleset.conditions, []) is True
+    return True
+
+
 def build_cards(
     ruleset: RuleSet,
     evaluation: Evaluation,
@@ -149,8 +162,7 @@ def build_cards(
                 s, finding, ruleset, card_id=card_id, patient_id=patient_id, today=evaluation.facts.today
             )
             for s in rule.suggestions
-            if (s.profiles is None or evaluation.profile in s.profiles)
-            and not (s.product and set(ruleset.products[s.product].categories) & blocked)
+            if _offered(s, finding, ruleset, evaluation.profile, blocked)
         ]
         detail = _render(rule.detail, finding.fields)
         detail += (

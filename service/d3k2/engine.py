@@ -31,6 +31,7 @@ class Finding:
     rule: Rule
     indicator: str
     fields: Mapping[str, SimpleNamespace]
+    values: Mapping[str, FactValue]
     draft: DraftOrder | None = None
     ingredient: IngredientDose | None = None
 
@@ -230,9 +231,10 @@ def _interval_text(value: Interval) -> str:
 # ---------------------------------------------------------------- evaluation
 
 
-def _draft_values(ingredient: IngredientDose) -> dict[str, FactValue]:
+def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, FactValue]:
     return {
         "draft.concept": ingredient.concept,
+        "draft.has_vitamin_d": any(i.concept == "vitamin-d" for i in draft.ingredients),
         "draft.daily": Interval.exact(ingredient.daily) if ingredient.daily is not None else None,
         "draft.weekly": Interval.exact(ingredient.weekly) if ingredient.weekly is not None else None,
         "draft.dose_known": ingredient.daily is not None,
@@ -271,17 +273,19 @@ def evaluate(
             fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons)
             traces.append(Trace(rule.id, fired, tuple(reasons)))
             if fired:
-                findings.append(Finding(rule, rule.indicator_for(hook), fields))
+                findings.append(Finding(rule, rule.indicator_for(hook), fields, values))
             continue
         for draft in drafts.orders if drafts else ():
             for ingredient in draft.ingredients:
-                scoped = {**values, **_draft_values(ingredient)}
+                scoped = {**values, **_draft_values(draft, ingredient)}
                 reasons = []
                 fired = evaluate_condition(rule.when, scoped, ruleset.conditions, reasons)
                 traces.append(Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}"))
                 if fired:
                     scoped_fields = {**fields, "draft": _draft_fields(draft, ingredient)}
-                    findings.append(Finding(rule, rule.indicator_for(hook), scoped_fields, draft, ingredient))
+                    findings.append(
+                        Finding(rule, rule.indicator_for(hook), scoped_fields, scoped, draft, ingredient)
+                    )
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
 
 

@@ -156,6 +156,7 @@ class Suggestion(_Strict):
     delete_draft: bool = False
     profiles: list[str] | None = None
     recommended: bool = False
+    when: Condition | None = None
 
     @model_validator(mode="after")
     def _one_action(self) -> Suggestion:
@@ -414,6 +415,8 @@ def _check_refs(rules: list[Rule], ruleset_parts: dict[str, Any], cards: Path) -
             if source not in sources:
                 raise RuleSetError(f"{path.name}: sources[{i}]: unknown source {source!r}", file=str(path))
         for i, suggestion in enumerate(rule.suggestions):
+            if suggestion.when is not None:
+                _check_condition(suggestion.when, conditions, path)
             if suggestion.product is not None and suggestion.product not in products:
                 raise RuleSetError(
                     f"{path.name}: suggestions[{i}].product: unknown product {suggestion.product!r}",

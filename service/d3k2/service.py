@@ -13,7 +13,7 @@ from d3k2.cards import build_cards
 from d3k2.engine import Evaluation, evaluate
 from d3k2.errors import BadRequest, UnknownService
 from d3k2.facts import Facts, MedicationClassifier, extract_facts
-from d3k2.fhir.prefetch import Fetcher, Resolved, resolve
+from d3k2.fhir.prefetch import Fetcher, Resolved, fetch_medications, resolve
 from d3k2.hooks import CdsRequest, parse_request
 from d3k2.orders import DraftReading, classify_medication, read_draft_orders
 from d3k2.ruleset import ORDER_HOOKS, RuleSet, Service
@@ -97,6 +97,7 @@ def call_service(
     if request.hook != service.hook:
         raise BadRequest(f"service {service_id!r} answers hook {service.hook!r}, not {request.hook!r}")
     resolved = resolve(service.prefetch, request, fetcher)
+    fetch_medications(resolved, request, fetcher)
     facts = facts_for(ruleset, resolved.resources, today, resolved)
     drafts = drafts_of(ruleset, request)
     evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts)

@@ -16,10 +16,12 @@ from typing import Any, Protocol
 
 from d3k2.errors import PrefetchUnavailable
 from d3k2.fhir.client import FetchOutcome
-from d3k2.hooks import CdsRequest
+from d3k2.hooks import FHIR_ID, CdsRequest
 from d3k2.ruleset import PrefetchKey
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
+# Medications referenced but not sent are read one by one: bounded so a long list cannot stall the call.
+MAX_MEDICATION_READS = 20
 
 
 class Fetcher(Protocol):
@@ -145,3 +147,31 @@ def resolve(
             if spec.required:
                 result.incomplete.append(spec.label)
     return result
+
+
+def _unresolved_medications(resources: list[dict[str, Any]]) -> list[str]:
+    known = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    wanted: set[str] = set()
+    for resource in resources:
+        if resource.get("resourceType") not in ("MedicationStatement", "MedicationRequest"):
+            continue
+        reference = resource.get("medicationReference")
+        target = reference.get("reference") if isinstance(reference, Mapping) else None
+        if not isinstance(target, str) or not target.startswith("Medication/") or target in known:
+            continue
+        if FHIR_ID.match(target.removeprefix("Medication/")):
+            wanted.add(target)
+    return sorted(wanted)[:MAX_MEDICATION_READS]
+
+
+def fetch_medications(resolved: Resolved, request: CdsRequest, fetcher: Fetcher | None) -> None:
+    """Read Medication resources that MedicationStatement/Request point at but nobody sent."""
+    wanted = _unresolved_medications(resolved.resources)
+    if not wanted or fetcher is None or not request.fhirServer:
+        return
+    token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
+    outcomes = fetcher.fetch_many(request.fhirServer, {ref: ref for ref in wanted}, token)
+    for ref, outcome in outcomes.items():
+        if outcome.error is None and outcome.resource is not None:
+            resolved.resources.append(outcome.resource)
+        resolved.fetched[ref] = outcome.error or "ok"
