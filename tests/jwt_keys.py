@@ -28,7 +28,9 @@ class SigningKey:
     private: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
     def jwk(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(jwt.algorithms.get_default_algorithms()[self.alg].to_jwk(self.public))
+        data: dict[str, Any] = json.loads(
+            jwt.algorithms.get_default_algorithms()[self.alg].to_jwk(self.public)
+        )
         return {**data, "kid": self.kid, "alg": self.alg, "use": "sig"}
 
     @property
@@ -77,4 +79,6 @@ def jwks(*keys: SigningKey) -> dict[str, Any]:
 def sandbox_tokens() -> list[dict[str, Any]]:
     """Every recorded request that carried a JWT: token, decoded header and claims, path."""
     entries = json.loads((SANDBOX_DIR / "headers.json").read_text())
-    return [{**entry["authorization"], "path": entry["path"]} for entry in entries if entry.get("authorization")]
+    return [
+        {**entry["authorization"], "path": entry["path"]} for entry in entries if entry.get("authorization")
+    ]

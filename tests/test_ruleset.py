@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ def test_every_threshold_profile_names_a_known_source() -> None:
         assert profile.sources and all(s in rs.sources for s in profile.sources)
         bands = profile.bands
         # Bands tile the line: each upper bound is the next lower bound.
-        assert all(a.upper == b.lower for a, b in zip(bands, bands[1:], strict=False))
+        assert all(a.upper == b.lower for a, b in pairwise(bands))
 
 
 def test_no_rule_cites_the_sources_that_must_never_be_cited() -> None:

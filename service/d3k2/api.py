@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, request
 
+from d3k2 import logs
 from d3k2.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from d3k2.feedback import FeedbackStore, StoreUnavailable
 from d3k2.hooks import parse_feedback
 from d3k2.limits import json_too_deep, prefetch_entries
+from d3k2.metrics import InstrumentedFetcher, Metrics, metrics_of
 from d3k2.service import call_service, discovery, find_service
 from d3k2.web import json_response, runtime
 
@@ -31,6 +35,10 @@ def _json_body() -> Any:
     raw = request.get_data(cache=False)
     if not raw:
         raise BadRequest("the body is empty; a JSON object is required")
+    limit = runtime().settings.max_body_bytes
+    if request.content_length is None and len(raw) >= limit:
+        # A chunked body is cut at the limit by Werkzeug without an error: what reached it was too large.
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     depth = runtime().settings.max_json_depth
     if json_too_deep(raw, depth):
         raise BadRequest(f"the JSON body nests deeper than {depth} levels")
@@ -64,8 +72,16 @@ def post_service(service_id: str) -> Response:
     entries, bound = prefetch_entries(payload), rt.settings.max_prefetch_entries
     if entries > bound:
         raise PayloadTooLarge(f"prefetch holds {entries} resources; at most {bound} are accepted")
+    if isinstance(payload, dict) and isinstance(payload.get("hookInstance"), str):
+        logs.bind(hook_instance=payload["hookInstance"][:100])
+    metrics = metrics_of(current_app)
     outcome = call_service(
-        rt.ruleset, service_id, payload, today=_today(), profile=rt.profile, fetcher=rt.fetcher
+        rt.ruleset,
+        service_id,
+        payload,
+        today=_today(),
+        profile=rt.profile,
+        fetcher=InstrumentedFetcher(rt.fetcher, metrics),
     )
     log.info(
         "service=%s cards=%d fetched=%s",
@@ -75,7 +91,28 @@ def post_service(service_id: str) -> Response:
             f"{k}:{'ok' if v == 'ok' else 'failed'}" for k, v in sorted(outcome.resolved.fetched.items())
         ),
     )
+    _record_served(service_id, outcome.response["cards"], metrics)
     return json_response(outcome.response)
+
+
+def _store() -> FeedbackStore:
+    store: FeedbackStore = current_app.extensions["d3k2.store"]
+    return store
+
+
+def _record_served(service_id: str, cards: list[dict[str, Any]], metrics: Metrics) -> None:
+    """Cards served are what feedback is measured against; losing them must never cost the answer."""
+    metrics.count_cards(cards)
+    started = time.perf_counter()
+    try:
+        _store().record_cards(service_id, cards)
+    except StoreUnavailable as exc:
+        metrics.store_errors.labels("record_cards").inc()
+        log.warning("cards served not recorded: %s", exc.detail)
+    except Exception:
+        metrics.store_errors.labels("record_cards").inc()
+        log.exception("cards served not recorded (a bug)")
+    metrics.cards_record_seconds.observe(time.perf_counter() - started)
 
 
 @blueprint.post("/cds-services/<service_id>/feedback")
@@ -89,10 +126,41 @@ def post_feedback(service_id: str) -> Response:
         len(feedback.feedback),
         ",".join(item.outcome for item in feedback.feedback),
     )
-    # Persistence is a separate piece of work: say plainly that nothing was stored.
-    return json_response({"received": len(feedback.feedback), "persisted": False})
+    metrics = metrics_of(current_app)
+    try:
+        stored = _store().record_feedback(service_id, feedback.feedback)
+    except StoreUnavailable:
+        metrics.store_errors.labels("record_feedback").inc()
+        for item in feedback.feedback:
+            metrics.feedback.labels(item.outcome, "error").inc()
+        raise
+    for item, new in zip(feedback.feedback, stored.new, strict=True):
+        metrics.feedback.labels(item.outcome, "stored" if new else "duplicate").inc()
+    return json_response(
+        {
+            "received": stored.received,
+            "stored": stored.stored,
+            "duplicates": stored.duplicates,
+            "persisted": True,
+        }
+    )
 
 
 @blueprint.get("/healthz")
 def healthz() -> Response:
     return json_response({"status": "ok"})
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response:
+    """Ready when the rule set has services and the feedback database answers (schema at head)."""
+    checks = {"rules": "ok" if runtime().ruleset.services else "no services loaded"}
+    try:
+        _store().ping()
+        checks["database"] = "ok"
+    except StoreUnavailable as exc:
+        checks["database"] = exc.detail
+    ready = all(value == "ok" for value in checks.values())
+    return json_response(
+        {"status": "ready" if ready else "not-ready", "checks": checks}, 200 if ready else 503
+    )

@@ -7,11 +7,15 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from d3k2 import logs
 from d3k2.api import blueprint
 from d3k2.auth import Authenticator, www_authenticate
 from d3k2.config import ConfigError, Settings, from_env
 from d3k2.errors import D3K2Error, Unauthorized
+from d3k2.feedback import FeedbackStore, StoreUnavailable
 from d3k2.fhir.client import FhirClient
+from d3k2.metrics import Metrics
+from d3k2.metrics import init_app as init_metrics
 from d3k2.ruleset import RuleSet, load_ruleset
 from d3k2.web import Runtime, error_response, json_response
 
@@ -25,17 +29,22 @@ CORS_HEADERS = {
 }
 
 
-def create_app(settings: Settings | None = None, ruleset: RuleSet | None = None) -> Flask:
+def create_app(
+    settings: Settings | None = None, ruleset: RuleSet | None = None, store: FeedbackStore | None = None
+) -> Flask:
     settings = settings or from_env()
     ruleset = ruleset or load_ruleset(settings.cards_dir)
     if settings.profile not in ruleset.profiles:
         known = ", ".join(sorted(ruleset.profiles))
         raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
+    authenticator = Authenticator.from_settings(settings)
     app = Flask("d3k2")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["d3k2"] = Runtime(settings, ruleset, FhirClient(settings), settings.profile)
     app.register_blueprint(blueprint)
-    authenticator = Authenticator.from_settings(settings)
+    logs.init_app(app)
+    init_metrics(app, Metrics(), list(ruleset.services))
+    app.extensions["d3k2.store"] = _open_store(store or FeedbackStore(settings.database))
     app.extensions["d3k2.auth"] = authenticator
 
     @app.before_request
@@ -76,3 +85,14 @@ def create_app(settings: Settings | None = None, ruleset: RuleSet | None = None)
         return response
 
     return app
+
+
+def _open_store(store: FeedbackStore) -> FeedbackStore:
+    """Migrate at startup; a database that is down must not stop the service from answering hooks."""
+    try:
+        store.migrate()
+    except StoreUnavailable:
+        log.warning(
+            "feedback database %s unreachable at startup; will migrate when it is back", store.display_url
+        )
+    return store

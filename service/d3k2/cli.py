@@ -18,9 +18,9 @@ from d3k2.errors import D3K2Error
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    from d3k2.logs import configure_logging
+
+    configure_logging(level, sys.stderr)
 
 
 @click.group()
@@ -138,14 +138,14 @@ def replay(
                 with requests.Session() as session:
                     target: engine.Target = engine.Remote(url.rstrip("/"), session)
                     results = engine.replay(
-                        paths, target, options, options.profile or "seed", progress.report
+                        paths, target, options, options.profile or "seed", progress.report, progress.start
                     )
             else:
                 ruleset = load_ruleset(settings.cards_dir)
                 with FhirClient(settings) as client:
                     target = engine.InProcess(ruleset, client)
                     results = engine.replay(
-                        paths, target, options, options.profile or "seed", progress.report
+                        paths, target, options, options.profile or "seed", progress.report, progress.start
                     )
         except D3K2Error as exc:
             raise click.ClickException(exc.detail) from exc
@@ -184,6 +184,10 @@ class _Progress:
             self._bar.start()
             self._task = self._bar.add_task("", total=None)
         return self
+
+    def start(self, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
 
     def __exit__(self, *_exc: object) -> None:
         if self._bar is not None:
@@ -342,6 +346,52 @@ def _print_explanation(report: dict[str, Any]) -> None:
     for card in report["cards"]:
         cards.add_row(card["indicator"], card["topic"], card["summary"])
     console.print(cards if report["cards"] else "Cards: none")
+
+
+# ---------------------------------------------------------------- feedback
+
+
+@main.group()
+def feedback() -> None:
+    """The feedback database (D3K2_DATABASE_URL, else SQLite under D3K2_DATA_DIR)."""
+
+
+@feedback.command("report")
+@click.option(
+    "--since", callback=_date_option, help="Only cards served and feedback received from this day on (UTC)."
+)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def feedback_report(since: date | None, fmt: str) -> None:
+    """Per rule: cards shown, accepted, overridden, and the top override reasons."""
+    from d3k2.feedback import FeedbackStore, database_url
+
+    settings = _settings()
+    url = database_url(settings.database)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise click.ClickException(f"no feedback database at {url.database} (set D3K2_DATA_DIR)")
+    store = FeedbackStore(settings.database)
+    try:
+        result = store.report(datetime.combine(since, datetime.min.time(), UTC) if since else None)
+    except D3K2Error as exc:
+        raise click.ClickException(exc.detail) from exc
+    finally:
+        store.close()
+    click.echo(json.dumps(result.to_json(), indent=2) if fmt == "json" else result.to_text())
+
+
+@feedback.command("migrate")
+def feedback_migrate() -> None:
+    """Bring the schema to the newest migration (the service also does this when it starts)."""
+    from d3k2.feedback import FeedbackStore
+
+    store = FeedbackStore(_settings().database)
+    try:
+        store.migrate()
+    except D3K2Error as exc:
+        raise click.ClickException(exc.detail) from exc
+    finally:
+        store.close()
+    click.echo(f"d3k2: feedback database {store.display_url} is at the newest schema")
 
 
 if __name__ == "__main__":

@@ -188,24 +188,27 @@ def discover(paths: Sequence[Path]) -> Iterator[Path | ReplayError]:
             yield ReplayError(f"{path}: no such file or directory")
 
 
-def _display(path: Path) -> str:
-    shown = path.parent if path.name == "request.json" else path
+def _rel(path: Path) -> str:
     try:
-        return str(shown.resolve().relative_to(Path.cwd().resolve()))
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
-        return str(shown)
+        return str(path)
+
+
+def _display(path: Path) -> str:
+    return _rel(path.parent if path.name == "request.json" else path)
 
 
 def read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReplayError(f"{path.name}: cannot read: {_short(exc)}") from exc
+        raise ReplayError(f"{_rel(path)}: cannot read: {_short(exc)}") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReplayError(
-            f"{path.name}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+            f"{_rel(path)}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         ) from exc
 
 
@@ -214,18 +217,18 @@ def read_expected(path: Path) -> dict[str, Any] | None:
         return None
     data = read_json(path)
     if not isinstance(data, dict):
-        raise ReplayError(f"{path.name}: must be a JSON object")
+        raise ReplayError(f"{_rel(path)}: must be a JSON object")
     response = data.get("response")
     if "response" in data and not (
         isinstance(response, dict)
         and (data.get("status", 200) != 200 or isinstance(response.get("cards"), list))
     ):
-        raise ReplayError(f"{path.name}: 'response' must be an object with a 'cards' list")
+        raise ReplayError(f"{_rel(path)}: 'response' must be an object with a 'cards' list")
     silent = data.get("silent", [])
     if not isinstance(silent, list) or not all(isinstance(s, str) for s in silent):
-        raise ReplayError(f"{path.name}: 'silent' must be a list of rule ids")
+        raise ReplayError(f"{_rel(path)}: 'silent' must be a list of rule ids")
     if not isinstance(data.get("status", 200), int):
-        raise ReplayError(f"{path.name}: 'status' must be an HTTP status code")
+        raise ReplayError(f"{_rel(path)}: 'status' must be an HTTP status code")
     return data
 
 
@@ -241,7 +244,7 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
     case = Case(_display(path), path, golden_for(path), fixture=path.name == "request.json")
     data = read_json(path)
     if not isinstance(data, dict):
-        raise ReplayError(f"{path.name}: not a CDS Hooks request or FHIR Bundle (a JSON object is required)")
+        raise ReplayError(f"{_rel(path)}: not a CDS Hooks request or FHIR Bundle (a JSON object is required)")
     expected = read_expected(case.golden)
     case.expected = expected
     services = target.services()
@@ -249,12 +252,12 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
         hook = options.hook or (_hook_of(expected.get("service"), services) if expected else None)
         if hook is None:
             raise ReplayError(
-                f"{path.name}: a plain FHIR Bundle needs --hook (and --patient) to build a request"
+                f"{_rel(path)}: a plain FHIR Bundle needs --hook (and --patient) to build a request"
             )
         service = f"d3k2-{hook}" if not expected or not expected.get("service") else str(expected["service"])
         if service not in services:
             raise ReplayError(
-                f"{path.name}: unknown hook {hook!r} (no service {service!r}; known: {_known(services)})"
+                f"{_rel(path)}: unknown hook {hook!r} (no service {service!r}; known: {_known(services)})"
             )
         patient = options.patient or (
             str(expected["patient"]) if expected and expected.get("patient") else None
@@ -268,29 +271,29 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
                 content=path.read_bytes(),
             )
         except D3K2Error as exc:
-            raise ReplayError(f"{path.name}: {exc.detail}") from exc
+            raise ReplayError(f"{_rel(path)}: {exc.detail}") from exc
         case.fixture, case.bundle = False, True
     elif isinstance(data.get("hook"), str):
         case.payload = data
         service = str(expected["service"]) if expected and expected.get("service") else f"d3k2-{data['hook']}"
         if service not in services:
             raise ReplayError(
-                f"{path.name}: unknown hook {data['hook']!r} "
+                f"{_rel(path)}: unknown hook {data['hook']!r} "
                 f"(no service {service!r}; known: {_known(services)})"
             )
     elif "resourceType" in data:
         raise ReplayError(
-            f"{path.name}: a FHIR {data['resourceType']} is neither a Bundle nor a CDS Hooks request"
+            f"{_rel(path)}: a FHIR {data['resourceType']} is neither a Bundle nor a CDS Hooks request"
         )
     else:
-        raise ReplayError(f"{path.name}: not a CDS Hooks request (no 'hook') and not a FHIR Bundle")
+        raise ReplayError(f"{_rel(path)}: not a CDS Hooks request (no 'hook') and not a FHIR Bundle")
     case.service = service
     if expected and expected.get("today"):
-        case.today = _date(expected["today"], case.golden.name)
+        case.today = _date(expected["today"], _rel(case.golden))
     elif options.today:
         case.today = options.today
     else:
-        raise ReplayError(f"{path.name}: no 'today' in {case.golden.name}: pass --today YYYY-MM-DD")
+        raise ReplayError(f"{_rel(path)}: no 'today' in {case.golden.name}: pass --today YYYY-MM-DD")
     case.profile = str((expected or {}).get("profile") or options.profile or default_profile)
     return case
 
@@ -549,8 +552,10 @@ def replay(
     options: Options,
     default_profile: str,
     progress: Callable[[Result], None] = lambda _r: None,
+    started: Callable[[int], None] = lambda _n: None,
 ) -> list[Result]:
     inputs = list(discover(paths))
+    started(len(inputs))
     results: list[Result] = []
     for item in inputs:
         if isinstance(item, ReplayError):

@@ -77,7 +77,13 @@ def _condition_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):
         return type(value).__name__
     if isinstance(value, dict):
-        for key, kind in (("fact", "FactTest"), ("all", "AllOf"), ("any", "AnyOf"), ("not", "NotOf"), ("ref", "Ref")):
+        for key, kind in (
+            ("fact", "FactTest"),
+            ("all", "AllOf"),
+            ("any", "AnyOf"),
+            ("not", "NotOf"),
+            ("ref", "Ref"),
+        ):
             if key in value:
                 return kind
     return None

@@ -4,7 +4,7 @@ rules → cards. No Flask here, so the CLI (replay, explain) runs exactly the sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -18,9 +18,13 @@ from d3k2.hooks import CdsRequest, parse_request
 from d3k2.orders import DraftReading, classify_medication, read_draft_orders
 from d3k2.ruleset import ORDER_HOOKS, RuleSet, Service
 
+# Changes the resources between reading them and extracting facts (what-if overrides of `d3k2 explain`).
+Adjust = Callable[[list[dict[str, Any]], CdsRequest], list[dict[str, Any]]]
+
 
 @dataclass(frozen=True)
 class Outcome:
+    request: CdsRequest
     response: dict[str, Any]
     evaluation: Evaluation
     resolved: Resolved
@@ -91,6 +95,7 @@ def call_service(
     today: date,
     profile: str,
     fetcher: Fetcher | None,
+    adjust: Adjust | None = None,
 ) -> Outcome:
     service = find_service(ruleset, service_id)
     request = parse_request(payload)
@@ -98,10 +103,11 @@ def call_service(
         raise BadRequest(f"service {service_id!r} answers hook {service.hook!r}, not {request.hook!r}")
     resolved = resolve(service.prefetch, request, fetcher)
     fetch_medications(resolved, request, fetcher)
-    facts = facts_for(ruleset, resolved.resources, today, resolved)
+    resources = adjust(resolved.resources, request) if adjust else resolved.resources
+    facts = facts_for(ruleset, resources, today, resolved)
     drafts = drafts_of(ruleset, request)
     evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts)
     cards = build_cards(
         ruleset, evaluation, hook_instance=request.hookInstance, patient_id=request.context.patientId
     )
-    return Outcome({"cards": cards, "systemActions": []}, evaluation, resolved, drafts)
+    return Outcome(request, {"cards": cards, "systemActions": []}, evaluation, resolved, drafts)

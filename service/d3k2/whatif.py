@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from d3k2.cards import build_cards
-from d3k2.engine import Evaluation, evaluate, values_snapshot
+from d3k2.engine import Evaluation, values_snapshot
 from d3k2.errors import BadRequest
 from d3k2.facts import Evidence, LabConfig, Measurement
-from d3k2.fhir.prefetch import Fetcher, Resolved, resolve, resources_of
-from d3k2.hooks import CdsRequest, parse_request
+from d3k2.fhir.prefetch import Fetcher, Resolved, resources_of
+from d3k2.hooks import CdsRequest
 from d3k2.quantities import format_interval
 from d3k2.ruleset import ORDER_HOOKS, RuleSet
-from d3k2.service import classifier, drafts_of, facts_for, find_service
+from d3k2.service import call_service, classifier
 from d3k2.terminology import LOINC, RXNORM, SNOMED, UCUM
 
 WHATIF_PREFIX = "whatif-"
@@ -350,32 +349,28 @@ def explain(
     fetcher: Fetcher | None,
     overrides: Sequence[Override] = (),
 ) -> Explanation:
-    """The same steps as d3k2.service.call_service, with the overrides applied between reading the
-    resources and extracting the facts."""
-    service = find_service(ruleset, service_id)
-    request = parse_request(payload)
-    if request.hook != service.hook:
-        raise BadRequest(f"service {service_id!r} answers hook {service.hook!r}, not {request.hook!r}")
+    """call_service with the overrides applied between reading the resources and extracting facts."""
     if profile not in ruleset.profiles:
         raise BadRequest(f"unknown profile {profile!r} (known: {', '.join(sorted(ruleset.profiles))})")
-    resolved = resolve(service.prefetch, request, fetcher)
-    resources, applied = apply_overrides(
-        resolved.resources, overrides, ruleset, today=today, patient_id=request.context.patientId
-    )
-    facts = facts_for(ruleset, resources, today, resolved)
-    evaluation = evaluate(
-        ruleset, facts, hook=request.hook, profile=profile, drafts=drafts_of(ruleset, request)
-    )
-    cards = build_cards(
-        ruleset, evaluation, hook_instance=request.hookInstance, patient_id=request.context.patientId
+    applied: list[Applied] = []
+
+    def adjust(resources: list[dict[str, Any]], request: CdsRequest) -> list[dict[str, Any]]:
+        changed, done = apply_overrides(
+            resources, overrides, ruleset, today=today, patient_id=request.context.patientId
+        )
+        applied.extend(done)
+        return changed
+
+    outcome = call_service(
+        ruleset, service_id, payload, today=today, profile=profile, fetcher=fetcher, adjust=adjust
     )
     return Explanation(
         service_id,
-        request,
+        outcome.request,
         today,
-        resolved,
-        evaluation,
-        {"cards": cards, "systemActions": []},
+        outcome.resolved,
+        outcome.evaluation,
+        outcome.response,
         tuple(applied),
     )
 

@@ -157,6 +157,11 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         todo.extend(item for item in linked if isinstance(item, BaseException))
 
 
+def _no_request_lines(record: logging.LogRecord) -> bool:
+    """urllib3 logs each request line at DEBUG, query string (the patient id) included: never let it out."""
+    return record.levelno > logging.DEBUG
+
+
 def _new_session(settings: Settings) -> requests.Session:
     session = requests.Session()
     # No retries: a refused connection does not heal within milliseconds, and a retried connect timeout
@@ -179,6 +184,7 @@ class FhirClient:
         self._owns_session = session is None
         self._session = session if session is not None else _new_session(settings)
         self._pool = ThreadPoolExecutor(max_workers=settings.fhir_workers, thread_name_prefix="d3k2-fhir")
+        logging.getLogger("urllib3.connectionpool").addFilter(_no_request_lines)
 
     def __enter__(self) -> FhirClient:
         return self

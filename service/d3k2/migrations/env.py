@@ -12,7 +12,9 @@ VERSION_TABLE = "d3k2_alembic_version"
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run d3k2 migrations with `d3k2 feedback migrate` (or create_app), not the alembic CLI")
+    raise RuntimeError(
+        "run d3k2 migrations with `d3k2 feedback migrate` (or create_app), not the alembic CLI"
+    )
 
 context.configure(
     connection=connection,

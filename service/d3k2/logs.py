@@ -1,0 +1,115 @@
+"""Structured logs: one JSON object per line on stderr, with the request id and hook instance bound.
+
+No PHI goes into a log line: callers log ids of services, rules and hook instances, counts, statuses and
+durations; never patient ids, names, observation values or tokens. The request line carries the path
+without its query string.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
+from flask import Flask, Response, g, request
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_context: ContextVar[dict[str, Any] | None] = ContextVar("d3k2_log_context", default=None)
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+log = logging.getLogger("d3k2.http")
+
+
+def bind(**fields: Any) -> None:
+    """Add fields to every log line of the current request (or thread, outside a request)."""
+    _context.set({**(_context.get() or {}), **fields})
+
+
+def clear() -> None:
+    _context.set(None)
+
+
+def bound() -> dict[str, Any]:
+    return dict(_context.get() or {})
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts", "level", "logger", "event", <bound context>, <extra fields>}``; tracebacks under "exc"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+            **bound(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler configure_logging installed, so that calling it again replaces it."""
+
+
+def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
+    """JSON lines on ``stream`` (stderr) for every logger; idempotent."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    handler = _JsonHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def request_id() -> str | None:
+    value = bound().get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def init_app(app: Flask) -> None:
+    """Bind a request id (the caller's X-Request-ID when well-formed, else a new one) and the service id
+    to every log line of a request; log one line per request; echo the id in the response."""
+
+    @app.before_request
+    def _bind_request() -> None:
+        clear()
+        offered = request.headers.get(REQUEST_ID_HEADER, "")
+        rid = offered if _REQUEST_ID.match(offered) else uuid.uuid4().hex
+        service = (request.view_args or {}).get("service_id")
+        bind(request_id=rid, **({"service": service[:128]} if isinstance(service, str) else {}))
+        g.d3k2_log_started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        started = g.pop("d3k2_log_started", None)
+        rid = request_id()
+        if rid:
+            response.headers[REQUEST_ID_HEADER] = rid
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.path[:200],
+                "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+            },
+        )
+        return response
+
+    @app.teardown_request
+    def _unbind(_exc: BaseException | None) -> None:
+        clear()

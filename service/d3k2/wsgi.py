@@ -1,0 +1,14 @@
+"""WSGI entry point for gunicorn: ``gunicorn -c docker/gunicorn.conf.py d3k2.wsgi:app``.
+
+Importing this module builds the application from the environment (D3K2_* variables), once per worker.
+"""
+
+from __future__ import annotations
+
+from d3k2.app import create_app
+from d3k2.config import from_env
+from d3k2.logs import configure_logging
+
+settings = from_env()
+configure_logging(settings.log_level)
+app = create_app(settings)

@@ -1,0 +1,344 @@
+"""`d3k2 replay`: every fixture passes, a changed golden fails with a diff naming card and field,
+--update, plain Bundles, bad files, the three output formats and --url against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from d3k2.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "fixtures"
+TODAY = "2026-11-24"
+SANDBOX_VIEW = FIXTURES / "patient-view" / "sandbox-patient-view"
+
+
+def run(*args: str, ci: str | None = None) -> Result:
+    return CliRunner(env={"CI": ci}).invoke(main, ["replay", *args], catch_exceptions=False)
+
+
+def last_line(result: Result) -> str:
+    return result.output.rstrip("\n").splitlines()[-1]
+
+
+def case_with_cards(minimum: int = 2) -> Path:
+    for expected in sorted(FIXTURES.glob("patient-view/*/expected.json")):
+        data = json.loads(expected.read_text(encoding="utf-8"))
+        if data.get("status", 200) == 200 and len(data["response"]["cards"]) >= minimum:
+            return expected.parent
+    pytest.fail("no patient-view fixture with enough cards")
+
+
+def copy_case(tmp_path: Path, source: Path | None = None) -> Path:
+    target = tmp_path / "patient-view" / "case"
+    shutil.copytree(source or case_with_cards(), target)
+    return target
+
+
+def edit_golden(case: Path, change: Any) -> dict[str, Any]:
+    path = case / "expected.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return data
+
+
+def bundle_of(request: Path) -> dict[str, Any]:
+    """A plain collection Bundle holding everything a recorded request prefetched."""
+    payload = json.loads(request.read_text(encoding="utf-8"))
+    entries = []
+    for value in payload["prefetch"].values():
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+            entries.extend({"resource": e["resource"]} for e in value.get("entry", []))
+        elif isinstance(value, dict):
+            entries.append({"resource": value})
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def test_every_fixture_replays_to_its_golden() -> None:
+    result = run(str(FIXTURES))
+    assert result.exit_code == 0, result.output
+    passed, failed = last_line(result).split(", ")[:2]
+    assert int(passed.split()[0]) >= 1
+    assert failed == "0 failed"
+    assert last_line(result) == f"{passed}, 0 failed"
+
+
+def test_a_changed_golden_fails_naming_card_and_field(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+    data = edit_golden(case, lambda d: d["response"]["cards"][0].update(summary="changed by the test"))
+    topic = data["response"]["cards"][0]["source"]["topic"]["code"]
+    result = run(str(tmp_path))
+    assert result.exit_code == 1
+    assert f"card {topic}: summary" in result.output
+    assert 'expected: "changed by the test"' in result.output
+    assert last_line(result) == "0 passed, 1 failed"
+
+
+def test_a_nested_field_is_named_by_its_json_path(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+
+    def change(data: dict[str, Any]) -> None:
+        data["response"]["cards"][-1]["links"][0]["url"] = "https://example.org/changed"
+
+    data = edit_golden(case, change)
+    topic = data["response"]["cards"][-1]["source"]["topic"]["code"]
+    result = run(str(case / "request.json"))
+    assert result.exit_code == 1
+    assert f"card {topic}: links[0].url" in result.output
+
+
+def test_card_order_and_key_order_do_not_matter(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+
+    def shuffle(data: dict[str, Any]) -> None:
+        data["response"]["cards"] = [dict(reversed(c.items())) for c in reversed(data["response"]["cards"])]
+
+    edit_golden(case, shuffle)
+    assert run(str(tmp_path)).exit_code == 0
+
+
+def test_a_missing_card_and_a_silent_rule_that_fires_fail(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+    data = json.loads((case / "expected.json").read_text(encoding="utf-8"))
+    dropped = data["response"]["cards"][0]["source"]["topic"]["code"]
+
+    def change(d: dict[str, Any]) -> None:
+        d["response"]["cards"].pop(0)
+        d["silent"] = [*d.get("silent", []), dropped]
+
+    edit_golden(case, change)
+    result = run(str(tmp_path))
+    assert result.exit_code == 1
+    assert f"card {dropped}: unexpected card" in result.output
+    assert f"card {dropped}: fired, but expected.json lists it as silent" in result.output
+
+
+def test_an_expected_error_status_is_compared(tmp_path: Path) -> None:
+    case = copy_case(tmp_path, FIXTURES / "patient-view" / "prefetch-missing-no-server")
+    assert run(str(tmp_path)).exit_code == 0
+    edit_golden(case, lambda d: d.update(status=400))
+    result = run(str(tmp_path))
+    assert result.exit_code == 1
+    assert "response: status" in result.output
+
+
+def test_update_rewrites_only_the_response(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+    request_before = (case / "request.json").read_bytes()
+    original = json.loads((case / "expected.json").read_text(encoding="utf-8"))
+    edit_golden(case, lambda d: d["response"]["cards"].pop())
+    result = run(str(tmp_path), "--update")
+    assert result.exit_code == 0, result.output
+    assert "[golden updated]" in result.output
+    rewritten = (case / "expected.json").read_text(encoding="utf-8")
+    assert rewritten.endswith("}\n")
+    data = json.loads(rewritten)
+    assert list(data)[:3] == ["service", "today", "profile"]
+    assert {k: v for k, v in data.items() if k != "response"} == {
+        k: v for k, v in original.items() if k != "response"
+    }
+    assert len(data["response"]["cards"]) == len(original["response"]["cards"])
+    assert (case / "request.json").read_bytes() == request_before
+    assert run(str(tmp_path)).exit_code == 0
+
+
+def test_update_creates_a_missing_golden_and_is_refused_in_ci(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+    (case / "expected.json").unlink()
+    missing = run(str(tmp_path), "--today", TODAY)
+    assert missing.exit_code == 1
+    assert "expected.json is missing (run with --update to create it)" in missing.output
+    refused = run(str(tmp_path), "--today", TODAY, "--update", ci="true")
+    assert refused.exit_code == 1
+    assert "refused when CI is set" in refused.output
+    assert not (case / "expected.json").exists()
+    created = run(str(tmp_path), "--today", TODAY, "--update")
+    assert created.exit_code == 0, created.output
+    data = json.loads((case / "expected.json").read_text(encoding="utf-8"))
+    assert data["service"] == "d3k2-patient-view"
+    assert data["today"] == TODAY
+    assert data["profile"] == "seed"
+    assert data["silent"] == []
+
+
+# ---------------------------------------------------------------- plain bundles
+
+
+def test_a_plain_bundle_builds_a_request_and_gets_a_golden(tmp_path: Path) -> None:
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(bundle_of(SANDBOX_VIEW / "request.json")), encoding="utf-8")
+    first = run(str(export), "--hook", "patient-view", "--today", TODAY)
+    assert first.exit_code == 0, first.output
+    assert "no golden file" in first.output
+    assert "vka-k2" in first.output
+    assert run(str(export), "--hook", "patient-view", "--today", TODAY, "--update").exit_code == 0
+    golden = json.loads((tmp_path / "export.expected.json").read_text(encoding="utf-8"))
+    assert golden["patient"] == "d3k2-pt-1"
+    assert golden["today"] == TODAY
+    again = run(str(export))  # hook, patient and today now come from the golden; uuids are stable
+    assert again.exit_code == 0, again.output
+    assert last_line(again) == "1 passed, 0 failed"
+
+
+def test_a_bundle_without_hook_is_one_error_line(tmp_path: Path) -> None:
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(bundle_of(SANDBOX_VIEW / "request.json")), encoding="utf-8")
+    result = run(str(export), "--today", TODAY)
+    assert result.exit_code == 1
+    assert "needs --hook" in result.output
+
+
+# ---------------------------------------------------------------- bad files
+
+
+def test_bad_files_give_one_clear_error_line_each(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "list.json").write_text("[1, 2]", encoding="utf-8")
+    (tmp_path / "patient.json").write_text('{"resourceType": "Patient", "id": "p"}', encoding="utf-8")
+    (tmp_path / "hook.json").write_text(
+        '{"hook": "chart-open", "hookInstance": "h", "context": {"patientId": "p"}}', encoding="utf-8"
+    )
+    names = ["broken.json", "list.json", "patient.json", "hook.json", "absent.json"]
+    result = run(*(str(tmp_path / n) for n in names), "--today", TODAY)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(names)
+    for name, line in zip(names, errors, strict=True):
+        assert name in line
+    assert "not JSON" in errors[0]
+    assert "unknown hook 'chart-open'" in errors[3]
+    assert last_line(result) == "0 passed, 5 failed"
+
+
+def test_a_directory_without_fixtures_is_an_error(tmp_path: Path) -> None:
+    result = run(str(tmp_path))
+    assert result.exit_code == 1
+    assert "no fixtures" in result.output
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_json_format(tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+
+    def change(data: dict[str, Any]) -> None:
+        card = data["response"]["cards"][0]
+        card["indicator"] = "critical" if card["indicator"] != "critical" else "info"
+
+    data = edit_golden(case, change)
+    wrong = data["response"]["cards"][0]["indicator"]
+    result = CliRunner(env={"CI": None}).invoke(main, ["replay", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["summary"] == {"passed": 0, "failed": 1, "skipped": 0}
+    (fixture,) = report["fixtures"]
+    assert fixture["status"] == "failed"
+    assert any(d["path"] == "indicator" and d["expected"] == wrong for d in fixture["differences"])
+
+
+def test_junit_format(tmp_path: Path) -> None:
+    copy_case(tmp_path)
+    (tmp_path / "broken.json").write_text("nope", encoding="utf-8")
+    result = CliRunner(env={"CI": None}).invoke(
+        main, ["replay", str(tmp_path), str(tmp_path / "broken.json"), "--format", "junit"]
+    )
+    assert result.exit_code == 1
+    suite = ET.fromstring(result.stdout.split("?>", 1)[1]).find("testsuite")
+    assert suite is not None
+    assert suite.get("tests") == "2"
+    assert suite.get("errors") == "1"
+    assert len(suite.findall("testcase")) == 2
+
+
+# ---------------------------------------------------------------- --url against a real server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "D3K2_ENV": "test", "D3K2_AUTH": "off", "D3K2_PROFILE": "seed"}
+    env["D3K2_DATA_DIR"] = str(tmp_path_factory.mktemp("d3k2-data"))
+    log = (tmp_path_factory.mktemp("d3k2-log") / "serve.log").open("wb")
+    command = [str(Path(sys.executable).parent / "d3k2"), "serve", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"d3k2 serve did not start (exit {process.poll()})")
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_url_mode_replays_against_a_running_server(server: str) -> None:
+    result = run(str(FIXTURES), "--url", server)
+    assert result.exit_code == 0, result.output
+    summary = last_line(result)
+    assert summary.split(", ")[1] == "0 failed"
+    assert int(summary.split()[0]) >= 1
+    profiles = {
+        json.loads(p.read_text(encoding="utf-8")).get("profile", "seed")
+        for p in FIXTURES.glob("*/*/expected.json")
+    }
+    if profiles - {"seed"}:
+        assert summary.endswith(" skipped")
+        assert "(the server runs seed)" in result.output
+
+
+def test_url_mode_reports_a_changed_golden(server: str, tmp_path: Path) -> None:
+    case = copy_case(tmp_path)
+    data = edit_golden(case, lambda d: d["response"]["cards"][0].update(summary="changed"))
+    topic = data["response"]["cards"][0]["source"]["topic"]["code"]
+    result = run(str(tmp_path), "--url", server)
+    assert result.exit_code == 1
+    assert f"card {topic}: summary" in result.output
+
+
+def test_url_mode_without_a_server_is_one_error_line(tmp_path: Path) -> None:
+    copy_case(tmp_path)
+    result = run(str(tmp_path), "--url", f"http://127.0.0.1:{_free_port()}")
+    assert result.exit_code == 1
+    assert "cannot read discovery" in result.output
+    assert "Traceback" not in result.output
