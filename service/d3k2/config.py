@@ -52,6 +52,7 @@ class Settings:
     jwks_ttl: float = 300.0
     max_json_depth: int = 64
     max_prefetch_entries: int = 20_000
+    preview: bool | None = None  # the card preview page; None: on in dev only
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -61,6 +62,10 @@ class Settings:
         if self.auth is not None:
             return self.auth
         return "required" if self.env == "production" else "optional"
+
+    @property
+    def preview_enabled(self) -> bool:
+        return self.preview if self.preview is not None else self.env == "dev"
 
     @property
     def jti_path(self) -> Path:
@@ -136,7 +141,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         jwks_ttl=_float(env, "D3K2_JWKS_TTL", base.jwks_ttl),
         max_json_depth=max(1, _int(env, "D3K2_MAX_JSON_DEPTH", base.max_json_depth)),
         max_prefetch_entries=_int(env, "D3K2_MAX_PREFETCH_ENTRIES", base.max_prefetch_entries),
+        preview=_preview(env),
     )
+
+
+def _preview(env: Mapping[str, str]) -> bool | None:
+    raw = env.get("D3K2_PREVIEW")
+    if raw is None or raw == "":
+        return None
+    if raw not in ("on", "off"):
+        raise ConfigError(f"D3K2_PREVIEW must be on or off, got {raw!r}")
+    return raw == "on"
 
 
 def _auth_mode(env: Mapping[str, str]) -> str | None:

@@ -415,14 +415,17 @@ class FeedbackStore:
             statement = self._insert_ignoring_duplicates(connection)
             for row in rows:
                 row["rule_id"] = rules.get(row["card_uuid"])
-                new.append(connection.execute(statement, row).rowcount == 1)
+                new.append(connection.execute(statement, row).first() is not None)
         return Stored(tuple(new))
 
     def _insert_ignoring_duplicates(self, connection: Connection) -> Any:
+        # RETURNING tells a stored row from a skipped duplicate on both backends (rowcount does not).
         if connection.dialect.name == "postgresql":
-            return postgresql.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
+            statement = postgresql.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
+            return statement.returning(feedback.c.id)
         if connection.dialect.name == "sqlite":
-            return sqlite.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
+            statement = sqlite.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
+            return statement.returning(feedback.c.id)
         raise D3K2Error(f"unsupported database {connection.dialect.name!r}: use SQLite or PostgreSQL")
 
     def report(self, since: datetime | None = None) -> Report:

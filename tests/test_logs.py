@@ -1,0 +1,77 @@
+"""Structured logs: JSON lines with a request id (the caller's X-Request-ID or a new one), the service
+and the hook instance bound; nothing from the patient's record."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from d3k2.logs import configure_logging
+from test_feedback_store import SERVICE, close, hook_request, make_app, post
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    configure_logging("INFO", stream)  # idempotent: one handler, not two
+    yield stream
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_request_lines_carry_ids_and_no_patient_data(tmp_path: Path, log_stream: io.StringIO) -> None:
+    app = make_app(tmp_path)
+    try:
+        client = app.test_client()
+        request = hook_request()
+        answer = client.post(
+            f"/cds-services/{SERVICE}",
+            data=json.dumps(request),
+            content_type="application/json",
+            headers={"X-Request-ID": "req-42", "X-D3K2-Today": "2026-11-24"},
+        )
+        assert answer.status_code == 200
+        assert answer.headers["X-Request-ID"] == "req-42"
+        generated = post(client, f"/cds-services/{SERVICE}", request).headers["X-Request-ID"]
+        assert len(generated) == 32
+        bad = client.get("/healthz", headers={"X-Request-ID": "bad id; with=spaces" + "x" * 200})
+        assert len(bad.headers["X-Request-ID"]) == 32
+    finally:
+        close(app)
+
+    logged = lines(log_stream)
+    mine = [line for line in logged if line.get("request_id") == "req-42"]
+    assert {line["logger"] for line in mine} >= {"d3k2.api", "d3k2.http"}
+    assert all(line["service"] == SERVICE for line in mine)
+    assert all(line["hook_instance"] == request["hookInstance"] for line in mine)
+    summary = next(line for line in mine if line["event"] == "request")
+    assert (summary["method"], summary["path"], summary["status"]) == (
+        "POST",
+        f"/cds-services/{SERVICE}",
+        200,
+    )
+    assert summary["duration_ms"] >= 0
+    assert any(line.get("request_id") == generated for line in logged)
+
+    text = log_stream.getvalue()
+    patient = request["prefetch"]["patient"]
+    assert request["context"]["patientId"] not in text
+    for name in patient.get("name", []):
+        for given in name.get("given", []):
+            assert given not in text
+    assert "Practitioner/COREPRACTITIONER1" not in text
