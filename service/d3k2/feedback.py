@@ -421,11 +421,11 @@ class FeedbackStore:
     def _insert_ignoring_duplicates(self, connection: Connection) -> Any:
         # RETURNING tells a stored row from a skipped duplicate on both backends (rowcount does not).
         if connection.dialect.name == "postgresql":
-            statement = postgresql.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
-            return statement.returning(feedback.c.id)
+            on_pg = postgresql.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
+            return on_pg.returning(feedback.c.id)
         if connection.dialect.name == "sqlite":
-            statement = sqlite.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
-            return statement.returning(feedback.c.id)
+            on_sqlite = sqlite.insert(feedback).on_conflict_do_nothing(index_elements=["dedup_key"])
+            return on_sqlite.returning(feedback.c.id)
         raise D3K2Error(f"unsupported database {connection.dialect.name!r}: use SQLite or PostgreSQL")
 
     def report(self, since: datetime | None = None) -> Report:
