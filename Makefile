@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest replay clean
+.PHONY: run test lint typecheck pytest replay bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -30,6 +30,18 @@ test: lint typecheck pytest
 
 replay: $(STAMP)
 	$(BIN)/d3k2 replay fixtures
+
+# d3k2 against a bare Flask ceiling under the same gunicorn and wrk (≈ 1.5 min); see BENCHMARKS.md.
+# Never part of `make test`: speed is measured here, not asserted in tests.
+bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make bench: installing wrk with apt-get"; \
+	    apt-get update -qq && apt-get install -y -qq wrk >/dev/null || exit 1; \
+	  else \
+	    echo "make bench: wrk is missing; install it (Debian/Ubuntu: sudo apt-get install wrk) and rerun"; exit 1; \
+	  fi; }
+	cd bench && ../$(BIN)/python run.py --json results.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -20,7 +20,10 @@ SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
 EHR = "http://ehr.example/fhir"
 PATIENT = "bench-pt-1"
+WARFARIN = "warfarin sodium 5 MG Oral Tablet"
+VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 TODAY = date(2026, 11, 24)
+TYPICAL = {"vitd": 6, "egfr": 4, "calcium": 4}  # Observations per lab key
 
 # (prefetch key, LOINC code, display, value at step i, unit): the labs the rules read.
 LABS: dict[str, tuple[str, str, Any, str]] = {
@@ -86,8 +89,8 @@ def medications(patient_id: str = PATIENT) -> list[dict[str, Any]]:
             "id": f"{patient_id}-warfarin",
             "status": "active",
             "medicationCodeableConcept": {
-                "coding": [{"system": RXNORM, "code": "855332", "display": "warfarin sodium 5 MG Oral Tablet"}],
-                "text": "warfarin sodium 5 MG Oral Tablet",
+                "coding": [{"system": RXNORM, "code": "855332", "display": WARFARIN}],
+                "text": WARFARIN,
             },
             "subject": {"reference": f"Patient/{patient_id}"},
         },
@@ -114,11 +117,7 @@ def conditions(patient_id: str = PATIENT) -> list[dict[str, Any]]:
                     {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
                 ]
             },
-            "verificationStatus": {
-                "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}
-                ]
-            },
+            "verificationStatus": {"coding": [{"system": VERIFICATION, "code": "confirmed"}]},
             "code": {"coding": [{"system": SNOMED, "code": code, "display": display}], "text": display},
             "subject": {"reference": f"Patient/{patient_id}"},
             "onsetDateTime": "2019-03-01",
@@ -155,7 +154,7 @@ def patient_view(pre: dict[str, Any] | None, fhir_server: str | None = None) -> 
 
 
 def typical() -> dict[str, Any]:
-    return patient_view(prefetch({"vitd": 6, "egfr": 4, "calcium": 4}))
+    return patient_view(prefetch(TYPICAL))
 
 
 def history() -> dict[str, Any]:
@@ -173,7 +172,7 @@ def order_sign() -> dict[str, Any]:
     body = json.loads(recorded.read_text(encoding="utf-8"))
     body.pop("fhirServer", None)
     pid = body["context"]["patientId"]
-    given = prefetch({"vitd": 6, "egfr": 4, "calcium": 4}, pid)
+    given = prefetch(TYPICAL, pid)
     body["prefetch"] = {**given, **body.get("prefetch", {})}
     return body
 
@@ -182,7 +181,7 @@ def load_bundle() -> dict[str, Any]:
     """A transaction Bundle putting the typical patient's data on the FHIR server (PUT: reloadable)."""
     resources = [
         patient(),
-        *(observation(key, i) for key, count in (("vitd", 6), ("egfr", 4), ("calcium", 4)) for i in range(count)),
+        *(observation(key, i) for key, count in TYPICAL.items() for i in range(count)),
         *medications(),
         *conditions(),
     ]

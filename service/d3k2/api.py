@@ -16,6 +16,7 @@ from d3k2.feedback import FeedbackStore, StoreUnavailable
 from d3k2.hooks import parse_feedback
 from d3k2.limits import json_too_deep, prefetch_entries
 from d3k2.metrics import InstrumentedFetcher, Metrics, metrics_of
+from d3k2.openapi import build_openapi
 from d3k2.service import call_service, discovery, find_service
 from d3k2.web import json_response, runtime
 
@@ -149,6 +150,12 @@ def post_feedback(service_id: str) -> Response:
 @blueprint.get("/healthz")
 def healthz() -> Response:
     return json_response({"status": "ok"})
+
+
+@blueprint.get("/openapi.json")
+def get_openapi() -> Response:
+    """Not under /cds-services, so never behind the JWT check (auth.protected)."""
+    return json_response(build_openapi(runtime().ruleset))
 
 
 @blueprint.get("/readyz")

@@ -16,6 +16,7 @@ from d3k2.feedback import FeedbackStore, StoreUnavailable
 from d3k2.fhir.client import FhirClient
 from d3k2.metrics import Metrics
 from d3k2.metrics import init_app as init_metrics
+from d3k2.preview import blueprint as preview_blueprint
 from d3k2.ruleset import RuleSet, load_ruleset
 from d3k2.web import Runtime, error_response, json_response
 
@@ -38,10 +39,13 @@ def create_app(
         known = ", ".join(sorted(ruleset.profiles))
         raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
     authenticator = Authenticator.from_settings(settings)
-    app = Flask("d3k2")
+    # No app-wide /static: the preview blueprint serves its own files, only when it is enabled.
+    app = Flask("d3k2", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["d3k2"] = Runtime(settings, ruleset, FhirClient(settings), settings.profile)
     app.register_blueprint(blueprint)
+    if settings.preview_enabled:
+        app.register_blueprint(preview_blueprint)
     logs.init_app(app)
     init_metrics(app, Metrics(), list(ruleset.services))
     app.extensions["d3k2.store"] = _open_store(store or FeedbackStore(settings.database))

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import cached_property
 from typing import Any
 
 from d3k2.quantities import Interval, format_interval, format_number
@@ -298,50 +299,66 @@ class _Collector:
     conditions: dict[str, list[Evidence]] = field(default_factory=dict)
     medications: list[MedicationFact] = field(default_factory=list)
     index: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # A long lab history repeats a handful of code lists: each is looked up in the value sets once.
+    roles: dict[tuple[str, ...], tuple[LabConfig, str, str] | None] = field(default_factory=dict)
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
         self.issues.append(f"{_ref(resource)} skipped: {reason}")
+
+    @cached_property
+    def pregnancy_codes(self) -> frozenset[str]:
+        """Once per call, not per Observation: listing a value set's codes scans the whole terminology."""
+        return frozenset(self._codes_of(self.config.pregnancy_observation))
+
+    def lab_role(self, codes: list[str]) -> tuple[LabConfig, str, str] | None:
+        key = tuple(codes)
+        if key not in self.roles:
+            self.roles[key] = None
+            for lab in self.config.labs.values():
+                found = _lab_role(codes, self.terminology, lab)
+                if found is not None:
+                    self.roles[key] = (lab, *found)
+                    break
+        return self.roles[key]
 
     def observation(self, resource: Mapping[str, Any]) -> None:
         codes = _loinc_codes(resource)
         if not codes:
             return
         status = _str(resource.get("status")) or ""
-        if codes and set(codes) & set(self._codes_of(self.config.pregnancy_observation)):
+        if not self.pregnancy_codes.isdisjoint(codes):
             self._pregnancy_status(resource, status)
             return
-        for lab in self.config.labs.values():
-            found = _lab_role(codes, self.terminology, lab)
-            if found is None:
-                continue
-            role, code = found
-            if status not in self.config.accepted_status + self.config.fallback_status:
-                return
-            when = observation_date(resource)
-            if when is None:
-                self.report(resource, f"{lab.label} result has no date")
-                return
-            if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
-                return
-            try:
-                value, reported, _unit = _quantity(resource, lab, code)
-            except Unreadable as exc:
-                self.report(resource, str(exc))
-                return
-            self.readings.append(
-                _Reading(
-                    lab.name,
-                    role,
-                    value,
-                    reported,
-                    when,
-                    status,
-                    _ref(resource),
-                    code,
-                    _upper_limit(resource, lab),
-                )
-            )
+        found = self.lab_role(codes)
+        if found is None:
             return
+        lab, role, code = found
+        if status not in self.config.accepted_status + self.config.fallback_status:
+            return
+        when = observation_date(resource)
+        if when is None:
+            self.report(resource, f"{lab.label} result has no date")
+            return
+        if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
+            return
+        try:
+            value, reported, _unit = _quantity(resource, lab, code)
+        except Unreadable as exc:
+            self.report(resource, str(exc))
+            return
+        self.readings.append(
+            _Reading(
+                lab.name,
+                role,
+                value,
+                reported,
+                when,
+                status,
+                _ref(resource),
+                code,
+                _upper_limit(resource, lab),
+            )
+        )
 
     def _codes_of(self, valuesets: tuple[str, ...]) -> list[str]:
         return [code for vs in valuesets for _system, code in self.terminology.codes_in(vs)]

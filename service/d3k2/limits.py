@@ -8,7 +8,7 @@ from typing import Any
 
 # A JSON string with its escapes (unrolled loop: linear, no backtracking); brackets inside it do not nest.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 _OPEN = frozenset(b"[{")
 
 
@@ -16,8 +16,16 @@ def json_too_deep(raw: bytes, limit: int) -> bool:
     """Whether the JSON text nests arrays/objects deeper than ``limit``, read from the bytes before parsing.
 
     Malformed text may be misjudged here; the parser rejects it right after.
+    Strings are dropped from a skeleton of quotes and brackets built with C-speed byte operations, not
+    from the whole text: the regex alone took 110 ms on a 7 MB prefetch, longer than parsing it.
     """
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if b"\\" in raw:
+        # Escaped backslashes first, so that the quote after one still closes its string.
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # A string without brackets leaves two adjacent quotes; dropping adjacent pairs keeps every bracket on
+    # its side of every string boundary, and leaves only the few strings that hold brackets (UCUM units).
+    skeleton = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    brackets = _STRING.sub(b"", skeleton)
     depth = 0
     for byte in brackets:
         if byte in _OPEN:

@@ -1,0 +1,407 @@
+"""`make bench`: d3k2 against a bare Flask ceiling, same machine, same gunicorn, same load generator.
+
+Starts a local FHIR server (sekmet-fhir) with one patient, a bare Flask app twice (orjson, and the
+standard json module) and d3k2, all under gunicorn with the same worker count and class, then drives
+each scenario with wrk at one concurrency for both apps and prints throughput, p50, p99 and the
+ratio d3k2 / bare. Traffic goes to 127.0.0.1 only. Results are also written as JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+import scenarios
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+LUA = HERE / "post.lua"
+TODAY = scenarios.TODAY.isoformat()
+SERVICE = {"typical": "d3k2-patient-view", "history": "d3k2-patient-view", "fallback": "d3k2-patient-view"}
+SERVICE["order-sign"] = "d3k2-order-sign"
+SERVICE["history-prefetched"] = "d3k2-patient-view"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float = 60.0) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers: up
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.1)
+    sys.exit(f"bench: {url} did not come up; log {log}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextmanager
+def started(
+    name: str, argv: list[str], env: dict[str, str], probe: str, workdir: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_until(probe, process, log)
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def gunicorn(name: str, app: str, port: int, workers: int, env: dict[str, str], workdir: Path) -> Any:
+    argv = [
+        str(BIN / "gunicorn"),
+        "--workers", str(workers),
+        "--worker-class", "sync",
+        "--bind", f"127.0.0.1:{port}",
+        "--pythonpath", str(HERE),
+        "--timeout", "60",
+        app,
+    ]  # fmt: skip
+    return started(name, argv, env, f"http://127.0.0.1:{port}/healthz", workdir)
+
+
+def sekmet(port: int, workdir: Path) -> Any:
+    """The local FHIR server, started as tests/fhir_server.py starts it (order simulator off)."""
+    base = f"http://127.0.0.1:{port}/fhir"
+    config = workdir / "sekmet.yaml"
+    config.write_text(json.dumps({"simulator": {"enabled": False}, "log_inbound": False}))  # JSON is YAML
+    env = {**os.environ, "SEKMET_BASE_URL": base, "SEKMET_DB": str(workdir / "sekmet.db")}
+    argv = [str(BIN / "sekmet"), "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    return started("sekmet", argv, env, f"{base}/metadata", workdir)
+
+
+def worker_memory(master: int) -> list[dict[str, float]]:
+    """RSS and USS (private memory) in MiB of each gunicorn worker of ``master``."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    found = []
+    for pid in children:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in rollup[1:] if line.endswith("kB")}
+        private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        found.append({"rss_mib": round(fields["Rss"] / 1024, 1), "uss_mib": round(private / 1024, 1)})
+    return found
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+def drive(port: int, body: Path, path: str, seconds: float, connections: int) -> Load:
+    env = {**os.environ, "BODY_FILE": str(body), "URL_PATH": path}
+    argv = [
+        "wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "10s",
+        "-H", f"X-D3K2-Today: {TODAY}", "-s", str(LUA), f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if line is None:
+        sys.exit(f"bench: wrk printed no result:\n{done.stdout}\n{done.stderr}")
+    got = json.loads(line.removeprefix("BENCH "))
+    errors = got["socket_errors"] + got["non200"]
+    return Load(
+        rps=round(got["requests"] / (got["duration_us"] / 1e6), 1),
+        p50_ms=round(got["p50_us"] / 1000, 2),
+        p99_ms=round(got["p99_us"] / 1000, 2),
+        requests=got["requests"],
+        errors=errors,
+    )
+
+
+def check_answer(port: int, body: Path, path: str) -> dict[str, Any]:
+    """One request outside the load: it must answer 200 (a benchmark of error answers measures nothing)."""
+    answer = requests.post(
+        f"http://127.0.0.1:{port}{path}",
+        data=body.read_bytes(),
+        headers={"Content-Type": "application/json", "X-D3K2-Today": TODAY},
+        timeout=30,
+    )
+    if answer.status_code != 200:
+        sys.exit(f"bench: {path} answered {answer.status_code}: {answer.text[:500]}")
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def fhir_queries(fhir_base: str) -> dict[str, str]:
+    """The queries d3k2 sends for a patient-view without prefetch (templates filled as d3k2 fills them)."""
+    from d3k2.config import default_cards_dir
+    from d3k2.fhir.prefetch import fill_template
+    from d3k2.hooks import parse_request
+    from d3k2.ruleset import load_ruleset
+
+    service = load_ruleset(default_cards_dir()).services[SERVICE["fallback"]]
+    request = parse_request(scenarios.fallback(fhir_base))
+    filled = {key: fill_template(spec.query, request) for key, spec in service.prefetch.items()}
+    return {key: query for key, query in filled.items() if query is not None}
+
+
+def prefetched_equivalent(fhir_base: str, queries: dict[str, str]) -> dict[str, Any]:
+    """The fallback request with what the FHIR server answers given as prefetch: the no-fetch baseline."""
+    from d3k2.fhir.client import build_url
+
+    body = scenarios.fallback(fhir_base)
+    with requests.Session() as session:
+        body["prefetch"] = {
+            key: session.get(build_url(fhir_base, q), headers={"Accept": "application/fhir+json"}).json()
+            for key, q in queries.items()
+        }
+    return body
+
+
+def fallback_in_process(fhir_base: str, queries: dict[str, str], rounds: int) -> dict[str, Any]:
+    """FhirClient.fetch_many of every key at once vs each query alone (median wall times, ms)."""
+    from d3k2.config import Settings
+    from d3k2.fhir.client import FhirClient, build_url
+
+    def median_ms(action: Any) -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            action()
+            times.append((time.perf_counter() - start) * 1000)
+        return round(statistics.median(times), 2)
+
+    single: dict[str, float] = {}
+    with FhirClient(Settings()) as client, requests.Session() as session:
+        headers = {"Accept": "application/fhir+json"}
+        for key, query in queries.items():
+            url = build_url(fhir_base, query)
+            session.get(url, headers=headers).raise_for_status()
+            single[key] = median_ms(lambda url=url: session.get(url, headers=headers).content)
+        client.fetch_many(fhir_base, queries, None)  # connections opened, as in a running worker
+        outcomes = client.fetch_many(fhir_base, queries, None)
+        failed = {k: o.error for k, o in outcomes.items() if o.error}
+        if failed:
+            sys.exit(f"bench: fallback fetches failed: {failed}")
+        parallel = median_ms(lambda: client.fetch_many(fhir_base, queries, None))
+    slowest = max(single.values())
+    return {
+        "queries": len(queries),
+        "single_ms": single,
+        "slowest_single_ms": slowest,
+        "sum_single_ms": round(sum(single.values()), 2),
+        "fetch_many_ms": parallel,
+        "ratio_to_slowest": round(parallel / slowest, 2),
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": (wrk.stdout or wrk.stderr).split("\n")[0].strip(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per scenario and app (history: ×2)")
+    parser.add_argument("--connections", type=int, default=4, help="for the typical and order-sign scenarios")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is not installed (Debian: apt-get install wrk; `make bench` does it as root)")
+
+    results: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "workers": args.workers,
+        "worker_class": "sync",
+        "scenarios": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="d3k2-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        fhir_port, bare_port, bare_json_port, d3k2_port = (free_port() for _ in range(4))
+        fhir_base = f"http://127.0.0.1:{fhir_port}/fhir"
+        print(f"bench: starting sekmet, bare (orjson, json) and d3k2 with {args.workers} sync workers each")
+        stack.enter_context(sekmet(fhir_port, work))
+        requests.post(
+            fhir_base,
+            json=scenarios.load_bundle(),
+            headers={"Content-Type": "application/fhir+json"},
+            timeout=30,
+        ).raise_for_status()
+        bodies = scenarios.write_all(work / "bodies", fhir_base)
+        queries = fhir_queries(fhir_base)
+        bodies["history-prefetched"] = bodies["history"]
+        fallback_base = work / "bodies" / "fallback-prefetched.json"
+        fallback_base.write_text(json.dumps(prefetched_equivalent(fhir_base, queries), separators=(",", ":")))
+
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        bare = stack.enter_context(
+            gunicorn("bare", "bare_app:create_app()", bare_port, args.workers, env, work)
+        )
+        stack.enter_context(
+            gunicorn(
+                "bare-json", "bare_app:create_app()", bare_json_port, args.workers,
+                {**env, "BARE_PARSER": "json"}, work,
+            )
+        )  # fmt: skip
+        d3k2_env = {
+            **env,
+            "D3K2_ENV": "dev",  # X-D3K2-Today fixes the day, as in the fixtures
+            "D3K2_AUTH": "off",
+            "D3K2_DATA_DIR": str(work / "d3k2-data"),
+            # The history scenario is ≈ 7 MB; the default limit (5 MiB) would answer 413.
+            "D3K2_MAX_BODY_BYTES": str(32 * 1024 * 1024),
+            "D3K2_FHIR_ALLOWED": "http://127.0.0.1:*",
+        }
+        (work / "d3k2-data").mkdir()
+        d3k2 = stack.enter_context(gunicorn("d3k2", "d3k2.wsgi:app", d3k2_port, args.workers, d3k2_env, work))
+
+        plan = [
+            ("typical", bodies["typical"], args.connections, args.seconds),
+            ("order-sign", bodies["order-sign"], args.connections, args.seconds),
+            ("history", bodies["history"], 1, args.seconds * 2),
+            ("fallback", bodies["fallback"], 1, args.seconds),
+        ]
+        for name, body, connections, seconds in plan:
+            path = f"/cds-services/{SERVICE[name]}"
+            answer = check_answer(d3k2_port, body, path)
+            check_answer(bare_port, body, path)
+            for _ in range(3):  # warm both apps' workers on this body
+                check_answer(d3k2_port, body, path)
+                check_answer(bare_port, body, path)
+            row: dict[str, Any] = {
+                "body_bytes": body.stat().st_size,
+                "connections": connections,
+                "seconds": seconds,
+                "d3k2_cards": [c["summary"] for c in answer["cards"]],
+            }
+            print(f"bench: {name} ({row['body_bytes']:,} B, {connections} connections, {seconds:g} s each)")
+            row["bare"] = asdict(drive(bare_port, body, path, seconds, connections))
+            if name == "history":
+                row["bare_json"] = asdict(drive(bare_json_port, body, path, seconds, connections))
+            row["d3k2"] = asdict(drive(d3k2_port, body, path, seconds, connections))
+            if name == "fallback":
+                check_answer(d3k2_port, fallback_base, path)
+                row["d3k2_same_data_prefetched"] = asdict(
+                    drive(d3k2_port, fallback_base, path, seconds, connections)
+                )
+            results["scenarios"][name] = row
+        print("bench: fallback in-process (FhirClient.fetch_many vs each query alone)")
+        results["fallback_in_process"] = fallback_in_process(fhir_base, queries, rounds=30)
+        results["memory"] = {"bare": worker_memory(bare.pid), "d3k2": worker_memory(d3k2.pid)}
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"bench: results written to {args.json}")
+
+
+def report(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['wrk']}")
+    print(f"gunicorn: {results['workers']} {results['worker_class']} workers per app; wrk -t1")
+    print()
+    head = f"{'scenario':<12} {'app':<18} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'err':>4}"
+    print(head)
+    print("-" * len(head))
+    s = results["scenarios"]
+    for name, row in s.items():
+        apps = [("bare (orjson)", row["bare"])]
+        if "bare_json" in row:
+            apps.append(("bare (std json)", row["bare_json"]))
+        apps.append(("d3k2", row["d3k2"]))
+        if "d3k2_same_data_prefetched" in row:
+            apps.append(("d3k2, prefetched", row["d3k2_same_data_prefetched"]))
+        for app, load in apps:
+            print(
+                f"{name:<12} {app:<18} {row['connections']:>4} {load['rps']:>9,.1f} "
+                f"{load['p50_ms']:>9.2f} {load['p99_ms']:>9.2f} {load['errors']:>4}"
+            )
+        d, b = row["d3k2"], row["bare"]
+        print(
+            f"{'':<12} {'d3k2 / bare':<18} {'':>4} {ratio(d['rps'], b['rps']):>9.2f} "
+            f"{ratio(d['p50_ms'], b['p50_ms']):>9.2f} {ratio(d['p99_ms'], b['p99_ms']):>9.2f}"
+        )
+    print()
+    print("targets")
+    typical = s["typical"]
+    share = ratio(typical["d3k2"]["rps"], typical["bare"]["rps"])
+    print(
+        f"  typical: d3k2 at {share:.0%} of the bare throughput (target ≥ 60 %), "
+        f"p99 {typical['d3k2']['p99_ms']:.2f} ms (target < 10 ms)"
+    )
+    history = s["history"]
+    print(
+        f"  history: d3k2 p50 {history['d3k2']['p50_ms']:.1f} ms = "
+        f"{ratio(history['d3k2']['p50_ms'], history['bare_json']['p50_ms']):.2f} × bare with std json "
+        f"({history['bare_json']['p50_ms']:.1f} ms; target ≤ 1.2 ×), "
+        f"{ratio(history['d3k2']['p50_ms'], history['bare']['p50_ms']):.2f} × bare with orjson "
+        f"({history['bare']['p50_ms']:.1f} ms)"
+    )
+    fb = results["fallback_in_process"]
+    e2e = s["fallback"]
+    fetch_cost = round(e2e["d3k2"]["p50_ms"] - e2e["d3k2_same_data_prefetched"]["p50_ms"], 2)
+    print(
+        f"  fallback ({fb['queries']} queries): fetch_many {fb['fetch_many_ms']:.2f} ms vs slowest single "
+        f"{fb['slowest_single_ms']:.2f} ms = {fb['ratio_to_slowest']:.2f} × (target ≤ 1.5 ×; sum of singles "
+        f"{fb['sum_single_ms']:.2f} ms); end to end: p50 with fetching − p50 prefetched = {fetch_cost:.2f} ms"
+        f" = {ratio(fetch_cost, fb['slowest_single_ms']):.2f} × slowest single"
+    )
+    mem = {
+        app: ", ".join(f"{w['rss_mib']}/{w['uss_mib']}" for w in workers)
+        for app, workers in results["memory"].items()
+    }
+    print(f"  memory per worker after the run (RSS/USS MiB): d3k2 {mem['d3k2']}; bare {mem['bare']}")
+
+
+if __name__ == "__main__":
+    main()
