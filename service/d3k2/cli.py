@@ -45,9 +45,10 @@ def serve(host: str | None, port: int | None, profile: str | None) -> None:
         app = create_app(settings)
     except D3K2Error as exc:
         raise click.ClickException(exc.detail) from exc
-    click.echo(
-        f"d3k2: serving http://{settings.host}:{settings.port}/cds-services (profile {settings.profile})"
-    )
+    base = f"http://{settings.host}:{settings.port}"
+    click.echo(f"d3k2: serving {base}/cds-services (profile {settings.profile}, auth {settings.auth_mode})")
+    if settings.preview_enabled:
+        click.echo(f"d3k2: card preview at {base}/preview")
     app.run(host=settings.host, port=settings.port, debug=False, use_reloader=False, threaded=True)
 
 
