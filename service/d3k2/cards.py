@@ -157,7 +157,7 @@ def _offered(
     if suggestion.product and set(ruleset.products[suggestion.product].categories) & blocked:
         return False
     if suggestion.when is not None:
-        return evaluate_condition(suggestion.when, finding.values, ruleset.conditions, []) is True
+        return evaluate_condition(suggestion.when, finding.values, ruleset.conditions, None) is True
     return True
 
 

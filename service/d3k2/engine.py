@@ -185,32 +185,44 @@ def evaluate_condition(
     condition: Condition,
     values: Mapping[str, FactValue],
     named: Mapping[str, Condition],
-    reasons: list[str],
+    reasons: list[str] | None,
+    memo: dict[str, bool | None] | None = None,
 ) -> bool | None:
+    """Three-valued evaluation. With `reasons` every leaf is evaluated and explained (for explain and
+    the preview); without, evaluation short-circuits and named conditions are computed once (`memo`)."""
     if isinstance(condition, FactTest):
         value = values.get(condition.fact)
         result = _test(condition, value)
-        op = next(iter(sorted(condition.model_fields_set - {"fact"})))
-        expected = getattr(condition, op)
-        shown = value if not isinstance(value, Interval) else _interval_text(value)
-        reasons.append(f"{condition.fact} {op.rstrip('_')} {expected!r}: {shown!r} → {_tv(result)}")
+        if reasons is not None:
+            op = next(iter(sorted(condition.model_fields_set - {"fact"})))
+            expected = getattr(condition, op)
+            shown = value if not isinstance(value, Interval) else _interval_text(value)
+            reasons.append(f"{condition.fact} {op.rstrip('_')} {expected!r}: {shown!r} → {_tv(result)}")
         return result
-    if isinstance(condition, AllOf):
-        results = [evaluate_condition(c, values, named, reasons) for c in condition.all]
-        if any(r is False for r in results):
-            return False
-        return None if any(r is None for r in results) else True
-    if isinstance(condition, AnyOf):
-        results = [evaluate_condition(c, values, named, reasons) for c in condition.any]
-        if any(r is True for r in results):
-            return True
-        return None if any(r is None for r in results) else False
+    if isinstance(condition, AllOf | AnyOf):
+        children = condition.all if isinstance(condition, AllOf) else condition.any
+        decisive = isinstance(condition, AnyOf)  # any: a True decides; all: a False decides
+        results: list[bool | None] = []
+        for child in children:
+            result = evaluate_condition(child, values, named, reasons, memo)
+            if result is decisive and reasons is None:
+                return decisive
+            results.append(result)
+        if decisive in results:
+            return decisive
+        return None if None in results else not decisive
     if isinstance(condition, NotOf):
-        inner = evaluate_condition(condition.not_, values, named, reasons)
+        inner = evaluate_condition(condition.not_, values, named, reasons, memo)
         return None if inner is None else not inner
     if isinstance(condition, Ref):
-        sub: list[str] = []
-        result = evaluate_condition(named[condition.ref], values, named, sub)
+        if reasons is None:
+            if memo is not None and condition.ref in memo:
+                return memo[condition.ref]
+            result = evaluate_condition(named[condition.ref], values, named, None, memo)
+            if memo is not None:
+                memo[condition.ref] = result
+            return result
+        result = evaluate_condition(named[condition.ref], values, named, [], memo)
         reasons.append(f"{condition.ref} → {_tv(result)}")
         return result
     raise TypeError(f"unknown condition {type(condition).__name__}")
@@ -262,25 +274,32 @@ def evaluate(
     hook: str,
     profile: str,
     drafts: DraftReading | None = None,
+    trace: bool = False,
 ) -> Evaluation:
+    """Every rule of the hook against the facts; `trace` keeps why each fired or stayed silent."""
     values = fact_values(ruleset, facts, profile)
     fields = template_fields(ruleset, facts, profile, values)
     findings: list[Finding] = []
     traces: list[Trace] = []
+    memo: dict[str, bool | None] = {}
     for rule in ruleset.rules_for(hook):
         if rule.scope == "patient":
-            reasons: list[str] = []
-            fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons)
-            traces.append(Trace(rule.id, fired, tuple(reasons)))
+            reasons: list[str] | None = [] if trace else None
+            fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons, memo)
+            if reasons is not None:
+                traces.append(Trace(rule.id, fired, tuple(reasons)))
             if fired:
                 findings.append(Finding(rule, rule.indicator_for(hook), fields, values))
             continue
         for draft in drafts.orders if drafts else ():
             for ingredient in draft.ingredients:
                 scoped = {**values, **_draft_values(draft, ingredient)}
-                reasons = []
+                reasons = [] if trace else None
                 fired = evaluate_condition(rule.when, scoped, ruleset.conditions, reasons)
-                traces.append(Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}"))
+                if reasons is not None:
+                    traces.append(
+                        Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}")
+                    )
                 if fired:
                     scoped_fields = {**fields, "draft": _draft_fields(draft, ingredient)}
                     findings.append(

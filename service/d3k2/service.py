@@ -96,6 +96,7 @@ def call_service(
     profile: str,
     fetcher: Fetcher | None,
     adjust: Adjust | None = None,
+    trace: bool = False,
 ) -> Outcome:
     service = find_service(ruleset, service_id)
     request = parse_request(payload)
@@ -106,7 +107,7 @@ def call_service(
     resources = adjust(resolved.resources, request) if adjust else resolved.resources
     facts = facts_for(ruleset, resources, today, resolved)
     drafts = drafts_of(ruleset, request)
-    evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts)
+    evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts, trace=trace)
     cards = build_cards(
         ruleset, evaluation, hook_instance=request.hookInstance, patient_id=request.context.patientId
     )

@@ -362,7 +362,7 @@ def explain(
         return changed
 
     outcome = call_service(
-        ruleset, service_id, payload, today=today, profile=profile, fetcher=fetcher, adjust=adjust
+        ruleset, service_id, payload, today=today, profile=profile, fetcher=fetcher, adjust=adjust, trace=True
     )
     return Explanation(
         service_id,
