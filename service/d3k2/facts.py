@@ -550,7 +550,8 @@ def extract_facts(
                 collector.condition(resource)
             elif rtype in ("MedicationStatement", "MedicationRequest"):
                 collector.medication(resource)
-        except (Unreadable, TypeError, ValueError, AttributeError, KeyError) as exc:
+        # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
+        except (Unreadable, TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
             collector.report(resource, f"unreadable ({type(exc).__name__})")
     labs = config.labs
     vitd = _vitd(collector.readings, labs["vitd"], config, today) if "vitd" in labs else None

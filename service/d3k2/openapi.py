@@ -336,19 +336,24 @@ def build_openapi(ruleset: RuleSet) -> dict[str, Any]:
         }
     paths["/cds-services/{service_id}"] = {
         "post": {
-            "operationId": "call-unknown-service",
+            "operationId": "call-service",
             "security": SECURITY,
-            "summary": "a service id that discovery does not list",
+            "summary": "any service id: 404 unless discovery lists it",
             "parameters": [
                 {
                     "name": "service_id",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "minLength": 1, "not": {"enum": ids}},
+                    "schema": {"type": "string", "minLength": 1},
                 }
             ],
             "requestBody": _json_body(_ref("CdsRequest")),
-            "responses": _errors("401", "404"),
+            "responses": {
+                "200": _ok(
+                    "as for the service's own path when the id is one discovery lists", _ref("CdsResponse")
+                ),
+                **_errors("400", "401", "403", "404", "412", "413", "415"),
+            },
         }
     }
     paths["/cds-services/{service_id}/feedback"] = {
