@@ -513,14 +513,27 @@ def test_contraindication_fixtures_have_alerts_to_keep(name) -> None:
     assert _baseline(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: two same-day results with no id (or the same id) tie in facts._newest and the first "
-    "in the Bundle wins; the properties above give resources unique ids, as a FHIR server's search does",
-)
 def test_same_day_results_without_ids_do_not_depend_on_order() -> None:
     low = _lab("62292-8", 10, "ng/mL", None)
     high = _lab("62292-8", 80, "ng/mL", None)
     for resource in (low, high):
         del resource["id"]
     assert facts([low, high]) == facts([high, low])
+
+
+def test_two_versions_with_one_id_do_not_depend_on_order() -> None:
+    first = _lab("62292-8", 10, "ng/mL", None)
+    second = _lab("62292-8", 80, "ng/mL", None)
+    second["id"] = first["id"]
+    assert facts([first, second]) == facts([second, first])
+
+
+def test_later_time_on_the_same_day_wins() -> None:
+    morning = _lab("62292-8", 10, "ng/mL", None)
+    evening = _lab("62292-8", 80, "ng/mL", None)
+    morning["effectiveDateTime"] = "2026-11-01T08:00:00+01:00"
+    evening["effectiveDateTime"] = "2026-11-01T18:00:00Z"
+    evening["id"] = "o2"
+    for order in ([morning, evening], [evening, morning]):
+        result = facts(order).vitd
+        assert result is not None and result.value.lo == 80

@@ -7,10 +7,11 @@ malformed entry cannot hide a contraindication.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from functools import cached_property
 from typing import Any
 
@@ -148,13 +149,40 @@ def parse_date(value: object) -> date | None:
         return None
 
 
+def _effective_text(resource: Mapping[str, Any]) -> str | None:
+    """The first usable of effective[x] (period: its end) and issued, as sent."""
+    period = resource.get("effectivePeriod")
+    period = period if isinstance(period, Mapping) else {}
+    for value in (
+        resource.get("effectiveDateTime"),
+        resource.get("effectiveInstant"),
+        period.get("end"),
+        period.get("start"),
+        resource.get("issued"),
+    ):
+        if parse_date(value) is not None:
+            return str(value)
+    return None
+
+
 def observation_date(resource: Mapping[str, Any]) -> date | None:
-    when = parse_date(resource.get("effectiveDateTime")) or parse_date(resource.get("effectiveInstant"))
-    if when is None:
-        period = resource.get("effectivePeriod")
-        if isinstance(period, Mapping):
-            when = parse_date(period.get("end")) or parse_date(period.get("start"))
-    return when or parse_date(resource.get("issued"))
+    return parse_date(_effective_text(resource))
+
+
+def _instant(text: str, day: date) -> datetime:
+    """A sortable moment (UTC, naive) of a result on `day`: its time when given, else midnight."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return datetime(day.year, day.month, day.day)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
+
+
+def _canonical(resource: Mapping[str, Any]) -> str:
+    """Orders otherwise equal resources the same way whatever their order in the Bundle."""
+    return json.dumps(resource, sort_keys=True, default=str)
 
 
 def _loinc_codes(resource: Mapping[str, Any]) -> list[str]:
@@ -212,6 +240,8 @@ class _Reading:
     source: str
     code: str
     upper_limit: float | None
+    at: datetime
+    raw: Mapping[str, Any] = field(compare=False, repr=False)
 
 
 def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str, str]:
@@ -335,8 +365,9 @@ class _Collector:
         lab, role, code = found
         if status not in self.config.accepted_status + self.config.fallback_status:
             return
-        when = observation_date(resource)
-        if when is None:
+        effective = _effective_text(resource)
+        when = parse_date(effective)
+        if effective is None or when is None:
             self.report(resource, f"{lab.label} result has no date")
             return
         if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
@@ -357,6 +388,8 @@ class _Collector:
                 _ref(resource),
                 code,
                 _upper_limit(resource, lab),
+                _instant(effective, when),
+                resource,
             )
         )
 
@@ -439,13 +472,15 @@ class _Collector:
 
 
 def _newest(readings: Iterable[_Reading], config: FactsConfig) -> _Reading | None:
-    """Newest by date; final beats preliminary on the same day; ties broken by id for determinism."""
+    """Newest by time; final beats preliminary; ties broken by id, then content, never by Bundle order."""
     candidates = [r for r in readings if r.status in config.accepted_status]
     if not candidates:
         candidates = [r for r in readings if r.status in config.fallback_status]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: (r.when, r.source))
+    newest = max((r.at, r.source) for r in candidates)
+    tied = [r for r in candidates if (r.at, r.source) == newest]
+    return tied[0] if len(tied) == 1 else max(tied, key=lambda r: _canonical(r.raw))
 
 
 def _measurement(reading: _Reading, lab: LabConfig, today: date, notes: tuple[str, ...]) -> Measurement:
@@ -496,6 +531,8 @@ def _vitd(readings: list[_Reading], lab: LabConfig, config: FactsConfig, today: 
         best_d3.source,
         best_d3.code,
         None,
+        best_d3.at,
+        best_d3.raw,
     )
     return _measurement(summed, lab, today, ("sum of 25(OH)D3 and 25(OH)D2",))
 
@@ -516,6 +553,26 @@ def _simple_lab(
     return _measurement(best, lab, today, notes)
 
 
+def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
+    return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
+
+
+def _unique(items: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One resource per type/id (the same result sent under two prefetch keys counts once); of two
+    different versions with one id, the same one is kept whatever the order."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    unique: list[Mapping[str, Any]] = []
+    for resource in items:
+        ref = _ref(resource)
+        if ref.endswith("(no id)"):
+            unique.append(resource)
+        else:
+            groups.setdefault(ref, []).append(resource)
+    for group in groups.values():
+        unique.append(group[0] if len(group) == 1 else max(group, key=_canonical))
+    return unique
+
+
 def extract_facts(
     resources: Iterable[Mapping[str, Any]],
     *,
@@ -530,18 +587,13 @@ def extract_facts(
     """Read every resource once; unreadable ones are reported, never fatal."""
     items = [r for r in resources if isinstance(r, Mapping)]
     collector = _Collector(config, terminology, classify, today, issues=list(issues))
-    for resource in items:
+    unique = _unique(items)
+    for resource in unique:
         rtype = resource.get("resourceType")
         rid = resource.get("id")
         if isinstance(rtype, str) and isinstance(rid, str):
-            collector.index.setdefault(f"{rtype}/{rid}", resource)
-    seen: set[str] = set()
-    for resource in items:
-        ref = _ref(resource)
-        if not ref.endswith("(no id)"):
-            if ref in seen:
-                continue
-            seen.add(ref)
+            collector.index[f"{rtype}/{rid}"] = resource
+    for resource in unique:
         rtype = resource.get("resourceType")
         try:
             if rtype == "Observation":
@@ -562,9 +614,9 @@ def extract_facts(
         vitd=vitd,
         egfr=egfr,
         calcium=calcium,
-        pregnancy=tuple(sorted(collector.pregnancy, key=lambda e: e.source)),
+        pregnancy=tuple(sorted(collector.pregnancy, key=_evidence_order)),
         conditions={
-            k: tuple(sorted(v, key=lambda e: e.source)) for k, v in sorted(collector.conditions.items())
+            k: tuple(sorted(v, key=_evidence_order)) for k, v in sorted(collector.conditions.items())
         },
         medications=tuple(sorted(collector.medications, key=lambda m: (m.category, m.source, m.name))),
         issues=tuple(sorted(set(collector.issues))),

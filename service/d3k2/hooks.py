@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from d3k2.errors import BadRequest
 
 # FHIR R4 id: also what makes a patient id safe to put in a query template.
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+FHIR_ID = re.compile(r"\A[A-Za-z0-9\-.]{1,64}\Z")
 
 
 class FhirAuthorization(BaseModel):
