@@ -62,6 +62,8 @@ class FactsConfig:
     condition_facts: Mapping[str, tuple[str, ...]]
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
+    # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
+    notes: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -483,9 +485,11 @@ def _newest(readings: Iterable[_Reading], config: FactsConfig) -> _Reading | Non
     return tied[0] if len(tied) == 1 else max(tied, key=lambda r: _canonical(r.raw))
 
 
-def _measurement(reading: _Reading, lab: LabConfig, today: date, notes: tuple[str, ...]) -> Measurement:
+def _measurement(
+    reading: _Reading, lab: LabConfig, config: FactsConfig, today: date, notes: tuple[str, ...]
+) -> Measurement:
     age = (today - reading.when).days
-    extra = ("preliminary result",) if reading.status == "preliminary" else ()
+    extra = (config.notes["preliminary"],) if reading.status == "preliminary" else ()
     return Measurement(
         analyte=lab.name,
         value=reading.value,
@@ -511,10 +515,10 @@ def _vitd(readings: list[_Reading], lab: LabConfig, config: FactsConfig, today: 
     best_total = _newest(totals, config)
     best_d3 = _newest(d3_only, config)
     if best_d3 is None or (best_total is not None and best_total.when >= best_d3.when):
-        return _measurement(best_total, lab, today, ()) if best_total else None
+        return _measurement(best_total, lab, config, today, ()) if best_total else None
     d2 = _newest([r for r in mine if r.role == "d2" and r.when == best_d3.when], config)
     if d2 is None:
-        return _measurement(best_d3, lab, today, ("25(OH)D3 only; low unless the patient takes vitamin D2",))
+        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"],))
     combined = Interval(
         best_d3.value.lo + d2.value.lo,
         best_d3.value.hi + d2.value.hi,
@@ -534,7 +538,7 @@ def _vitd(readings: list[_Reading], lab: LabConfig, config: FactsConfig, today: 
         best_d3.at,
         best_d3.raw,
     )
-    return _measurement(summed, lab, today, ("sum of 25(OH)D3 and 25(OH)D2",))
+    return _measurement(summed, lab, config, today, (config.notes["d3_plus_d2"],))
 
 
 def _simple_lab(
@@ -545,12 +549,12 @@ def _simple_lab(
     notes: tuple[str, ...] = ()
     if best is None:
         best = _newest([r for r in mine if r.role == "fallback"], config)
-        notes = ("legacy sex/race-specific equation",) if best else ()
+        notes = (config.notes["legacy_equation"],) if best else ()
     if best is None:
         best = _newest([r for r in mine if r.role == "range_only" and r.upper_limit is not None], config)
     if best is None:
         return None
-    return _measurement(best, lab, today, notes)
+    return _measurement(best, lab, config, today, notes)
 
 
 def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:

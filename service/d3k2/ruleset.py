@@ -394,6 +394,10 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             },
             statement_current=tuple(data["medications"]["statement_current"]),
             request_current=tuple(data["medications"]["request_current"]),
+            notes={
+                key: str(data["notes"][key])
+                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
+            },
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
