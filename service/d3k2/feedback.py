@@ -140,13 +140,17 @@ def _engine(url: URL) -> Engine:
         return create_engine(
             url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args={"connect_timeout": 3}
         )
-    return create_engine(url, pool_pre_ping=True)
+    # No pre-ping: a SQLite file has no connection that can go stale, and the ping costs a query per answer.
+    return create_engine(url)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL survives a crash or restart of the process; only an OS crash or power loss
+        # can drop the last commits. It saves an fsync on every answer (about 0.25 ms of ~1.3 ms).
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=5000")
     finally:
         cursor.close()
