@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,12 @@ from d3k2.cards import medication_request
 from d3k2.engine import evaluate_condition
 from d3k2.errors import RuleSetError
 from d3k2.facts import calcium_high, describe_limit
+from d3k2.orders import IngredientDose, load_medication_catalog, medication_codeable, read_draft_orders
 from d3k2.quantities import Interval, format_interval
-from d3k2.ruleset import AllOf, Coding, FactTest, Product
+from d3k2.ruleset import AllOf, Coding, FactTest, NotOf, Product, load_ruleset
 from d3k2.service import facts_for
-from d3k2.terminology import ICD10CM, any_in, load_terminology
-from support import TODAY, ruleset
+from d3k2.terminology import ICD10CM, RXNORM, any_in, load_terminology
+from support import CARDS, TODAY, ruleset
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -102,6 +104,25 @@ def test_an_unknown_condition_type_is_a_bug() -> None:
         evaluate_condition(object(), {}, {}, [])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("op", "value", "expected"),
+    [("lt", 2, True), ("lt", 3, False), ("le", 3, True), ("gt", 4, True), ("ge", 2, False)],
+)
+def test_integer_fact_values_are_compared_as_numbers(op, value, expected) -> None:
+    assert _eval({op: 3.0}, value) is expected
+
+
+def test_conditions_built_from_model_instances_validate_and_dump() -> None:
+    """The discriminator also sees already-built conditions (nested instances, and model_dump)."""
+    leaf = FactTest.model_validate({"fact": "a", "eq": True})
+    negated = NotOf.model_validate({"not": AllOf.model_validate({"all": [leaf]})})
+    assert evaluate_condition(negated, {"a": True}, {}, []) is False
+    assert evaluate_condition(negated, {"a": False}, {}, []) is True
+    assert negated.model_dump(by_alias=True, exclude_unset=True) == {
+        "not": {"all": [{"fact": "a", "eq": True}]}
+    }
+
+
 def test_all_of_with_an_undecided_part_cannot_tell() -> None:
     condition = AllOf.model_validate({"all": [{"fact": "a", "eq": True}, {"fact": "b", "lt": 5.0}]})
     assert evaluate_condition(condition, {"a": True, "b": Interval(1, 10)}, {}, []) is None
@@ -123,6 +144,20 @@ def test_unreadable_results_are_reported(resource, issue) -> None:
     result = facts(resource)
     assert result.vitd is None and result.egfr is None
     assert any(issue in i for i in result.issues), result.issues
+
+
+@pytest.mark.parametrize(
+    ("timed", "newest"),
+    [("2026-10-31T23:30:00-02:00", "Observation/o2"), ("2026-10-31T20:00:00-02:00", "Observation/o1")],
+)
+def test_a_partial_date_is_midnight_of_its_first_day_and_times_compare_in_utc(timed, newest) -> None:
+    month_only = obs(
+        "62292-8", "o1", effectiveDateTime="2026-11", valueQuantity={"value": 20, "unit": "ng/mL"}
+    )
+    with_time = obs("62292-8", "o2", effectiveDateTime=timed, valueQuantity={"value": 40, "unit": "ng/mL"})
+    for order in ((month_only, with_time), (with_time, month_only)):
+        vitd = facts(*order).vitd
+        assert vitd is not None and vitd.source == newest
 
 
 def test_data_absent_without_a_value_is_skipped_silently() -> None:
@@ -174,6 +209,31 @@ def test_a_contained_reference_that_is_not_there_is_named() -> None:
     result = facts(statement)
     assert not result.medications
     assert any("could not be resolved" in i for i in result.issues)
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (
+            {"text": "Sarcoidosis of lung", "coding": [{"system": SNOMED, "code": "31541009"}]},
+            "Sarcoidosis of lung",
+        ),
+        (
+            {"coding": ["junk", {"display": "Sarcoidosis"}, {"system": SNOMED, "code": "31541009"}]},
+            "Sarcoidosis",
+        ),
+        ({"coding": [{"system": SNOMED, "code": "31541009"}]}, "condition"),
+    ],
+)
+def test_condition_evidence_is_named_from_text_then_display(code, text) -> None:
+    condition = {"resourceType": "Condition", "id": "c1", "code": code}
+    assert [e.text for e in facts(condition).conditions["sarcoidosis"]] == [text]
+
+
+def test_a_condition_with_only_text_or_no_codings_is_not_evidence() -> None:
+    for code in ({"text": "sarcoidosis"}, {"coding": "31541009"}, "sarcoidosis"):
+        result = facts({"resourceType": "Condition", "id": "c1", "code": code})
+        assert not result.conditions and result.issues == ()
 
 
 def test_calcium_without_any_limit_cannot_be_judged() -> None:
@@ -274,3 +334,248 @@ def test_concepts_without_display_load(tmp_path) -> None:
     )
     terminology = load_terminology(_valueset(tmp_path / "valuesets", doc))
     assert terminology.display(LOINC, "1-8") is None and terminology.display(LOINC, "2-6") == "x"
+
+
+# ---------------------------------------------------------------- orders: reading draft orders
+
+D3_2000 = {"coding": [{"system": RXNORM, "code": "801663"}]}  # Cholecalciferol 2000 UNT Oral Tablet
+
+
+def _draft(dosage: dict[str, Any], medication: Any = D3_2000, **fields: Any) -> IngredientDose:
+    resource: dict[str, Any] = {"resourceType": "MedicationRequest", "id": "r1", "status": "draft"}
+    if medication is not None:
+        resource["medicationCodeableConcept"] = medication
+    resource |= {"dosageInstruction": [dosage], **fields}
+    reading = read_draft_orders([resource], None, ruleset().terminology, ruleset().catalog)
+    [order] = reading.orders
+    assert order.problems == ()
+    [ingredient] = order.ingredients
+    return ingredient
+
+
+def _structured(quantity: dict[str, Any], timing: dict[str, Any] | None = None, key: str = "doseQuantity"):
+    return {"doseAndRate": [{key: quantity}], "timing": timing or {"code": {"text": "QD"}}}
+
+
+@pytest.mark.parametrize(
+    ("dosage", "daily", "arithmetic"),
+    [
+        (
+            _structured({"value": " 2 ", "code": "{tbl}"}, {"code": {"text": "BID"}}),
+            8000,
+            "8,000 IU/day: 2 tablets of 2,000 IU twice daily",
+        ),
+        (
+            _structured(
+                {"value": 1, "code": "{tbl}"}, {"code": {"coding": [{"code": "XYZ"}, {"code": "bid"}]}}
+            ),
+            4000,
+            "4,000 IU/day: 1 tablet of 2,000 IU twice daily",
+        ),
+        (
+            {"text": "For 8 weeks take 1 tablet daily"},
+            2000,
+            "2,000 IU/day: 1 tablet of 2,000 IU once daily",
+        ),
+        # A zero count is not a frequency; the rest of the text ("a day") still is.
+        ({"text": "1 tablet 0 times a day"}, 2000, "2,000 IU/day: 1 tablet of 2,000 IU once daily"),
+    ],
+)
+def test_draft_doses_that_are_read(dosage, daily, arithmetic) -> None:
+    d3 = _draft(dosage)
+    assert (d3.daily, d3.arithmetic) == (daily, arithmetic)
+
+
+@pytest.mark.parametrize(
+    ("dosage", "reason"),
+    [
+        (
+            _structured({"high": {"value": 2, "unit": "furlong"}}, key="doseRange"),
+            "unit 'furlong' not understood",
+        ),
+        ({"text": "0 tablets daily"}, "dose of zero in dosage text"),
+        ({"text": "1 tablet every 0 days"}, "frequency not understood in dosage text"),
+        (_structured({"value": 2, "code": "{drop}"}), "a dose in drops does not fit a tablet product"),
+    ],
+)
+def test_draft_doses_that_are_not_understood_say_why(dosage, reason) -> None:
+    d3 = _draft(dosage)
+    assert (d3.daily, d3.basis, d3.arithmetic) == (None, "unknown", f"dose unknown: {reason}")
+
+
+def test_the_dose_form_named_last_is_the_one_counted() -> None:
+    d3 = _draft(
+        _structured({"value": 1, "code": "{pill}"}),
+        medication={"text": "Capsule-shaped Cholecalciferol 1000 UNT Chewable Tablet"},
+    )
+    assert (d3.matched_by, d3.arithmetic) == ("name", "1,000 IU/day: 1 tablet of 1,000 IU once daily")
+
+
+def test_a_contained_medication_is_found_among_others() -> None:
+    contained = [
+        {"resourceType": "Medication", "id": "other", "code": {"text": "warfarin 5 mg"}},
+        {"resourceType": "Medication", "id": "d3", "code": D3_2000},
+    ]
+    d3 = _draft(
+        _structured({"value": 1, "code": "{pill}"}),
+        medication=None,
+        medicationReference={"reference": "#d3"},
+        contained=contained,
+    )
+    assert (d3.name, d3.matched_by, d3.daily) == ("cholecalciferol", "code", 2000)
+
+
+@pytest.mark.parametrize("resource", [None, "MedicationRequest/r1", ["x"], 5])
+def test_medication_codeable_of_a_non_resource(resource) -> None:
+    assert medication_codeable(resource) == (None, "not a resource")
+
+
+# ---------------------------------------------------------------- orders: the catalog file
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        (
+            'QD = { frequency = 1, period = 1, period_unit = "d" }',
+            "QD = 5",
+            "timing_codes.QD",
+            "must be a table",
+        ),
+        ("QD = { frequency = 1, period = 1,", "QD = { frequency = 1,", "timing_codes.QD.period", "missing"),
+        (
+            "factor = 40\n",
+            "factor = inf\n",
+            "categories.vitamin-d.convert.mcg.factor",
+            "must be a positive number",
+        ),
+        (
+            '"{pill}" = "pill"',
+            '"{pill}" = "pill"\n"mg" = "pill"',
+            "count_units.mg",
+            "also listed under units",
+        ),
+        (
+            "QD = {",
+            'qd = { frequency = 1, period = 1, period_unit = "d" }\nQD = {',
+            "timing_codes.QD",
+            "duplicate code (codes are case-insensitive)",
+        ),
+        (
+            "[categories.vitamin-d.convert.mcg]",
+            "[categories.vitamin-d.convert.furlong]",
+            "categories.vitamin-d.convert.furlong",
+            "must be a value of [units] other than the category's unit",
+        ),
+        (
+            "[categories.vitamin-d.convert.mcg]",
+            "[categories.vitamin-d.convert.IU]",
+            "categories.vitamin-d.convert.IU",
+            "must be a value of [units] other than the category's unit",
+        ),
+    ],
+)
+def test_broken_medication_catalog_is_named(tmp_path, old, new, field, message) -> None:
+    text = (CARDS / "medications.toml").read_text(encoding="utf-8")
+    assert old in text
+    path = tmp_path / "medications.toml"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(RuleSetError) as raised:
+        load_medication_catalog(path)
+    assert raised.value.detail == f"medications.toml: {field}: {message}"
+    assert raised.value.extra == {"file": str(path), "field": field}
+
+
+# ---------------------------------------------------------------- rule set loader
+
+
+@pytest.fixture
+def cards(tmp_path: Path) -> Path:
+    target = tmp_path / "cards"
+    shutil.copytree(CARDS, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "message"),
+    [
+        (
+            "rules/vka-k2.toml",
+            "when = { all = [",
+            "when = { alll = [",
+            "vka-k2.toml: when: a condition needs one of: fact, all, any, not, ref",
+        ),
+        (
+            "rules/vka-k2.toml",
+            '{ fact = "vka.active", eq = true },',
+            '"vka.active",',
+            "vka-k2.toml: when.AllOf.all.0: a condition needs one of: fact, all, any, not, ref",
+        ),
+        (
+            "rules/k2-with-d3.toml",
+            'product = "k2-100-daily"',
+            'product = "k2-100-daily"\ndelete_draft = true',
+            "k2-with-d3.toml: suggestions.0: Value error, "
+            "a suggestion needs exactly one of product or delete_draft",
+        ),
+        (
+            "services.toml",
+            'keys = ["patient", "vitd",',
+            'keys = ["patients", "vitd",',
+            "services.toml: services.d3k2-patient-view.keys: unknown prefetch key 'patients'",
+        ),
+        ("facts.toml", "stale_days = 365\n", "", "facts.toml: 'stale_days' is missing or malformed"),
+        (
+            "rules/vitd-deficient.toml",
+            'profiles = ["seed", "iom-2011"]',
+            'profiles = ["seed", "iom-2012"]',
+            "vitd-deficient.toml: suggestions[0].profiles: unknown profile 'iom-2012'",
+        ),
+        (
+            "rules/order-d3-high-dose.toml",
+            'hooks = ["order-select", "order-sign", "medication-prescribe"]',
+            'hooks = ["order-select", "patient-view"]',
+            "order-d3-high-dose.toml: scope: draft rules apply to order hooks only",
+        ),
+        (
+            "products.toml",
+            'categories = ["vitamin-d"]',
+            'categories = ["vitamin-q"]',
+            "products.toml: d3-5000-course.categories: unknown category 'vitamin-q'",
+        ),
+        (
+            "profiles.toml",
+            'sources = ["nih-ods-vitd"]',
+            'sources = ["nih-ods-vitc"]',
+            "profiles.toml: profiles.seed.sources: unknown source 'nih-ods-vitc'",
+        ),
+    ],
+)
+def test_broken_rule_set_file_is_named(cards: Path, file: str, old: str, new: str, message: str) -> None:
+    path = cards / file
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {file}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(RuleSetError) as raised:
+        load_ruleset(cards)
+    assert raised.value.detail == message
+
+
+def test_a_missing_rule_set_file_is_named(cards: Path) -> None:
+    (cards / "sources.toml").unlink()
+    with pytest.raises(RuleSetError) as raised:
+        load_ruleset(cards)
+    assert (raised.value.detail, raised.value.extra) == (
+        "sources.toml: file missing",
+        {"file": str(cards / "sources.toml")},
+    )
+
+
+def test_a_missing_rule_set_directory_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(RuleSetError) as raised:
+        load_ruleset(missing)
+    assert (raised.value.detail, raised.value.extra) == (
+        f"rule set directory {missing} does not exist",
+        {"file": str(missing)},
+    )

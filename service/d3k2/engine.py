@@ -4,7 +4,7 @@ comparator (`<40`) that straddles a threshold answers "cannot tell", and a rule 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -149,6 +149,14 @@ def template_fields(
 # ---------------------------------------------------------------- conditions
 
 
+_NUMBER_TESTS: dict[str, Callable[[float, float], bool]] = {
+    "lt": float.__lt__,
+    "le": float.__le__,
+    "gt": float.__gt__,
+    "ge": float.__ge__,
+}
+
+
 def _test(test: FactTest, value: FactValue) -> bool | None:
     if "present" in test.model_fields_set:
         return (value is not None and value is not False) == test.present
@@ -170,14 +178,9 @@ def _test(test: FactTest, value: FactValue) -> bool | None:
     if "in_" in test.model_fields_set:
         return isinstance(value, str) and value in (test.in_ or [])
     if isinstance(value, int | float) and not isinstance(value, bool):
-        for op, fn in (
-            ("lt", float.__lt__),
-            ("le", float.__le__),
-            ("gt", float.__gt__),
-            ("ge", float.__ge__),
-        ):
-            if op in test.model_fields_set:
-                return bool(fn(float(value), float(getattr(test, op))))
+        # present, eq, ne and in are answered above, and a FactTest has exactly one operator.
+        (op,) = test.model_fields_set & _NUMBER_TESTS.keys()
+        return _NUMBER_TESTS[op](float(value), float(getattr(test, op)))
     return False
 
 

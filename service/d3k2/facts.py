@@ -201,17 +201,14 @@ def _loinc_codes(resource: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _codeable_text(codeable: object) -> str:
-    if not isinstance(codeable, Mapping):
-        return ""
+def _codeable_text(codeable: Mapping[str, Any]) -> str:
+    """Text of a CodeableConcept a value set matched: it is an object and its `coding` a list."""
     text = _str(codeable.get("text"))
     if text:
         return text
-    codings = codeable.get("coding")
-    if isinstance(codings, list):
-        for coding in codings:
-            if isinstance(coding, Mapping) and _str(coding.get("display")):
-                return str(coding["display"])
+    for coding in codeable["coding"]:
+        if isinstance(coding, Mapping) and _str(coding.get("display")):
+            return str(coding["display"])
     return ""
 
 
@@ -424,7 +421,7 @@ class _Collector:
         concepts = self.terminology.concepts_of(resource.get("code"))
         if not concepts:
             return
-        text = _codeable_text(resource.get("code")) or "condition"
+        text = _codeable_text(resource["code"]) or "condition"
         when = parse_date(resource.get("onsetDateTime")) or parse_date(resource.get("recordedDate"))
         for fact, valuesets in self.config.condition_facts.items():
             if concepts & set(valuesets):

@@ -171,13 +171,11 @@ class _Loader:
             raise self.fail(where, "must be a non-empty list of strings")
         return tuple(self.text(item, f"{where}[{i}]") for i, item in enumerate(value))
 
-    def spellings(self, value: object, where: str, allowed: set[str] | None = None) -> dict[str, str]:
+    def spellings(self, value: object, where: str) -> dict[str, str]:
         """A spelling → value table whose keys are compared case-insensitively."""
         result: dict[str, str] = {}
         for key, target in self.table(value, where).items():
             target_text = self.text(target, f"{where}.{key}")
-            if allowed is not None and target_text not in allowed:
-                raise self.fail(f"{where}.{key}", f"must be one of {sorted(allowed)}")
             folded = key.strip().lower()
             if not folded or folded in result:
                 raise self.fail(f"{where}.{key}", "empty or duplicate spelling (keys are case-insensitive)")
@@ -372,13 +370,15 @@ def _parse_part(part: str, catalog: MedicationCatalog) -> tuple[str, str | None,
 
 
 def _form_of(text: str, catalog: MedicationCatalog) -> str | None:
+    """The dose-form noun named last in `text` (two different nouns never match at the same place)."""
     lowered = text.lower()
-    best: tuple[int, str] | None = None
-    for noun in set(catalog.count_units.values()) - {"unit"}:
-        for match in re.finditer(rf"\b{re.escape(noun)}s?\b", lowered):
-            if best is None or match.start() > best[0]:
-                best = (match.start(), noun)
-    return best[1] if best else None
+    found = (
+        (match.start(), noun)
+        for noun in set(catalog.count_units.values()) - {"unit"}
+        for match in re.finditer(rf"\b{re.escape(noun)}s?\b", lowered)
+    )
+    last = max(found, default=None)
+    return last[1] if last else None
 
 
 def _canonical_strength(
@@ -730,10 +730,9 @@ def _read_dosage(dosage: object, catalog: MedicationCatalog) -> _Dosage | str:
         final_schedule = schedule if isinstance(schedule, _Schedule) else _text_schedule(lowered, catalog)
         if isinstance(final_dose, _Dose) and isinstance(final_schedule, _Schedule):
             return _Dosage(final_dose, final_schedule, "parsed from text")
-        # The structured reason is the more precise one when both fail.
-        for reason in (dose, schedule, final_dose, final_schedule):
-            if isinstance(reason, str):
-                return reason
+        # The structured reason is the more precise one when both fail. One of the final pair is a reason
+        # (a text reading is a _Dose/_Schedule or a reason), so there is always one to return.
+        return next(r for r in (dose, schedule, final_dose, final_schedule) if isinstance(r, str))
     if isinstance(dose, str):
         return dose
     if isinstance(schedule, str):
