@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from support import stop
+
 STARTUP_SECONDS = 30.0
 
 
@@ -103,12 +105,7 @@ def _run_sekmet(workdir: Path, settings: dict[str, Any], token: str | None) -> I
             _wait_ready(process, f"{base_url}/metadata", stderr_path)
             yield FhirServer(base_url=base_url, token=token)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass
 from datetime import date
 from functools import cache
@@ -54,3 +55,25 @@ def fixtures() -> list[Fixture]:
 
 def topics(response: dict[str, Any]) -> list[str]:
     return [card["source"]["topic"]["code"] for card in response.get("cards", [])]
+
+
+def bundle_from_request(request: Path) -> dict[str, Any]:
+    """A plain collection Bundle holding everything a recorded request prefetched."""
+    payload = json.loads(request.read_text(encoding="utf-8"))
+    entries = []
+    for value in payload["prefetch"].values():
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+            entries.extend({"resource": e["resource"]} for e in value.get("entry", []))
+        elif isinstance(value, dict):
+            entries.append({"resource": value})
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Terminate a server started by a test; kill it if it does not go."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fhir_server import free_port
-from support import REPO, SANDBOX
+from support import REPO, SANDBOX, stop
 from test_metrics import samples, value
 
 DOCKER = REPO / "docker"
@@ -148,12 +148,7 @@ def gunicorn(tmp_path: Path) -> Iterator[str]:
                 pytest.fail(f"gunicorn did not come up:\n{log_path.read_text(errors='replace')}")
             yield base
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=20)
     assert process.returncode == 0, log_path.read_text(errors="replace")
 
 

@@ -15,6 +15,7 @@ from d3k2.config import default_cards_dir
 from d3k2.errors import BadRequest
 from d3k2.ruleset import RuleSet, load_ruleset
 from d3k2.whatif import OverrideError, apply_overrides, parse_override, request_from_bundle
+from support import bundle_from_request
 
 REPO = Path(__file__).resolve().parents[1]
 SANDBOX_VIEW = REPO / "fixtures" / "patient-view" / "sandbox-patient-view" / "request.json"
@@ -28,14 +29,7 @@ def ruleset() -> RuleSet:
 
 def sandbox_bundle() -> dict[str, Any]:
     """The recorded sandbox patient (25(OH)D 18 ng/mL, eGFR 25, warfarin, sarcoidosis) as a plain Bundle."""
-    payload = json.loads(SANDBOX_VIEW.read_text(encoding="utf-8"))
-    entries = []
-    for value in payload["prefetch"].values():
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-            entries.extend({"resource": e["resource"]} for e in value.get("entry", []))
-        elif isinstance(value, dict):
-            entries.append({"resource": value})
-    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    return bundle_from_request(SANDBOX_VIEW)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from d3k2.cli import main
+from support import bundle_from_request, stop
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
@@ -56,18 +57,6 @@ def edit_golden(case: Path, change: Any) -> dict[str, Any]:
     change(data)
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return data
-
-
-def bundle_of(request: Path) -> dict[str, Any]:
-    """A plain collection Bundle holding everything a recorded request prefetched."""
-    payload = json.loads(request.read_text(encoding="utf-8"))
-    entries = []
-    for value in payload["prefetch"].values():
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-            entries.extend({"resource": e["resource"]} for e in value.get("entry", []))
-        elif isinstance(value, dict):
-            entries.append({"resource": value})
-    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -185,7 +174,7 @@ def test_update_creates_a_missing_golden_and_is_refused_in_ci(tmp_path: Path) ->
 
 def test_a_plain_bundle_builds_a_request_and_gets_a_golden(tmp_path: Path) -> None:
     export = tmp_path / "export.json"
-    export.write_text(json.dumps(bundle_of(SANDBOX_VIEW / "request.json")), encoding="utf-8")
+    export.write_text(json.dumps(bundle_from_request(SANDBOX_VIEW / "request.json")), encoding="utf-8")
     first = run(str(export), "--hook", "patient-view", "--today", TODAY)
     assert first.exit_code == 0, first.output
     assert "no golden file" in first.output
@@ -201,7 +190,7 @@ def test_a_plain_bundle_builds_a_request_and_gets_a_golden(tmp_path: Path) -> No
 
 def test_a_bundle_without_hook_is_one_error_line(tmp_path: Path) -> None:
     export = tmp_path / "export.json"
-    export.write_text(json.dumps(bundle_of(SANDBOX_VIEW / "request.json")), encoding="utf-8")
+    export.write_text(json.dumps(bundle_from_request(SANDBOX_VIEW / "request.json")), encoding="utf-8")
     result = run(str(export), "--today", TODAY)
     assert result.exit_code == 1
     assert "needs --hook" in result.output
@@ -303,12 +292,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.05)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
 
 
