@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,8 +27,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import requests
 import scenarios
@@ -225,6 +228,52 @@ def fallback_in_process(fhir_base: str, queries: dict[str, str], rounds: int) ->
     }
 
 
+class _ReplayHandler(BaseHTTPRequestHandler):
+    """Answers each GET with the body sekmet gave for that path, after a fixed delay, many at a time."""
+
+    answers: ClassVar[dict[str, bytes]] = {}
+    delay_s: ClassVar[float] = 0.01
+
+    def do_GET(self) -> None:
+        time.sleep(self.delay_s)
+        body = self.answers.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *_args: Any) -> None:
+        return
+
+
+def fallback_concurrent(
+    fhir_base: str, queries: dict[str, str], delay_ms: float, rounds: int
+) -> dict[str, Any]:
+    """The same queries against a server that answers concurrently (sekmet's answers replayed, each after
+    `delay_ms`, like a FHIR server across a network): does fetch_many cost about one round trip?"""
+    from d3k2.fhir.client import build_url
+
+    answers: dict[str, bytes] = {}
+    with requests.Session() as session:
+        for query in queries.values():
+            url = build_url(fhir_base, query)
+            answers[urlsplit(url)._replace(scheme="", netloc="").geturl()] = session.get(
+                url, headers={"Accept": "application/fhir+json"}
+            ).content
+    handler = type("Replay", (_ReplayHandler,), {"answers": answers, "delay_s": delay_ms / 1000})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}{urlsplit(fhir_base).path}"
+        result = fallback_in_process(base, queries, rounds)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"delay_ms": delay_ms, **result}
+
+
 def ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("nan")
 
@@ -337,6 +386,8 @@ def main() -> None:
             results["scenarios"][name] = row
         print("bench: fallback in-process (FhirClient.fetch_many vs each query alone)")
         results["fallback_in_process"] = fallback_in_process(fhir_base, queries, rounds=30)
+        print("bench: fallback against a concurrent server (sekmet's answers replayed, 10 ms each)")
+        results["fallback_concurrent"] = fallback_concurrent(fhir_base, queries, delay_ms=10, rounds=30)
         results["memory"] = {"bare": worker_memory(bare.pid), "d3k2": worker_memory(d3k2.pid)}
     report(results)
     if args.json:
@@ -395,6 +446,12 @@ def report(results: dict[str, Any]) -> None:
         f"{fb['slowest_single_ms']:.2f} ms = {fb['ratio_to_slowest']:.2f} × (target ≤ 1.5 ×; sum of singles "
         f"{fb['sum_single_ms']:.2f} ms); end to end: p50 with fetching − p50 prefetched = {fetch_cost:.2f} ms"
         f" = {ratio(fetch_cost, fb['slowest_single_ms']):.2f} × slowest single"
+    )
+    fc = results["fallback_concurrent"]
+    print(
+        f"  fallback against a concurrent server ({fc['delay_ms']:.0f} ms per answer): fetch_many "
+        f"{fc['fetch_many_ms']:.2f} ms vs slowest single {fc['slowest_single_ms']:.2f} ms = "
+        f"{fc['ratio_to_slowest']:.2f} × (target ≤ 1.5 ×; sum of singles {fc['sum_single_ms']:.2f} ms)"
     )
     mem = {
         app: ", ".join(f"{w['rss_mib']}/{w['uss_mib']}" for w in workers)
