@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from d3k2.ruleset import RuleSet, load_ruleset
 
@@ -77,3 +81,23 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A bound, listening loopback socket nobody should connect to."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.settimeout(0.3)
+        yield sock
+
+
+def assert_no_connection(sock: socket.socket) -> None:
+    """Proves a host was never contacted: nothing connects to its listener within the timeout."""
+    try:
+        connection, _ = sock.accept()
+    except TimeoutError:
+        return
+    connection.close()
+    pytest.fail("something connected to a host that must not be contacted")

@@ -16,6 +16,7 @@ from d3k2.config import Settings
 from d3k2.errors import FhirServerNotAllowed
 from d3k2.fhir.client import FetchOutcome, FhirClient, build_url, is_allowed
 from fhir_server import FhirServer, free_port
+from support import assert_no_connection
 
 PATIENT = "fc-p1"
 OTHER_PATIENT = "fc-p2"
@@ -292,25 +293,6 @@ def stub() -> Iterator[StubServer]:
         server.shutdown()
         server.server_close()
         thread.join()
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A bound, listening socket nobody should connect to."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        sock.settimeout(0.3)
-        yield sock
-
-
-def assert_no_connection(sock: socket.socket) -> None:
-    try:
-        connection, _ = sock.accept()
-    except TimeoutError:
-        return
-    connection.close()
-    pytest.fail("the client connected to a host it must not contact")
 
 
 def test_not_allowed_server_raises_before_connecting(listener: socket.socket) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from d3k2.app import create_app
 from d3k2.config import Settings
 from d3k2.limits import json_too_deep, prefetch_entries
 from d3k2.ruleset import RuleSet, load_ruleset
+from support import assert_no_connection
 
 TODAY = {"X-D3K2-Today": "2026-11-24"}
 
@@ -162,16 +162,6 @@ def test_chunked_body_over_the_limit_is_413(ruleset: RuleSet, tmp_path: Path) ->
 # ---------------------------------------------------------------- fhirServer allow-list at the edge
 
 
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A bound, listening loopback socket nobody should connect to."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        sock.settimeout(0.3)
-        yield sock
-
-
 def test_fhir_server_off_the_allow_list_is_refused_and_never_contacted(
     ruleset: RuleSet, tmp_path: Path, listener: socket.socket
 ) -> None:
@@ -182,12 +172,7 @@ def test_fhir_server_off_the_allow_list_is_refused_and_never_contacted(
     )
     assert_json_error(response, 403, "fhir-server-not-allowed")
     assert "limits-secret-token" not in response.get_data(as_text=True)
-    try:
-        connection, _ = listener.accept()
-    except TimeoutError:
-        return
-    connection.close()
-    pytest.fail("the service connected to a fhirServer outside the allow-list")
+    assert_no_connection(listener)
 
 
 # ---------------------------------------------------------------- security headers

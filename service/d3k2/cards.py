@@ -73,15 +73,19 @@ def medication_request(product: Product, patient_id: str) -> dict[str, Any]:
         "status": "draft",
         "intent": "proposal",
         "subject": {"reference": f"Patient/{_ANY_PATIENT}"},
-        "medicationCodeableConcept": {
-            "coding": [
-                {"system": product.code.system, "code": product.code.code, "display": product.code.display}
-            ],
-            "text": product.text,
-        },
+        "medicationCodeableConcept": _concept(product),
         "dosageInstruction": [instruction],
     }
     return _for_patient(_validated(orjson.dumps(resource)), patient_id)
+
+
+def _concept(product: Product) -> dict[str, Any]:
+    """Coded and with text: the sandbox applies a suggestion only when both are there."""
+    code = product.code
+    return {
+        "coding": [{"system": code.system, "code": code.code, "display": code.display}],
+        "text": product.text,
+    }
 
 
 def service_request(product: Product, patient_id: str, today: date) -> dict[str, Any]:
@@ -90,12 +94,7 @@ def service_request(product: Product, patient_id: str, today: date) -> dict[str,
         "status": "draft",
         "intent": "proposal",
         "subject": {"reference": f"Patient/{_ANY_PATIENT}"},
-        "code": {
-            "coding": [
-                {"system": product.code.system, "code": product.code.code, "display": product.code.display}
-            ],
-            "text": product.text,
-        },
+        "code": _concept(product),
     }
     if product.occurrence_weeks:
         resource["occurrenceDateTime"] = (today + timedelta(weeks=product.occurrence_weeks)).isoformat()
