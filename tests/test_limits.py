@@ -12,10 +12,12 @@ import orjson
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from d3k2.app import create_app
 from d3k2.config import Settings
-from d3k2.limits import json_too_deep, prefetch_entries
+from d3k2.limits import bracket_skeleton, json_too_deep, nests_deeper, prefetch_entries
 from d3k2.ruleset import RuleSet, load_ruleset
 from support import assert_no_connection
 
@@ -88,6 +90,55 @@ def assert_json_error(response: Any, status: int, error: str) -> None:
 )
 def test_json_too_deep_ignores_brackets_in_strings(text: bytes, limit: int, too_deep: bool) -> None:
     assert json_too_deep(text, limit) is too_deep
+
+
+def _reference_too_deep(raw: bytes, limit: int) -> bool:
+    """The plain definition: walk the text, skip strings with their escapes, count open brackets."""
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in b"]}":
+            depth -= 1
+    return False
+
+
+_JSON_TEXT = st.recursive(
+    st.none() | st.integers(-5, 5) | st.text(alphabet='[]{}"\\ab', max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=3), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(value=_JSON_TEXT, limit=st.integers(min_value=0, max_value=12))
+def test_json_too_deep_agrees_with_the_plain_definition_on_json(value: Any, limit: int) -> None:
+    raw = orjson.dumps(value)
+    assert json_too_deep(raw, limit) is _reference_too_deep(raw, limit)
+
+
+_TEXT = st.binary(max_size=60) | st.text(alphabet='[]{}"\\\\a', max_size=60).map(str.encode)
+
+
+@settings(max_examples=600, derandomize=True, deadline=None)
+@given(raw=_TEXT, limit=st.integers(0, 8))
+def test_json_too_deep_shortcut_never_changes_the_answer(raw: bytes, limit: int) -> None:
+    """On any bytes at all, valid JSON or not, the pass-count shortcut agrees with the exact count."""
+    assert json_too_deep(raw, limit) is nests_deeper(bracket_skeleton(raw), limit)
 
 
 def test_depth_at_the_limit_is_parsed(client: FlaskClient) -> None:

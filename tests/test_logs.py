@@ -56,7 +56,8 @@ def test_request_lines_carry_ids_and_no_patient_data(tmp_path: Path, log_stream:
 
     logged = lines(log_stream)
     mine = [line for line in logged if line.get("request_id") == "req-42"]
-    assert {line["logger"] for line in mine} >= {"d3k2.api", "d3k2.http"}
+    # One line per answer: the request line carries what the service did (cards, fetches).
+    assert [line["logger"] for line in mine] == ["d3k2.http"]
     assert all(line["service"] == SERVICE for line in mine)
     assert all(line["hook_instance"] == request["hookInstance"] for line in mine)
     summary = next(line for line in mine if line["event"] == "request")
@@ -66,6 +67,9 @@ def test_request_lines_carry_ids_and_no_patient_data(tmp_path: Path, log_stream:
         200,
     )
     assert summary["duration_ms"] >= 0
+    assert summary["cards"] == len(answer.json["cards"]) > 0
+    # The two keys this request leaves out were asked of a FHIR server that is not there.
+    assert summary["fetched"] == "calcium:failed,pregnancy:failed"
     assert any(line.get("request_id") == generated for line in logged)
 
     text = log_stream.getvalue()

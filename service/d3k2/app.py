@@ -18,16 +18,9 @@ from d3k2.metrics import Metrics
 from d3k2.metrics import init_app as init_metrics
 from d3k2.preview import blueprint as preview_blueprint
 from d3k2.ruleset import RuleSet, load_ruleset
-from d3k2.web import Runtime, error_response, json_response
+from d3k2.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, error_response, json_response
 
 log = logging.getLogger("d3k2")
-
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    "Access-Control-Allow-Headers": "authorization, content-type, accept",
-    "Access-Control-Max-Age": "600",
-}
 
 
 def create_app(
@@ -81,11 +74,11 @@ def create_app(
 
     @app.after_request
     def _headers(response: Response) -> Response:
-        for name, value in CORS_HEADERS.items():
+        if response.headers.get("X-Content-Type-Options") == "nosniff":
+            return response  # built by json_response, which sets them all at once
+        for name, value in DEFAULT_HEADERS.items():
             response.headers.setdefault(name, value)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.update(SECURITY_HEADERS)
         return response
 
     return app
