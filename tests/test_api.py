@@ -400,3 +400,45 @@ def test_medication_reference_is_read_from_the_fhir_server(client, fhir_server: 
     }
     response = post(client, "/cds-services/d3k2-patient-view", body)
     assert "vka-k2" in topics(response.get_json())
+
+
+# ---------------------------------------------------------------- the cyclic collector
+
+
+@pytest.mark.parametrize("body", ["ok", "malformed", "wrong-hook"])
+def test_collector_is_paused_while_answering_and_back_on_after(client, monkeypatch, body: str) -> None:
+    import gc
+
+    import d3k2.api
+
+    seen: list[bool] = []
+    real = d3k2.api.call_service
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(d3k2.api, "call_service", spy)
+    request = sandbox("patient-view.request.json")
+    if body == "wrong-hook":
+        request["hook"] = "order-sign"
+    data = b"{not json" if body == "malformed" else json.dumps(request).encode()
+    assert gc.isenabled()
+    response = client.post(
+        "/cds-services/d3k2-patient-view", data=data, content_type="application/json", headers=HEADERS
+    )
+    assert response.status_code == {"ok": 200, "malformed": 400, "wrong-hook": 400}[body]
+    assert seen == ([] if body == "malformed" else [False])
+    assert gc.isenabled()
+
+
+def test_collector_left_off_by_someone_else_stays_off(client) -> None:
+    import gc
+
+    gc.disable()
+    try:
+        response = post(client, "/cds-services/d3k2-patient-view", sandbox("patient-view.request.json"))
+        assert response.status_code == 200
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
