@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
@@ -12,8 +14,8 @@ import orjson
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from d3k2.engine import Evaluation, Finding, evaluate_condition
-from d3k2.ruleset import Product, RuleSet, Suggestion
+from d3k2.engine import Evaluation, Finding, program
+from d3k2.ruleset import Product, Rule, RuleSet, Suggestion
 from d3k2.terminology import UCUM
 
 TOPIC_SYSTEM = "https://d3k2.dev/fhir/CodeSystem/card-topic"
@@ -23,11 +25,20 @@ _UCUM_UNIT_NAMES = {"{tbl}": "tablet", "{capsule}": "capsule", "{drop}": "drop",
 # Suggested resources are validated with the patient reference set to this id, then given the real one:
 # any FHIR id (what hooks.HookContext admits) makes an equally valid reference string.
 _ANY_PATIENT = "d3k2-any-patient"
+_NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
 def card_uuid(hook_instance: str, *parts: str) -> str:
-    """Stable across replays of the same request, distinct per rule (and per draft order)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "d3k2:" + ":".join((hook_instance, *parts))))
+    """Stable across replays of the same request, distinct per rule (and per draft order).
+
+    `str(uuid.uuid5(uuid.NAMESPACE_URL, name))`, spelt out: the UUID object costs more than the hash.
+    """
+    name = "d3k2:" + ":".join((hook_instance, *parts))
+    digest = bytearray(hashlib.sha1(_NAMESPACE + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _render(template: str, fields: Mapping[str, Any]) -> str:
@@ -40,6 +51,10 @@ def _summary(text: str) -> str:
 
 
 def medication_request(product: Product, patient_id: str) -> dict[str, Any]:
+    return _for_patient(_medication_resource(product), patient_id)
+
+
+def _medication_resource(product: Product) -> bytes:
     dosage = product.dosage
     instruction: dict[str, Any] = {"text": f"{product.text}: {product.dose_text}"}
     if product.patient_instruction:
@@ -76,7 +91,7 @@ def medication_request(product: Product, patient_id: str) -> dict[str, Any]:
         "medicationCodeableConcept": _concept(product),
         "dosageInstruction": [instruction],
     }
-    return _for_patient(_validated(orjson.dumps(resource)), patient_id)
+    return _validated(orjson.dumps(resource))
 
 
 def _concept(product: Product) -> dict[str, Any]:
@@ -89,6 +104,10 @@ def _concept(product: Product) -> dict[str, Any]:
 
 
 def service_request(product: Product, patient_id: str, today: date) -> dict[str, Any]:
+    return _for_patient(_service_resource(product, today), patient_id)
+
+
+def _service_resource(product: Product, today: date) -> bytes:
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "status": "draft",
@@ -100,7 +119,7 @@ def service_request(product: Product, patient_id: str, today: date) -> dict[str,
         resource["occurrenceDateTime"] = (today + timedelta(weeks=product.occurrence_weeks)).isoformat()
     if product.note:
         resource["note"] = [{"text": product.note}]
-    return _for_patient(_validated(orjson.dumps(resource)), patient_id)
+    return _validated(orjson.dumps(resource))
 
 
 @lru_cache(maxsize=512)
@@ -118,10 +137,67 @@ def _for_patient(validated: bytes, patient_id: str) -> dict[str, Any]:
     return resource
 
 
+@dataclass(frozen=True)
+class _RuleParts:
+    """What a rule's card says whatever the patient, read from the rule set once."""
+
+    rule: Rule
+    source: tuple[str, str]  # label, url of the first source
+    links: tuple[tuple[str, str], ...]
+    override_reasons: tuple[dict[str, Any], ...]  # copied into each card: answers never share objects
+
+    @classmethod
+    def of(cls, rule: Rule, ruleset: RuleSet) -> _RuleParts:
+        sources = [ruleset.sources[s] for s in rule.sources]
+        return cls(
+            rule,
+            (sources[0].label, sources[0].url),
+            tuple((s.label, s.url) for s in sources),
+            tuple(c.model_dump() for c in rule.override_reasons),
+        )
+
+
+class _CardParts:
+    """Per rule set (`RuleSet.derived(_CardParts)`): each rule's fixed parts, and each suggested
+    resource validated and serialised once (by product, and by day for tests scheduled from today)."""
+
+    def __init__(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+        self.rules = {rule.id: _RuleParts.of(rule, ruleset) for rule in ruleset.rules}
+        products = ruleset.products
+
+        def resource(name: str, today: date) -> bytes:
+            product = products[name]
+            if product.kind == "medication":
+                return _medication_resource(product)
+            return _service_resource(product, today)
+
+        self.resource = lru_cache(maxsize=256)(resource)
+        for name, product in products.items():  # validated now, not on the first answer that suggests it
+            if product.kind == "medication":
+                self.resource(name, _NO_DAY)
+
+    def rule(self, rule: Rule) -> _RuleParts:
+        parts = self.rules.get(rule.id)
+        return parts if parts is not None and parts.rule is rule else _RuleParts.of(rule, self.ruleset)
+
+    def suggested(self, name: str, today: date) -> bytes:
+        product = self.ruleset.products[name]
+        return self.resource(name, today if product.kind == "test" and product.occurrence_weeks else _NO_DAY)
+
+
+_NO_DAY = date.min  # the key of resources that do not depend on the day
+
+
+def prepare_cards(ruleset: RuleSet) -> None:
+    """Make the rule set's fixed card parts now rather than on the first answer."""
+    ruleset.derived(_CardParts)
+
+
 def _suggestion(
     suggestion: Suggestion,
     finding: Finding,
-    ruleset: RuleSet,
+    parts: _CardParts,
     *,
     card_id: str,
     patient_id: str,
@@ -138,11 +214,7 @@ def _suggestion(
         ]
         return result
     assert suggestion.product is not None
-    product = ruleset.products[suggestion.product]
-    if product.kind == "medication":
-        resource = medication_request(product, patient_id)
-    else:
-        resource = service_request(product, patient_id, today)
+    resource = _for_patient(parts.suggested(suggestion.product, today), patient_id)
     result["actions"] = [{"type": "create", "description": label, "resource": resource}]
     return result
 
@@ -153,10 +225,14 @@ def _offered(
     """Profile-specific, conditional, and never a product another card on the answer warns against."""
     if suggestion.profiles is not None and profile not in suggestion.profiles:
         return False
-    if suggestion.product and set(ruleset.products[suggestion.product].categories) & blocked:
+    if (
+        suggestion.product
+        and blocked
+        and not blocked.isdisjoint(ruleset.products[suggestion.product].categories)
+    ):
         return False
     if suggestion.when is not None:
-        return evaluate_condition(suggestion.when, finding.values, ruleset.conditions, None) is True
+        return ruleset.derived(program).test(suggestion.when)(finding.values, {}) is True
     return True
 
 
@@ -167,19 +243,19 @@ def build_cards(
     hook_instance: str,
     patient_id: str,
 ) -> list[dict[str, Any]]:
+    parts = ruleset.derived(_CardParts)
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
+    today = evaluation.facts.today
     cards: list[dict[str, Any]] = []
     for finding in evaluation.findings:
         rule = finding.rule
-        parts = [rule.id] if finding.draft is None else [rule.id, finding.draft.reference]
+        fixed = parts.rule(rule)
+        ids = [rule.id] if finding.draft is None else [rule.id, finding.draft.reference]
         if finding.ingredient is not None:
-            parts.append(finding.ingredient.concept)
-        card_id = card_uuid(hook_instance, *parts)
-        primary = ruleset.sources[rule.sources[0]]
+            ids.append(finding.ingredient.concept)
+        card_id = card_uuid(hook_instance, *ids)
         suggestions = [
-            _suggestion(
-                s, finding, ruleset, card_id=card_id, patient_id=patient_id, today=evaluation.facts.today
-            )
+            _suggestion(s, finding, parts, card_id=card_id, patient_id=patient_id, today=today)
             for s in rule.suggestions
             if _offered(s, finding, ruleset, evaluation.profile, blocked)
         ]
@@ -193,20 +269,17 @@ def build_cards(
             "indicator": finding.indicator,
             "detail": detail,
             "source": {
-                "label": primary.label,
-                "url": primary.url,
+                "label": fixed.source[0],
+                "url": fixed.source[1],
                 "topic": {"system": TOPIC_SYSTEM, "code": rule.topic.code, "display": rule.topic.display},
             },
-            "links": [
-                {"label": ruleset.sources[s].label, "url": ruleset.sources[s].url, "type": "absolute"}
-                for s in rule.sources
-            ],
+            "links": [{"label": label, "url": url, "type": "absolute"} for label, url in fixed.links],
         }
         if suggestions:
             card["suggestions"] = suggestions
             card["selectionBehavior"] = "at-most-one"
-        if rule.override_reasons:
-            card["overrideReasons"] = [c.model_dump() for c in rule.override_reasons]
+        if fixed.override_reasons:
+            card["overrideReasons"] = [dict(reason) for reason in fixed.override_reasons]
         cards.append(card)
     cards.sort(key=lambda c: (_INDICATOR_ORDER[c["indicator"]], c["source"]["topic"]["code"], c["uuid"]))
     return cards

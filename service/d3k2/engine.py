@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import methodcaller
 from types import SimpleNamespace
 from typing import Any
 
 from d3k2.facts import Facts, Measurement, calcium_high, describe_limit
 from d3k2.orders import DraftOrder, DraftReading, IngredientDose
 from d3k2.quantities import Interval, format_number
-from d3k2.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
+from d3k2.ruleset import AllOf, AnyOf, Condition, FactTest, Indicator, NotOf, Profile, Ref, Rule, RuleSet
 
 FactValue = bool | str | float | Interval | None
 
@@ -30,6 +31,8 @@ _MED_FACTS = {
 class Finding:
     rule: Rule
     indicator: str
+    # The template fields (`template_fields`, and `draft` for a draft rule), each namespace made when it
+    # is first read: index it by name; iterating it lists only the namespaces read so far.
     fields: Mapping[str, SimpleNamespace]
     values: Mapping[str, FactValue]
     draft: DraftOrder | None = None
@@ -115,35 +118,98 @@ def _measurement_fields(m: Measurement | None) -> SimpleNamespace:
     )
 
 
+@dataclass(frozen=True)
+class _FieldContext:
+    ruleset: RuleSet
+    facts: Facts
+    profile_name: str
+    values: Mapping[str, FactValue]
+
+
+def _profile_fields(c: _FieldContext) -> SimpleNamespace:
+    return SimpleNamespace(name=c.profile_name, title=c.ruleset.profiles[c.profile_name].title)
+
+
+def _vitd_fields(c: _FieldContext) -> SimpleNamespace:
+    vitd = _measurement_fields(c.facts.vitd)
+    band = c.values.get("vitd.band")
+    vitd.band = _band_label(band if isinstance(band, str) else None, c.ruleset.profiles[c.profile_name])
+    return vitd
+
+
+def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
+    facts = c.facts
+    calcium = _measurement_fields(facts.calcium)
+    calcium.limit = describe_limit(facts.calcium, c.ruleset.facts.labs["calcium"]) if facts.calcium else ""
+    return calcium
+
+
+def _evidence_fields(c: _FieldContext) -> SimpleNamespace:
+    facts = c.facts
+    return SimpleNamespace(
+        ckd=_evidence(facts, "ckd_advanced"),
+        granulomatous=_evidence(facts, "sarcoidosis", "granulomatous"),
+        pregnancy="; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or "none",
+        hypercalcemia=_evidence(facts, "hypercalcemia"),
+    )
+
+
+def _data_fields(c: _FieldContext) -> SimpleNamespace:
+    problems = list(c.facts.missing) + list(c.facts.issues)
+    return SimpleNamespace(issues="; ".join(problems) if problems else "none")
+
+
+# Each namespace of the template fields, in the order `template_fields` lists them.
+_FIELD_MAKERS: dict[str, Callable[[_FieldContext], SimpleNamespace]] = {
+    "profile": _profile_fields,
+    "vitd": _vitd_fields,
+    "egfr": lambda c: _measurement_fields(c.facts.egfr),
+    "calcium": _calcium_fields,
+    "vka": lambda c: SimpleNamespace(
+        names=_names(c.facts, "vka"), sources=", ".join(sorted({m.source for m in c.facts.meds("vka")}))
+    ),
+    "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2")),
+    "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac")),
+    "evidence": _evidence_fields,
+    "data": _data_fields,
+}
+
+
+class _Fields(dict[str, SimpleNamespace]):
+    """The template fields of one answer, each namespace made when a card first reads it and then kept
+    (like a defaultdict): an answer renders a few cards, and most namespaces are never read. A dict, so
+    that `str.format_map` reads the namespaces already made at C speed."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: _FieldContext) -> None:
+        super().__init__()
+        self._context = context
+
+    def __missing__(self, key: str) -> SimpleNamespace:
+        made = self[key] = _FIELD_MAKERS[key](self._context)
+        return made
+
+
+class _DraftFields(dict[str, SimpleNamespace]):
+    """The answer's template fields and `draft`, the order a draft-scoped card is about."""
+
+    __slots__ = ("_base",)
+
+    def __init__(self, base: Mapping[str, SimpleNamespace], draft: SimpleNamespace) -> None:
+        super().__init__(draft=draft)
+        self._base = base
+
+    def __missing__(self, key: str) -> SimpleNamespace:
+        made = self[key] = self._base[key]
+        return made
+
+
 def template_fields(
     ruleset: RuleSet, facts: Facts, profile_name: str, values: Mapping[str, FactValue]
 ) -> dict[str, SimpleNamespace]:
-    profile = ruleset.profiles[profile_name]
-    vitd = _measurement_fields(facts.vitd)
-    band = values.get("vitd.band")
-    vitd.band = _band_label(band if isinstance(band, str) else None, profile)
-    calcium = _measurement_fields(facts.calcium)
-    calcium.limit = describe_limit(facts.calcium, ruleset.facts.labs["calcium"]) if facts.calcium else ""
-    pregnancy = "; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or "none"
-    problems = list(facts.missing) + list(facts.issues)
-    return {
-        "profile": SimpleNamespace(name=profile_name, title=profile.title),
-        "vitd": vitd,
-        "egfr": _measurement_fields(facts.egfr),
-        "calcium": calcium,
-        "vka": SimpleNamespace(
-            names=_names(facts, "vka"), sources=", ".join(sorted({m.source for m in facts.meds("vka")}))
-        ),
-        "k2": SimpleNamespace(names=_names(facts, "vitamin-k2")),
-        "doac": SimpleNamespace(names=_names(facts, "doac")),
-        "evidence": SimpleNamespace(
-            ckd=_evidence(facts, "ckd_advanced"),
-            granulomatous=_evidence(facts, "sarcoidosis", "granulomatous"),
-            pregnancy=pregnancy,
-            hypercalcemia=_evidence(facts, "hypercalcemia"),
-        ),
-        "data": SimpleNamespace(issues="; ".join(problems) if problems else "none"),
-    }
+    context = _FieldContext(ruleset, facts, profile_name, values)
+    return {name: make(context) for name, make in _FIELD_MAKERS.items()}
 
 
 # ---------------------------------------------------------------- conditions
@@ -243,6 +309,161 @@ def _interval_text(value: Interval) -> str:
     return f"{low}{format_number(value.lo, 2)}, {format_number(value.hi, 2)}{high}"
 
 
+# ---------------------------------------------------------------- compiled conditions
+
+# A condition made into a function once per rule set: the same three-valued answer as
+# `evaluate_condition(condition, values, named, None, memo)`, without walking the models on every call.
+# `memo` keeps the answers of named conditions for one set of values.
+Test = Callable[[Mapping[str, FactValue], dict[str, bool | None]], bool | None]
+
+_OPERATORS = ("eq", "ne", "in_", "lt", "le", "gt", "ge", "present")
+
+
+def _compile_fact_test(test: FactTest) -> Test:
+    fact = test.fact
+    ops = [op for op in _OPERATORS if op in test.model_fields_set]
+    op = ops[0] if len(ops) == 1 else None
+    bound = getattr(test, op) if op else None
+    if op == "present":
+        wanted = test.present
+
+        def present(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            value = values.get(fact)
+            return (value is not None and value is not False) == wanted
+
+        return present
+    if op in _NUMBER_TESTS and isinstance(bound, float | int):
+        compare, number, interval_test = _NUMBER_TESTS[op], float(bound), methodcaller(str(op), bound)
+
+        def ordered(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            value = values.get(fact)
+            if value is None:
+                return False
+            if isinstance(value, Interval):
+                result: bool | None = interval_test(value)
+                return result
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return compare(float(value), number)
+            return False
+
+        return ordered
+    if op == "eq":
+        expected = test.eq
+        numeric = isinstance(expected, float | int)
+        point = float(expected) if isinstance(expected, float | int) else 0.0
+
+        def equal(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            value = values.get(fact)
+            if value is None:
+                return False
+            if isinstance(value, Interval):
+                return (value.ge(point) if value.le(point) else False) if numeric else False
+            return value == expected
+
+        return equal
+    if op == "ne":
+        unwanted = test.ne
+
+        def unequal(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            value = values.get(fact)
+            return value is not None and not isinstance(value, Interval) and value != unwanted
+
+        return unequal
+    if op == "in_":
+        members = frozenset(test.in_ or ())
+
+        def one_of(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            value = values.get(fact)
+            return isinstance(value, str) and value in members
+
+        return one_of
+
+    # Anything a validated FactTest cannot hold: answered as evaluate_condition answers it.
+    def other(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+        return _test(test, values.get(fact))
+
+    return other
+
+
+def compile_condition(condition: Condition, named: Mapping[str, Test]) -> Test:
+    """`named` is looked up when the test runs, so named conditions may be compiled in any order."""
+    if isinstance(condition, FactTest):
+        return _compile_fact_test(condition)
+    if isinstance(condition, AllOf | AnyOf):
+        children = tuple(
+            compile_condition(c, named)
+            for c in (condition.all if isinstance(condition, AllOf) else condition.any)
+        )
+        decisive = isinstance(condition, AnyOf)  # any: a True decides; all: a False decides
+
+        def combined(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            undecided = False
+            for child in children:
+                result = child(values, memo)
+                if result is decisive:
+                    return decisive
+                if result is None:
+                    undecided = True
+            return None if undecided else not decisive
+
+        return combined
+    if isinstance(condition, NotOf):
+        inner = compile_condition(condition.not_, named)
+
+        def negated(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            result = inner(values, memo)
+            return None if result is None else not result
+
+        return negated
+    if isinstance(condition, Ref):
+        name = condition.ref
+
+        def reference(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
+            if name in memo:
+                return memo[name]
+            result = memo[name] = named[name](values, memo)
+            return result
+
+        return reference
+    raise TypeError(f"unknown condition {type(condition).__name__}")
+
+
+@dataclass(frozen=True)
+class Program:
+    """The rule set's conditions compiled, and its rules by hook (`RuleSet.derived(program)`)."""
+
+    rules_by_hook: Mapping[str, tuple[tuple[Rule, Test, Indicator], ...]]
+    # id() of every rule's and suggestion's `when` → (that condition, its test); the condition is kept
+    # so that an id is never taken for another object's.
+    tests: Mapping[int, tuple[Condition, Test]]
+    named: Mapping[str, Test]
+
+    def test(self, condition: Condition) -> Test:
+        """The compiled test of a condition of this rule set (any other condition is compiled now)."""
+        found = self.tests.get(id(condition))
+        if found is not None and found[0] is condition:
+            return found[1]
+        return compile_condition(condition, self.named)
+
+
+def program(ruleset: RuleSet) -> Program:
+    named: dict[str, Test] = {}
+    for name, condition in ruleset.conditions.items():
+        named[name] = compile_condition(condition, named)
+    tests: dict[int, tuple[Condition, Test]] = {}
+    for rule in ruleset.rules:
+        for condition in (rule.when, *(s.when for s in rule.suggestions if s.when is not None)):
+            tests[id(condition)] = (condition, compile_condition(condition, named))
+    hooks = dict.fromkeys(hook for rule in ruleset.rules for hook in rule.hooks)
+    rules_by_hook: dict[str, tuple[tuple[Rule, Test, Indicator], ...]] = {
+        hook: tuple(
+            (rule, tests[id(rule.when)][1], rule.indicator_for(hook)) for rule in ruleset.rules_for(hook)
+        )
+        for hook in hooks
+    }
+    return Program(rules_by_hook, tests, named)
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -270,6 +491,25 @@ def _draft_fields(draft: DraftOrder, ingredient: IngredientDose) -> SimpleNamesp
     )
 
 
+@dataclass(slots=True)
+class _DraftScope:
+    """One ingredient of one draft order: the fact values draft rules see, read once for every rule."""
+
+    draft: DraftOrder
+    ingredient: IngredientDose
+    values: dict[str, FactValue]
+    memo: dict[str, bool | None]
+    fields: Mapping[str, SimpleNamespace] | None = None
+
+
+def _draft_scopes(drafts: DraftReading | None, values: Mapping[str, FactValue]) -> list[_DraftScope]:
+    return [
+        _DraftScope(draft, ingredient, {**values, **_draft_values(draft, ingredient)}, {})
+        for draft in (drafts.orders if drafts else ())
+        for ingredient in draft.ingredients
+    ]
+
+
 def evaluate(
     ruleset: RuleSet,
     facts: Facts,
@@ -280,34 +520,38 @@ def evaluate(
     trace: bool = False,
 ) -> Evaluation:
     """Every rule of the hook against the facts; `trace` keeps why each fired or stayed silent."""
+    compiled = ruleset.derived(program)
     values = fact_values(ruleset, facts, profile)
-    fields = template_fields(ruleset, facts, profile, values)
+    fields = _Fields(_FieldContext(ruleset, facts, profile, values))
     findings: list[Finding] = []
     traces: list[Trace] = []
     memo: dict[str, bool | None] = {}
-    for rule in ruleset.rules_for(hook):
+    scopes: list[_DraftScope] | None = None
+    for rule, test, indicator in compiled.rules_by_hook.get(hook, ()):
         if rule.scope == "patient":
-            reasons: list[str] | None = [] if trace else None
-            fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons, memo)
-            if reasons is not None:
+            if trace:
+                reasons: list[str] = []
+                fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons, memo)
                 traces.append(Trace(rule.id, fired, tuple(reasons)))
+            else:
+                fired = test(values, memo)
             if fired:
-                findings.append(Finding(rule, rule.indicator_for(hook), fields, values))
+                findings.append(Finding(rule, indicator, fields, values))
             continue
-        for draft in drafts.orders if drafts else ():
-            for ingredient in draft.ingredients:
-                scoped = {**values, **_draft_values(draft, ingredient)}
-                reasons = [] if trace else None
-                fired = evaluate_condition(rule.when, scoped, ruleset.conditions, reasons)
-                if reasons is not None:
-                    traces.append(
-                        Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}")
-                    )
-                if fired:
-                    scoped_fields = {**fields, "draft": _draft_fields(draft, ingredient)}
-                    findings.append(
-                        Finding(rule, rule.indicator_for(hook), scoped_fields, scoped, draft, ingredient)
-                    )
+        if scopes is None:
+            scopes = _draft_scopes(drafts, values)
+        for scope in scopes:
+            draft, ingredient = scope.draft, scope.ingredient
+            if trace:
+                reasons = []
+                fired = evaluate_condition(rule.when, scope.values, ruleset.conditions, reasons)
+                traces.append(Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}"))
+            else:
+                fired = test(scope.values, scope.memo)
+            if fired:
+                if scope.fields is None:
+                    scope.fields = _DraftFields(fields, _draft_fields(draft, ingredient))
+                findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
 
 

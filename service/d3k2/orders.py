@@ -14,8 +14,9 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from d3k2.errors import RuleSetError
 from d3k2.terminology import RXNORM, Terminology, normalise_system
@@ -306,6 +307,11 @@ def _number(value: object) -> Decimal | None:
     return result if result > 0 else None
 
 
+def _is_map(value: object) -> TypeGuard[Mapping[str, Any]]:
+    # The exact-dict test first: JSON objects are dicts, and an ABC check costs several times more.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _as_list(value: object) -> list[object]:
     """FHIR arrays sent as a single object (the sandbox does this for category and reasonCode)."""
     if isinstance(value, list):
@@ -316,7 +322,7 @@ def _as_list(value: object) -> list[object]:
 
 
 def _dicts(value: object) -> list[Mapping[str, Any]]:
-    return [item for item in _as_list(value) if isinstance(item, Mapping)]
+    return [item for item in _as_list(value) if _is_map(item)]
 
 
 def _str(value: object) -> str | None:
@@ -353,6 +359,9 @@ class _Ingredient:
 class _Product:
     ingredients: tuple[_Ingredient, ...]
     form: str | None  # dose-form noun from the product name ("tablet"), used in the arithmetic text
+
+
+_NOTHING = _Product((), None)
 
 
 # "<ingredient words> <number> <unit>": the number must stand alone (not the 3 of "D3", the 2 of "K 2" is
@@ -430,7 +439,7 @@ def _product_by_name(texts: Sequence[str], catalog: MedicationCatalog) -> _Produ
                 ingredients.append(_Ingredient(matched[0], matched[1], strength, "name"))
         if ingredients:
             return _Product(tuple(ingredients), _form_of(text, catalog))
-    return _Product((), None)
+    return _NOTHING
 
 
 def _codings(codeable: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -439,14 +448,32 @@ def _codings(codeable: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return sorted(codings, key=lambda c: normalise_system(_str(c.get("system")) or "") != RXNORM)
 
 
-def _classify(codeable: object, terminology: Terminology, catalog: MedicationCatalog) -> _Product:
-    if not isinstance(codeable, Mapping):
-        return _Product((), None)
-    codings = _codings(codeable)
-    names = [_str(c.get("display")) for c in codings] + [_str(codeable.get("text"))]
-    texts = [t for t in names if t]
-    for coding in codings:
-        system, code = _str(coding.get("system")), _str(coding.get("code"))
+# What classification reads of a CodeableConcept: its text and each coding's (system, code, display), every
+# one a non-blank string or None. Equal keys classify alike, so a key is what the classification is cached by.
+_CodingKey = tuple[str | None, str | None, str | None]
+_MedicationKey = tuple[str | None, tuple[_CodingKey, ...]]
+
+
+def _medication_key(codeable: Mapping[str, Any]) -> _MedicationKey:
+    return (
+        _str(codeable.get("text")),
+        tuple(
+            (_str(c.get("system")), _str(c.get("code")), _str(c.get("display")))
+            for c in _dicts(codeable.get("coding"))
+        ),
+    )
+
+
+def _rxnorm_first(coding: _CodingKey) -> bool:
+    return normalise_system(coding[0] or "") != RXNORM
+
+
+def _classify_key(key: _MedicationKey, terminology: Terminology, catalog: MedicationCatalog) -> _Product:
+    text, unsorted = key
+    # RxNorm first: it is the code system the value sets and the strength parser are built for.
+    codings = sorted(unsorted, key=_rxnorm_first)
+    texts = [t for t in [*(display for _, _, display in codings), text] if t]
+    for system, code, _display in codings:
         if system is None or code is None:
             continue
         valuesets = terminology.concepts(system, code)
@@ -455,6 +482,12 @@ def _classify(codeable: object, terminology: Terminology, catalog: MedicationCat
             known = terminology.display(system, code)
             return _product_by_code(categories, [known, *texts] if known else texts, catalog)
     return _product_by_name(texts, catalog)
+
+
+def _classify(codeable: object, terminology: Terminology, catalog: MedicationCatalog) -> _Product:
+    if not _is_map(codeable):
+        return _NOTHING
+    return _classify_key(_medication_key(codeable), terminology, catalog)
 
 
 def classify_medication(
@@ -474,29 +507,71 @@ def classify_medication(
     )
 
 
+class MedicationReader:
+    """Medications read against one terminology and catalog (`RuleSet.medications`), remembered.
+
+    A patient's medication list and the drafts of an order hook name the same few products again and
+    again, and reading a product name or a dose costs tens of microseconds. So each distinct
+    CodeableConcept (as classification reads it) is classified once, and each (product, dosages) reading
+    gets its doses once. The caches belong to this object, one per rule set, hold at most `maxsize`
+    entries each and forget the least recently used; what they hold is immutable.
+    """
+
+    def __init__(self, terminology: Terminology, catalog: MedicationCatalog, maxsize: int = 2048) -> None:
+        self.terminology = terminology
+        self.catalog = catalog
+
+        def classify_key(key: _MedicationKey) -> _Product:
+            return _classify_key(key, terminology, catalog)
+
+        def doses(product: _Product, dosages: tuple[_Dosage | str, ...]) -> tuple[IngredientDose, ...]:
+            return tuple(_ingredient_dose(i, product, dosages, catalog) for i in product.ingredients)
+
+        self._by_key = lru_cache(maxsize=maxsize)(classify_key)
+        # Keyed by what was read, not by the request: equal Decimals give equal doses and equal texts.
+        self._doses = lru_cache(maxsize=maxsize)(doses)
+
+    def product(self, codeable: object) -> _Product:
+        if not _is_map(codeable):
+            return _NOTHING
+        return self._by_key(_medication_key(codeable))
+
+    def concepts(self, codeable: object) -> tuple[tuple[str, str, str], ...]:
+        """(concept, name, matched_by) of each ingredient: what facts.MedicationClassifier answers."""
+        return tuple((i.category, i.name, i.matched_by) for i in self.product(codeable).ingredients)
+
+    def doses(self, product: _Product, dosages: tuple[_Dosage | str, ...]) -> tuple[IngredientDose, ...]:
+        """The daily dose of each ingredient of `product` taken as `dosages` say (or why it is unknown)."""
+        return self._doses(product, dosages)
+
+    def cached(self) -> tuple[int, int]:
+        """How many concepts, and how many (product, dosages) pairs, are remembered."""
+        return self._by_key.cache_info().currsize, self._doses.cache_info().currsize
+
+
 def medication_codeable(resource: object) -> tuple[Mapping[str, Any] | None, str | None]:
     """The medication CodeableConcept of a MedicationRequest/-Order/-Statement, and a problem if none.
 
     A reference is resolved only to a `contained` Medication: others would need a FHIR read, which the
     caller decides about.
     """
-    if not isinstance(resource, Mapping):
+    if not _is_map(resource):
         return None, "not a resource"
     concept = resource.get("medicationCodeableConcept")
     reference = resource.get("medicationReference")
     medication = resource.get("medication")  # R5 CodeableReference
-    if isinstance(medication, Mapping):
+    if _is_map(medication):
         concept = concept or medication.get("concept")
         reference = reference or medication.get("reference")
-    if isinstance(concept, Mapping):
+    if _is_map(concept):
         return concept, None
-    if isinstance(reference, Mapping):
+    if _is_map(reference):
         target = _str(reference.get("reference"))
         if target and target.startswith("#"):
             for contained in _dicts(resource.get("contained")):
                 if contained.get("resourceType") == "Medication" and contained.get("id") == target[1:]:
                     code = contained.get("code")
-                    if isinstance(code, Mapping):
+                    if _is_map(code):
                         return code, None
                     return None, f"contained Medication {_quote(target)} has no code"
             return None, f"medicationReference {_quote(target)} not found in contained"
@@ -554,7 +629,7 @@ def _schedule_words(schedule: _Schedule) -> str:
 
 
 def _read_dose(quantity: object, catalog: MedicationCatalog) -> _Dose | str:
-    if not isinstance(quantity, Mapping):
+    if not _is_map(quantity):
         return "dose quantity not readable"
     value = _number(quantity.get("value"))
     if value is None:
@@ -580,14 +655,14 @@ def _structured_dose(dosage: Mapping[str, Any], catalog: MedicationCatalog) -> _
             return _read_dose(holder["doseQuantity"], catalog)
         if "doseRange" in holder:
             dose_range = holder["doseRange"]
-            high = dose_range.get("high") if isinstance(dose_range, Mapping) else None
-            if not isinstance(high, Mapping):
+            high = dose_range.get("high") if _is_map(dose_range) else None
+            if not _is_map(high):
                 return "dose range has no upper value"
             dose = _read_dose(high, catalog)
             if isinstance(dose, str):
                 return dose
             low_quantity = dose_range.get("low")
-            low = _number(low_quantity.get("value")) if isinstance(low_quantity, Mapping) else None
+            low = _number(low_quantity.get("value")) if _is_map(low_quantity) else None
             shown = f"{_fmt(low)}–{_fmt(dose.value)}" if low is not None else f"up to {_fmt(dose.value)}"
             return _Dose(dose.kind, dose.value, dose.unit, f"(upper end of dose range {shown} used)")
     return None
@@ -600,10 +675,10 @@ def _schedule_from_code(code: str, catalog: MedicationCatalog) -> _Schedule | No
 
 def _structured_schedule(dosage: Mapping[str, Any], catalog: MedicationCatalog) -> _Schedule | str | None:
     timing = dosage.get("timing")
-    if not isinstance(timing, Mapping):
+    if not _is_map(timing):
         return None
     repeat = timing.get("repeat")
-    repeat = repeat if isinstance(repeat, Mapping) else {}
+    repeat = repeat if _is_map(repeat) else {}
     period_unit = repeat.get("periodUnit", repeat.get("periodUnits"))  # periodUnits: DSTU2
     if period_unit is not None:
         if not isinstance(period_unit, str) or period_unit not in catalog.period_hours:
@@ -622,7 +697,7 @@ def _structured_schedule(dosage: Mapping[str, Any], catalog: MedicationCatalog) 
             frequency = frequency_max
         return _Schedule(frequency, period, period_unit, note)
     code = timing.get("code")
-    if isinstance(code, Mapping):
+    if _is_map(code):
         for coding in _dicts(code.get("coding")):
             found = _str(coding.get("code"))
             schedule = _schedule_from_code(found, catalog) if found else None
@@ -716,7 +791,7 @@ def _text_schedule(text: str, catalog: MedicationCatalog) -> _Schedule | str:
 
 
 def _read_dosage(dosage: object, catalog: MedicationCatalog) -> _Dosage | str:
-    if not isinstance(dosage, Mapping):
+    if not _is_map(dosage):
         return "dosage instruction not readable"
     dose = _structured_dose(dosage, catalog)
     schedule = _structured_schedule(dosage, catalog)
@@ -849,9 +924,9 @@ def _date_problems(dosages: list[Mapping[str, Any]]) -> list[str]:
     problems = []
     for dosage in dosages:
         timing = dosage.get("timing")
-        repeat = timing.get("repeat") if isinstance(timing, Mapping) else None
-        bounds = repeat.get("boundsPeriod") if isinstance(repeat, Mapping) else None
-        if not isinstance(bounds, Mapping):
+        repeat = timing.get("repeat") if _is_map(timing) else None
+        bounds = repeat.get("boundsPeriod") if _is_map(repeat) else None
+        if not _is_map(bounds):
             continue
         for key in ("start", "end"):
             value = bounds.get(key)
@@ -864,9 +939,8 @@ def _date_problems(dosages: list[Mapping[str, Any]]) -> list[str]:
     return problems
 
 
-def _read_order(
-    resource: Mapping[str, Any], reference: str, terminology: Terminology, catalog: MedicationCatalog
-) -> DraftOrder:
+def _read_order(resource: Mapping[str, Any], reference: str, medications: MedicationReader) -> DraftOrder:
+    catalog = medications.catalog
     problems: list[str] = []
     status = resource.get("status")
     if status not in ("draft", "active"):
@@ -874,11 +948,11 @@ def _read_order(
     codeable, problem = medication_codeable(resource)
     if problem:
         problems.append(problem)
-    product = _classify(codeable, terminology, catalog)
+    product = medications.product(codeable)
     if codeable is not None and not product.ingredients:
         problems.append("medication not recognised")
     raw_dosages = _as_list(resource.get("dosageInstruction"))
-    dosages = [_read_dosage(d, catalog) for d in raw_dosages]
+    dosages = tuple(_read_dosage(d, catalog) for d in raw_dosages)
     problems += _date_problems(_dicts(raw_dosages))
     rxnorm = None
     text = None
@@ -901,14 +975,14 @@ def _read_order(
         id=_str(resource.get("id")),
         medication_text=text,
         rxnorm_code=rxnorm,
-        ingredients=tuple(_ingredient_dose(i, product, dosages, catalog) for i in product.ingredients),
+        ingredients=medications.doses(product, dosages),
         problems=tuple(problems),
     )
 
 
 def _entries(draft_orders: object) -> tuple[list[tuple[object, str | None]], list[str]]:
     """(resource, fullUrl) pairs from a Bundle, a list of resources or entries, or a single resource."""
-    if isinstance(draft_orders, Mapping):
+    if _is_map(draft_orders):
         if draft_orders.get("resourceType") == "Bundle" or "entry" in draft_orders:
             entries = draft_orders.get("entry")
             if entries is None:
@@ -926,7 +1000,7 @@ def _entries(draft_orders: object) -> tuple[list[tuple[object, str | None]], lis
         return [], ["draftOrders is neither a Bundle nor a list"]
     result: list[tuple[object, str | None]] = []
     for item in items:
-        if isinstance(item, Mapping) and "resource" in item and "resourceType" not in item:
+        if _is_map(item) and "resource" in item and "resourceType" not in item:
             result.append((item["resource"], _str(item.get("fullUrl"))))
         else:
             result.append((item, None))
@@ -945,15 +1019,21 @@ def read_draft_orders(
     selections: Sequence[str] | None,
     terminology: Terminology,
     catalog: MedicationCatalog,
+    medications: MedicationReader | None = None,
 ) -> DraftReading:
-    """The medication drafts to judge, read leniently; never raises for JSON-shaped input."""
+    """The medication drafts to judge, read leniently; never raises for JSON-shaped input.
+
+    `medications` (the rule set's, for the same terminology and catalog) remembers classifications.
+    """
+    if medications is None:
+        medications = MedicationReader(terminology, catalog, maxsize=0)
     if isinstance(selections, str):
         selections = [selections]
     wanted = [s for s in selections if isinstance(s, str) and s] if isinstance(selections, Sequence) else []
     entries, skipped = _entries(draft_orders)
     orders: list[DraftOrder] = []
     for index, (resource, full_url) in enumerate(entries):
-        if not isinstance(resource, Mapping):
+        if not _is_map(resource):
             skipped.append(f"entry {index}: not a resource")
             continue
         resource_type = _str(resource.get("resourceType"))
@@ -972,5 +1052,5 @@ def read_draft_orders(
         if wanted and not _selected(reference, full_url, wanted):
             skipped.append(f"entry {index}: {_quote(reference)} not in selections")
             continue
-        orders.append(_read_order(resource, reference, terminology, catalog))
+        orders.append(_read_order(resource, reference, medications))
     return DraftReading(tuple(orders), tuple(skipped))

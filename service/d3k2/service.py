@@ -4,18 +4,18 @@ rules → cards. No Flask here, so the CLI (replay, explain) runs exactly the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from d3k2.cards import build_cards
-from d3k2.engine import Evaluation, evaluate
+from d3k2.cards import build_cards, prepare_cards
+from d3k2.engine import Evaluation, evaluate, program
 from d3k2.errors import BadRequest, UnknownService
 from d3k2.facts import Facts, MedicationClassifier, extract_facts
 from d3k2.fhir.prefetch import Fetcher, Resolved, fetch_medications, resolve
 from d3k2.hooks import CdsRequest, parse_request
-from d3k2.orders import DraftReading, classify_medication, read_draft_orders
+from d3k2.orders import DraftReading, read_draft_orders
 from d3k2.ruleset import ORDER_HOOKS, RuleSet, Service
 
 # Changes the resources between reading them and extracting facts (what-if overrides of `d3k2 explain`).
@@ -32,13 +32,16 @@ class Outcome:
 
 
 def classifier(ruleset: RuleSet) -> MedicationClassifier:
-    def classify(codeable: object) -> Sequence[tuple[str, str, str]]:
-        return [
-            (i.concept, i.name, i.matched_by)
-            for i in classify_medication(codeable, ruleset.terminology, ruleset.catalog)
-        ]
+    """Remembered per distinct CodeableConcept by the rule set (`RuleSet.medications`)."""
+    return ruleset.medications.concepts
 
-    return classify
+
+def prepare(ruleset: RuleSet) -> RuleSet:
+    """Compile the conditions and make the fixed card parts now (at startup), not on the first call.
+    Optional: both are made when first needed."""
+    ruleset.derived(program)
+    prepare_cards(ruleset)
+    return ruleset
 
 
 def discovery(ruleset: RuleSet) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def drafts_of(ruleset: RuleSet, request: CdsRequest) -> DraftReading | None:
     context = request.context
     orders = context.draftOrders if context.draftOrders is not None else context.medications
     selections = context.selections if request.hook == "order-select" else None
-    return read_draft_orders(orders, selections, ruleset.terminology, ruleset.catalog)
+    return read_draft_orders(orders, selections, ruleset.terminology, ruleset.catalog, ruleset.medications)
 
 
 def call_service(

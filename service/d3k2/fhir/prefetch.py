@@ -10,9 +10,9 @@ A key whose fetch fails is named on the answer (and blocks dosing suggestions wh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from d3k2.errors import PrefetchUnavailable
 from d3k2.fhir.client import FetchOutcome
@@ -67,30 +67,47 @@ def fill_template(query: str, request: CdsRequest) -> str | None:
     return None if missing else filled
 
 
-def _failed(value: Mapping[str, Any]) -> bool:
-    if value.get("resourceType") == "OperationOutcome":
-        return True
-    if value.get("resourceType") != "Bundle":
-        return False
-    for entry in _entries(value):
-        if entry.get("resourceType") == "OperationOutcome":
-            issues = entry.get("issue")
-            if isinstance(issues, list) and any(
-                isinstance(i, Mapping) and i.get("severity") in ("error", "fatal") for i in issues
-            ):
-                return True
-    return False
+def _is_map(value: object) -> TypeGuard[Mapping[str, Any]]:
+    # The exact-dict test first: JSON objects are dicts, and an ABC check costs several times more.
+    return type(value) is dict or isinstance(value, Mapping)
 
 
-def _entries(bundle: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def _error_outcome(outcome: Mapping[str, Any]) -> bool:
+    issues = outcome.get("issue")
+    return isinstance(issues, list) and any(
+        _is_map(i) and i.get("severity") in ("error", "fatal") for i in issues
+    )
+
+
+def _entries(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
     entries = bundle.get("entry")
     if not isinstance(entries, list):
-        return
+        return []
+    resources = []
     for entry in entries:
-        if isinstance(entry, Mapping):
+        if _is_map(entry):
             resource = entry.get("resource")
             if isinstance(resource, dict):
-                yield resource
+                resources.append(resource)
+    return resources
+
+
+def _usable(value: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """`resources_of(value)`, or None when the EHR or the server failed: an OperationOutcome, alone or
+    an error inside the Bundle. One pass over the entries."""
+    kind = value.get("resourceType")
+    if kind == "OperationOutcome":
+        return None
+    if kind != "Bundle":
+        return [dict(value)]
+    resources = []
+    for resource in _entries(value):
+        if resource.get("resourceType") == "OperationOutcome":
+            if _error_outcome(resource):
+                return None
+            continue
+        resources.append(resource)
+    return resources
 
 
 def resources_of(value: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -114,10 +131,12 @@ def resolve(
             value = given[key]
             if value is None:
                 continue
-            if isinstance(value, dict) and not _failed(value) and isinstance(value.get("resourceType"), str):
-                result.resources.extend(resources_of(value))
-                continue
-            if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+            if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
+                usable = _usable(value)
+                if usable is not None:
+                    result.resources.extend(usable)
+                    continue
+            else:
                 result.issues.append(f"prefetch '{key}' is not a FHIR resource")
         query = fill_template(spec.query, request)
         if request.fhirServer and query is not None and fetcher is not None:
@@ -137,8 +156,11 @@ def resolve(
         for key, outcome in outcomes.items():
             spec = keys[key]
             result.fetched[key] = outcome.error or "ok"
-            if outcome.error is None and outcome.resource is not None and not _failed(outcome.resource):
-                result.resources.extend(resources_of(outcome.resource))
+            usable = (
+                _usable(outcome.resource) if outcome.error is None and outcome.resource is not None else None
+            )
+            if usable is not None:
+                result.resources.extend(usable)
                 if outcome.truncated:
                     result.issues.append(f"{spec.label}: only the first pages were read")
                 continue
@@ -150,17 +172,18 @@ def resolve(
 
 
 def _unresolved_medications(resources: list[dict[str, Any]]) -> list[str]:
-    known = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
-    wanted: set[str] = set()
+    targets: list[str] = []
     for resource in resources:
         if resource.get("resourceType") not in ("MedicationStatement", "MedicationRequest"):
             continue
         reference = resource.get("medicationReference")
-        target = reference.get("reference") if isinstance(reference, Mapping) else None
-        if not isinstance(target, str) or not target.startswith("Medication/") or target in known:
-            continue
-        if FHIR_ID.match(target.removeprefix("Medication/")):
-            wanted.add(target)
+        target = reference.get("reference") if _is_map(reference) else None
+        if isinstance(target, str) and target.startswith("Medication/"):
+            targets.append(target)
+    if not targets:  # the usual case: medications are coded in place
+        return []
+    known = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    wanted = {t for t in targets if t not in known and FHIR_ID.match(t.removeprefix("Medication/"))}
     return sorted(wanted)[:MAX_MEDICATION_READS]
 
 
