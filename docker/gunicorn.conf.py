@@ -59,3 +59,12 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """In the exiting worker: write the cards served it still has queued (d3k2.feedback.ServedWriter
+    batches them off the request path). atexit would do it too; this runs on every graceful exit, also
+    when the worker is stopped after a timeout (SIGABRT). SIGKILL / OOM loses the last batch interval."""
+    from d3k2.feedback import close_served_writers
+
+    close_served_writers(timeout=float(graceful_timeout) / 2)

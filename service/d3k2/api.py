@@ -103,14 +103,15 @@ def _store() -> FeedbackStore:
 
 
 def _record_served(service_id: str, cards: list[dict[str, Any]], metrics: Metrics) -> None:
-    """Cards served are what feedback is measured against; losing them must never cost the answer."""
+    """Cards served are what feedback is measured against; losing them must never cost the answer.
+
+    The answer only queues the rows: the store's background writer inserts them in batches
+    (d3k2.feedback.ServedWriter), so ``cards_record_seconds`` is the enqueue time; the writer's failed
+    batches and dropped rows reach ``store_errors`` through ``Metrics.served_listener`` (see create_app)."""
     metrics.count_cards(cards)
     started = time.perf_counter()
     try:
-        _store().record_cards(service_id, cards)
-    except StoreUnavailable as exc:
-        metrics.store_errors.labels("record_cards").inc()
-        log.warning("cards served not recorded: %s", exc.detail)
+        _store().enqueue_cards(service_id, cards)
     except Exception:
         metrics.store_errors.labels("record_cards").inc()
         log.exception("cards served not recorded (a bug)")

@@ -18,6 +18,7 @@ from d3k2.metrics import Metrics
 from d3k2.metrics import init_app as init_metrics
 from d3k2.preview import blueprint as preview_blueprint
 from d3k2.ruleset import RuleSet, load_ruleset
+from d3k2.service import prepare
 from d3k2.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, error_response, json_response
 
 log = logging.getLogger("d3k2")
@@ -27,7 +28,7 @@ def create_app(
     settings: Settings | None = None, ruleset: RuleSet | None = None, store: FeedbackStore | None = None
 ) -> Flask:
     settings = settings or from_env()
-    ruleset = ruleset or load_ruleset(settings.cards_dir)
+    ruleset = prepare(ruleset or load_ruleset(settings.cards_dir))
     if settings.profile not in ruleset.profiles:
         known = ", ".join(sorted(ruleset.profiles))
         raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
@@ -40,8 +41,10 @@ def create_app(
     if settings.preview_enabled:
         app.register_blueprint(preview_blueprint)
     logs.init_app(app)
-    init_metrics(app, Metrics(), list(ruleset.services))
-    app.extensions["d3k2.store"] = _open_store(store or FeedbackStore(settings.database))
+    metrics = Metrics()
+    init_metrics(app, metrics, list(ruleset.services))
+    app.extensions["d3k2.store"] = opened = _open_store(store or FeedbackStore(settings.database))
+    opened.served.listener = metrics.served_listener()
     app.extensions["d3k2.auth"] = authenticator
 
     @app.before_request

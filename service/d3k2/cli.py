@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +50,17 @@ def serve(host: str | None, port: int | None, profile: str | None) -> None:
     click.echo(f"d3k2: serving {base}/cds-services (profile {settings.profile}, auth {settings.auth_mode})")
     if settings.preview_enabled:
         click.echo(f"d3k2: card preview at {base}/preview")
-    app.run(host=settings.host, port=settings.port, debug=False, use_reloader=False, threaded=True)
+    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C instead of killing the process outright:
+    # the cards served still queued for the feedback database are written before it exits.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        app.run(host=settings.host, port=settings.port, debug=False, use_reloader=False, threaded=True)
+    finally:
+        app.extensions["d3k2.store"].close()
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- replay and explain

@@ -4,14 +4,40 @@ SQLite in WAL mode under the data dir by default; PostgreSQL (psycopg 3) when D3
 one. The schema belongs to the Alembic migrations in ``d3k2/migrations``; ``migrate()`` brings a
 database to head. Feedback names only a card uuid, so every served card is recorded with its rule
 (``source.topic.code``): the governance report joins the two.
+
+Cards served are written off the request path. A hook answer only queues its rows
+(``FeedbackStore.enqueue_cards``, a few microseconds); one daemon thread per store and process
+(``ServedWriter``, started on the first answer, restarted in a forked child) inserts them in batches: up
+to ``batch_rows`` rows, or whatever ``interval`` seconds gathered, in one transaction. Feedback is
+written synchronously, as before; ``record_feedback`` and ``report`` first flush this process's queue,
+so feedback that follows an answer of the same process by a millisecond still finds its card's rule.
+Feedback on a card served by another worker whose batch is not written yet is stored without a rule;
+``report`` takes the rule from ``cards_served`` then (the row lands within a batch interval).
+
+What can be lost, and when (feedback rows never: they are written before the POST is answered):
+
+- SIGKILL, OOM kill or a crash of a worker: the cards-served rows of its last batch interval (at most
+  ``interval`` seconds of answers, plus whatever was queued while the database was failing). A graceful
+  stop (gunicorn's worker_exit hook in docker/gunicorn.conf.py, atexit, ``FeedbackStore.close``) writes
+  the queue first.
+- The database failing: a batch is retried with exponential backoff, then dropped after
+  ``max_attempts`` failures; meanwhile answers keep queueing up to ``capacity`` rows, and the rows of an
+  answer that finds the queue full are dropped. A stop while the database is down drops what is queued.
+- Every drop is counted (``ServedWriter.stats``, the ``listener``: metrics) and logged with counts only.
+
+The feedback of a lost card stays stored, attributed to no rule ("unknown card" in the report).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import os
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -52,6 +78,9 @@ log = logging.getLogger("d3k2.feedback")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MAX_CARD_UUID = 128
+MAX_SERVICE_ID = 128
+MAX_RULE_ID = 128
+MAX_INDICATOR = 16
 TOP_REASONS = 3
 # Held while migrating PostgreSQL so that workers starting together do not race to create tables.
 _PG_MIGRATION_LOCK = 0x64336B32
@@ -217,16 +246,329 @@ def served_rows(
         topic = source.get("topic") if isinstance(source, Mapping) else None
         rule = topic.get("code") if isinstance(topic, Mapping) else None
         indicator = card.get("indicator")
+        # Cut to the columns' sizes: one over-long value must not fail a whole batch on PostgreSQL.
         rows.append(
             {
                 "card_uuid": uuid[:MAX_CARD_UUID],
-                "service_id": service_id,
-                "rule_id": rule if isinstance(rule, str) else None,
-                "indicator": indicator if isinstance(indicator, str) else None,
+                "service_id": service_id[:MAX_SERVICE_ID],
+                "rule_id": rule[:MAX_RULE_ID] if isinstance(rule, str) else None,
+                "indicator": indicator[:MAX_INDICATOR] if isinstance(indicator, str) else None,
                 "served_at": served_at,
             }
         )
     return rows
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the log: its class and the driver's first line (no SQL, no parameters)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+@dataclass
+class WriterStats:
+    """Counts of this process's writer (reset in a forked child). Rows: enqueued = written + dropped +
+    still queued."""
+
+    enqueued: int = 0
+    written: int = 0
+    batches: int = 0
+    write_errors: int = 0  # failed batch attempts (each retried or, the last one, dropped)
+    dropped_queue_full: int = 0
+    dropped_after_retries: int = 0
+    dropped_at_close: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_queue_full + self.dropped_after_retries + self.dropped_at_close
+
+
+# What the writer reports to its listener (kind, rows): a batch that failed (it is retried), rows dropped.
+WRITE_ERROR = "write-error"
+DROPPED_QUEUE_FULL = "dropped-queue-full"
+DROPPED_AFTER_RETRIES = "dropped-after-retries"
+DROPPED_AT_CLOSE = "dropped-at-close"
+Listener = Callable[[str, int], None]
+
+# Guards starting a writer thread; made anew in a forked child (the parent may have held it).
+_start_lock = threading.Lock()
+_writers: weakref.WeakSet[ServedWriter] = weakref.WeakSet()
+_stores: weakref.WeakSet[FeedbackStore] = weakref.WeakSet()
+
+
+class ServedWriter:
+    """Inserts cards-served rows in batches from a daemon thread; see the module docstring.
+
+    ``enqueue`` is all a hook answer pays for. ``flush`` writes what is queued in the calling thread;
+    ``close`` writes it and stops the thread. The writer holds the engine, not the store: a store that
+    is dropped without ``close`` (tests) lets its thread write what is left and end."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prepare: Callable[[], Callable[[], None] | None] = lambda: None,
+        *,
+        batch_rows: int = 500,
+        interval: float = 0.15,
+        capacity: int = 50_000,
+        max_attempts: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 15.0,
+        idle_check: float = 5.0,
+        warn_every: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._prepare = prepare  # gives the store's ensure_schema while the store lives
+        self.batch_rows = batch_rows
+        self.interval = interval
+        self.capacity = capacity
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._idle_check = idle_check
+        self._warn_every = warn_every
+        self.listener: Listener | None = None
+        self._closing = False
+        self._abandoned = False
+        self._begin_process(os.getpid())
+        _writers.add(self)
+
+    def _begin_process(self, pid: int) -> None:
+        """State of the process ``pid``: at construction, and in a forked child, where the parent's
+        thread does not exist, its locks may be held, and its queued rows are the parent's to write."""
+        self._pid = pid
+        self._cond = threading.Condition(threading.Lock())
+        self._write_lock = threading.Lock()
+        self._pending: deque[dict[str, Any]] = deque()
+        self._retry: list[dict[str, Any]] = []
+        self._attempts = 0
+        self._thread: threading.Thread | None = None
+        self._next_warning = 0.0
+        self._unwarned_drops = 0
+        self.stats = WriterStats()
+
+    def _adopt(self, start: bool) -> None:
+        """Begin this process's state if it is another's (a fork); with ``start``, start the thread."""
+        with _start_lock:
+            if self._pid != os.getpid():
+                self._begin_process(os.getpid())
+            if start and self._thread is None and not self._closing:
+                thread = threading.Thread(
+                    target=self._run, args=(self._cond,), name="d3k2-cards-served-writer", daemon=True
+                )
+                thread.start()
+                self._thread = thread
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting to be written (queued, or a failed batch waiting for its retry)."""
+        return len(self._pending) + len(self._retry)
+
+    def enqueue(self, rows: Sequence[dict[str, Any]]) -> bool:
+        """Queue rows for the writer thread; False when they were dropped (queue full, or closed)."""
+        if not rows:
+            return True
+        if self._thread is None or self._pid != os.getpid():
+            self._adopt(start=True)
+        count = len(rows)
+        with self._cond:
+            self.stats.enqueued += count
+            closed = self._closing
+            before = len(self._pending)
+            accepted = not closed and before + count <= self.capacity
+            if accepted:
+                self._pending.extend(rows)
+                # Wake the writer for a first row (its interval starts) or a full batch; not per answer.
+                if before == 0 or before < self.batch_rows <= before + count:
+                    self._cond.notify()
+            elif closed:
+                self.stats.dropped_at_close += count
+            else:
+                self.stats.dropped_queue_full += count
+        if closed:  # an answer finishing while the process stops
+            log.warning("cards served: %d rows of an answer after close not recorded", count)
+            self._notify(DROPPED_AT_CLOSE, count)
+        elif not accepted:
+            self._dropped(DROPPED_QUEUE_FULL, count)
+        return accepted
+
+    def _run(self, cond: threading.Condition) -> None:
+        """The thread. ``cond`` is its process's: state begun anew (after a fork) is not its own."""
+
+        def waiting() -> bool:
+            return cond is self._cond and not self._closing and not self._abandoned
+
+        delay: float | None = None  # set after a failed write: the pause before its retry
+        while True:
+            with cond:
+                if delay is not None:  # back off; only close() cuts it short
+                    until = time.monotonic() + delay
+                    while waiting() and (left := until - time.monotonic()) > 0:
+                        cond.wait(left)
+                else:
+                    while waiting() and not self._pending:
+                        # With a timeout: the thread of a store dropped without close() must notice.
+                        cond.wait(self._idle_check)
+                    if waiting() and len(self._pending) < self.batch_rows:
+                        cond.wait(self.interval)  # gather a batch; a full one wakes it early
+                stopping = self._closing or self._abandoned
+            if cond is not self._cond:
+                return
+            try:
+                delay = self._write_all()
+            except Exception:  # a bug: keep the thread (and the rows) alive
+                log.exception("cards-served writer: unexpected error")
+                delay = self.backoff
+            if stopping:
+                return
+
+    def _write_all(self) -> float | None:
+        """Write batches until the queue is empty (None) or one fails (the pause before retrying)."""
+        with self._write_lock:
+            while True:
+                written, ok = self._write_batch()
+                if not ok:
+                    return min(self.backoff * 2.0 ** max(self._attempts - 1, 0), self.max_backoff)
+                if not written:
+                    return None
+
+    def _write_batch(self) -> tuple[int, bool]:
+        """One transaction; the caller holds ``_write_lock``. (rows written, success)."""
+        if self._retry:
+            batch = self._retry
+        else:
+            with self._cond:
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.batch_rows))]
+            if not batch:
+                return 0, True
+        try:
+            ensure_schema = self._prepare()
+            if ensure_schema is not None:
+                ensure_schema()
+            with self._engine.begin() as connection:
+                connection.execute(insert(cards_served), batch)
+        except Exception as exc:
+            self._attempts += 1
+            self.stats.write_errors += 1
+            if self._attempts >= self.max_attempts:
+                self._retry, self._attempts = [], 0
+                self.stats.dropped_after_retries += len(batch)
+                log.error(
+                    "cards served: dropped a batch of %d rows after %d failed attempts (%s)",
+                    len(batch),
+                    self.max_attempts,
+                    _describe(exc),
+                )
+                self._notify(WRITE_ERROR, len(batch))
+                self._notify(DROPPED_AFTER_RETRIES, len(batch))
+            else:
+                self._retry = batch
+                log.warning(
+                    "cards served: writing a batch of %d rows failed (attempt %d of %d, retrying): %s",
+                    len(batch),
+                    self._attempts,
+                    self.max_attempts,
+                    _describe(exc),
+                )
+                self._notify(WRITE_ERROR, len(batch))
+            return 0, False
+        self._retry, self._attempts = [], 0
+        self.stats.written += len(batch)
+        self.stats.batches += 1
+        return len(batch), True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write, in this thread, the rows queued before the call: True when they are all in the
+        database. One attempt per batch: after a failure the rest stays queued for the writer thread,
+        which retries. ``timeout`` bounds the wait for a batch the thread is writing."""
+        if self._pid != os.getpid():
+            self._adopt(start=False)
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        try:
+            # The batches queued now (a failed one first); rows queued meanwhile wait for the thread.
+            batches = bool(self._retry) + -(-len(self._pending) // self.batch_rows)
+            return all(self._write_batch()[1] for _ in range(batches))
+        finally:
+            self._write_lock.release()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, stop the thread (idempotent). Rows that cannot be written now (the
+        database fails, or the thread is stuck past ``timeout``) are dropped and counted; rows queued
+        after close are dropped too."""
+        if self._pid != os.getpid():
+            self._adopt(start=False)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self.flush(timeout)
+            with self._write_lock:
+                left = self.queued
+                self._retry = []
+        else:  # still writing (a hung database): its batch is its own; what waits behind it is lost
+            left = len(self._pending)
+        with self._cond:
+            self._pending.clear()
+        if left:
+            self.stats.dropped_at_close += left
+            log.error("cards served: %d rows not written at close (the database failed)", left)
+            self._notify(DROPPED_AT_CLOSE, left)
+
+    def abandon(self) -> None:
+        """The store is gone without close(): the thread writes what is queued and ends (no lock is
+        taken here, so that a garbage collection may call it anywhere)."""
+        self._abandoned = True
+
+    def _dropped(self, kind: str, rows: int) -> None:
+        """Warn at most once per ``warn_every`` seconds: a database down for long must not flood the log."""
+        self._unwarned_drops += rows
+        now = time.monotonic()
+        if now >= self._next_warning:
+            log.warning(
+                "cards served: queue full (%d rows), dropped %d rows since the last warning",
+                self.capacity,
+                self._unwarned_drops,
+            )
+            self._unwarned_drops = 0
+            self._next_warning = now + self._warn_every
+        self._notify(kind, rows)
+
+    def _notify(self, kind: str, rows: int) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        try:
+            listener(kind, rows)
+        except Exception:
+            log.exception("cards-served writer: the listener failed")
+
+
+def close_served_writers(timeout: float = 10.0) -> None:
+    """Write and stop every writer of this process: at exit, and from gunicorn's worker_exit hook."""
+    pid = os.getpid()
+    for writer in list(_writers):
+        if writer._pid == pid:
+            writer.close(timeout)
+
+
+def _after_fork_in_child() -> None:
+    """A child does not inherit threads, and connections shared with the parent must not be used:
+    new locks, fresh pools (``dispose(close=False)`` leaves the parent's connections to the parent)."""
+    global _start_lock
+    _start_lock = threading.Lock()
+    for store in list(_stores):
+        store.engine.dispose(close=False)
+    for writer in list(_writers):
+        writer._begin_process(os.getpid())
+
+
+atexit.register(close_served_writers)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True)
@@ -316,7 +658,11 @@ class Report:
 
 
 class FeedbackStore:
-    """Thread-safe; one per application. Database failures become StoreUnavailable (HTTP 503)."""
+    """Thread-safe; one per application. Database failures become StoreUnavailable (HTTP 503).
+
+    ``served_options`` go to the cards-served writer (``ServedWriter``: batch_rows, interval, capacity,
+    max_attempts, backoff, ...); ``flush_timeout`` bounds how long feedback and the report wait for a
+    batch that the writer is writing."""
 
     def __init__(
         self,
@@ -324,6 +670,8 @@ class FeedbackStore:
         *,
         clock: Callable[[], datetime] = utcnow,
         pause_after_failure: float = 10.0,
+        flush_timeout: float = 5.0,
+        served_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = database_url(url)
         self.engine = _engine(self.url)
@@ -332,6 +680,13 @@ class FeedbackStore:
         self._cards_paused_until = 0.0
         self._schema_ready = False
         self._lock = threading.Lock()
+        self._flush_timeout = flush_timeout
+        self.served = ServedWriter(
+            self.engine, weakref.WeakMethod(self.ensure_schema), **(served_options or {})
+        )
+        # Dropped without close(): its writer writes what is queued and ends.
+        weakref.finalize(self, self.served.abandon)
+        _stores.add(self)
 
     @property
     def display_url(self) -> str:
@@ -344,7 +699,13 @@ class FeedbackStore:
         return Path(self.url.database)
 
     def close(self) -> None:
+        """Write the cards served still queued, stop the writer, close the connections."""
+        self.served.close()
         self.engine.dispose()
+
+    def flush(self) -> bool:
+        """Write this process's queued cards served now; True when all of them are in the database."""
+        return self.served.flush(self._flush_timeout)
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
@@ -379,11 +740,20 @@ class FeedbackStore:
         with self._connect() as connection:
             connection.execute(select(func.count()).select_from(cards_served).where(cards_served.c.id < 0))
 
+    def enqueue_cards(
+        self, service_id: str, cards: Sequence[Mapping[str, Any]], served_at: datetime | None = None
+    ) -> int:
+        """Queue the cards of one answer for the background writer (the hook answer's path): never
+        touches the database, never raises for it. The number of rows queued (0: none, or dropped)."""
+        rows = served_rows(service_id, cards, served_at or self._clock())
+        return len(rows) if rows and self.served.enqueue(rows) else 0
+
     def record_cards(
         self, service_id: str, cards: Sequence[Mapping[str, Any]], served_at: datetime | None = None
     ) -> int:
-        """One bulk insert per answer. After a failure, recording pauses briefly so that a database
-        that hangs cannot add its connect timeout to every hook answer."""
+        """Insert now, synchronously (tools and tests; answers use ``enqueue_cards``). After a
+        failure, recording pauses briefly so that a database that hangs cannot add its connect timeout
+        to every call."""
         rows = served_rows(service_id, cards, served_at or self._clock())
         if not rows:
             return 0
@@ -406,6 +776,8 @@ class FeedbackStore:
         now = received_at or self._clock()
         rows = [feedback_row(service_id, item, now) for item in items]
         self.ensure_schema()
+        # The card may have been served a moment ago by this process: its row must be there to look up.
+        self.flush()
         new: list[bool] = []
         with self._connect() as connection:
             cards = {row["card_uuid"] for row in rows}
@@ -434,10 +806,29 @@ class FeedbackStore:
 
     def report(self, since: datetime | None = None) -> Report:
         """Per rule: cards served and shown (distinct uuids), cards accepted / overridden (distinct
-        uuids with that outcome), feedback items, and the most frequent override reasons."""
+        uuids with that outcome), feedback items, and the most frequent override reasons.
+
+        Feedback stored without a rule takes its card's rule from ``cards_served`` when the card's row
+        is there now: another worker's batch may have been written after the feedback."""
         self.ensure_schema()
+        self.flush()
         shown_filter = [cards_served.c.served_at >= since] if since else []
-        feedback_filter = [feedback.c.received_at >= since] if since else []
+        served_rule = (
+            select(func.max(cards_served.c.rule_id))
+            .where(cards_served.c.card_uuid == feedback.c.card_uuid)
+            .scalar_subquery()
+        )
+        resolved = (
+            select(
+                func.coalesce(feedback.c.rule_id, served_rule).label("rule_id"),
+                feedback.c.card_uuid,
+                feedback.c.outcome,
+                feedback.c.override_reason_system,
+                feedback.c.override_reason_code,
+            )
+            .where(*([feedback.c.received_at >= since] if since else []))
+            .subquery("resolved")
+        )
         by_rule: dict[str | None, dict[str, Any]] = {}
 
         def entry(rule: str | None) -> dict[str, Any]:
@@ -456,13 +847,11 @@ class FeedbackStore:
                 entry(rule).update(served=served, shown=shown)
             for rule, outcome, items, cards in connection.execute(
                 select(
-                    feedback.c.rule_id,
-                    feedback.c.outcome,
+                    resolved.c.rule_id,
+                    resolved.c.outcome,
                     func.count(),
-                    func.count(feedback.c.card_uuid.distinct()),
-                )
-                .where(*feedback_filter)
-                .group_by(feedback.c.rule_id, feedback.c.outcome)
+                    func.count(resolved.c.card_uuid.distinct()),
+                ).group_by(resolved.c.rule_id, resolved.c.outcome)
             ):
                 row = entry(rule)
                 row["feedback"] = row.get("feedback", 0) + items
@@ -470,14 +859,14 @@ class FeedbackStore:
                     row[outcome] = cards
             reasons = connection.execute(
                 select(
-                    feedback.c.rule_id,
-                    feedback.c.override_reason_system,
-                    feedback.c.override_reason_code,
+                    resolved.c.rule_id,
+                    resolved.c.override_reason_system,
+                    resolved.c.override_reason_code,
                     func.count(),
                 )
-                .where(feedback.c.outcome == "overridden", *feedback_filter)
+                .where(resolved.c.outcome == "overridden")
                 .group_by(
-                    feedback.c.rule_id, feedback.c.override_reason_system, feedback.c.override_reason_code
+                    resolved.c.rule_id, resolved.c.override_reason_system, resolved.c.override_reason_code
                 )
             ).all()
         # Sorted here, not in SQL: SQLite and PostgreSQL order NULLs differently.

@@ -16,6 +16,7 @@ from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from d3k2.feedback import WRITE_ERROR, Listener
 from d3k2.fhir.client import FetchOutcome
 from d3k2.fhir.prefetch import Fetcher
 
@@ -72,6 +73,21 @@ class Metrics:
             topic = source.get("topic") if isinstance(source, Mapping) else None
             rule = topic.get("code") if isinstance(topic, Mapping) else None
             self.cards.labels(str(rule or "unknown"), str(card.get("indicator") or "unknown")).inc()
+
+    def served_listener(self) -> Listener:
+        """The cards-served writer's events (d3k2.feedback.ServedWriter) as metrics: a failed batch
+        write (retried) counts once under ``record_cards``; dropped rows count one each under
+        ``record_cards_dropped``."""
+        failed = self.store_errors.labels("record_cards")
+        dropped = self.store_errors.labels("record_cards_dropped")
+
+        def listen(kind: str, rows: int) -> None:
+            if kind == WRITE_ERROR:
+                failed.inc()
+            else:
+                dropped.inc(rows)
+
+        return listen
 
     def exposition(self) -> bytes:
         path = os.environ.get(MULTIPROC_ENV)
