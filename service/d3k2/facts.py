@@ -3,6 +3,9 @@
 Every resource is read defensively: one that cannot be read is skipped and reported in
 ``Facts.issues`` (never with patient data), and never stops other resources from being read, so a
 malformed entry cannot hide a contraindication.
+
+Lab results are read in two stages (see "observations" below): every one is triaged (what it is,
+when, whether it can be read at all), and only the newest per lab and role is read in full.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from functools import cached_property
+from operator import itemgetter
 from typing import Any
 
 from d3k2.quantities import Interval, format_interval, format_number
-from d3k2.terminology import LOINC, Terminology, normalise_system
+from d3k2.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
 MedicationClassifier = Callable[[object], Sequence[tuple[str, str, str]]]
 
 _COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
+# Every system text that means LOINC (checked on each coding of each Observation).
+_LOINC_SPELLINGS = spellings(LOINC)
 
 
 class Unreadable(Exception):
@@ -172,14 +177,13 @@ def observation_date(resource: Mapping[str, Any]) -> date | None:
 
 
 def _instant(text: str, day: date) -> datetime:
-    """A sortable moment (UTC, naive) of a result on `day`: its time when given, else midnight."""
+    """A sortable moment (in UTC) of a result on `day`: its time when given, else midnight; a time
+    without an offset is taken as UTC."""
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        return datetime(day.year, day.month, day.day)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _canonical(resource: Mapping[str, Any]) -> str:
@@ -187,18 +191,24 @@ def _canonical(resource: Mapping[str, Any]) -> str:
     return json.dumps(resource, sort_keys=True, default=str)
 
 
-def _loinc_codes(resource: Mapping[str, Any]) -> list[str]:
+def _loinc_codes(resource: Mapping[str, Any]) -> tuple[str, ...]:
     code = resource.get("code")
-    codings = code.get("coding") if isinstance(code, Mapping) else None
+    codings = code.get("coding") if type(code) is dict or isinstance(code, Mapping) else None
     if not isinstance(codings, list):
-        return []
-    return [
-        c["code"]
-        for c in codings
-        if isinstance(c, Mapping)
-        and isinstance(c.get("code"), str)
-        and normalise_system(str(c.get("system", ""))) == LOINC
-    ]
+        return ()
+    found: tuple[str, ...] = ()
+    for coding in codings:
+        if type(coding) is dict or isinstance(coding, Mapping):
+            value = coding.get("code")
+            if isinstance(value, str):
+                system = coding.get("system", "")
+                if (
+                    system in _LOINC_SPELLINGS
+                    if type(system) is str
+                    else normalise_system(str(system)) == LOINC
+                ):
+                    found += (value,)
+    return found
 
 
 def _codeable_text(codeable: Mapping[str, Any]) -> str:
@@ -226,32 +236,59 @@ def _status_code(codeable: object) -> str | None:
 
 
 # ---------------------------------------------------------------- observations
+#
+# A lab history can hold thousands of results of which only the newest per lab and role is ever
+# shown, so Observations are read in two stages:
+#
+# 1. Triage (every Observation): its LOINC codes → lab and role (looked up once per code list), its
+#    status, its date and time, and every check that makes a result unreadable (number, unit,
+#    comparator, date). An unreadable result is reported whatever its age, exactly as if it had
+#    been read in full. What is kept of a readable one is a light `_Candidate` tuple.
+# 2. Selection (a few candidates): `_newest` picks the newest per lab and role; only the picked
+#    ones are read in full (value interval in the canonical unit, reported text, source).
+
+# (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
+# the one with the greatest (at, "Observation/<id>") and every source of a candidate starts with
+# "Observation/"; `id` is "(no id)" for a result without one, as in its source.
+_Candidate = tuple[datetime, str, date, str, "_Role", float | None, Mapping[str, Any]]
+_NEWEST_KEY = itemgetter(0, 1)
+_ERRORS = (Unreadable, TypeError, ValueError, AttributeError, KeyError, OverflowError)
+# Code lists remembered per rule set: more would be a request sending ever new codes.
+_MAX_ROLES = 4096
 
 
-@dataclass(frozen=True)
-class _Reading:
-    analyte: str
-    role: str  # "total" | "d3" | "d2" | "primary" | "fallback" | "range_only"
-    value: Interval
-    reported: str
-    when: date
-    status: str
-    source: str
-    code: str
-    upper_limit: float | None
-    at: datetime
-    raw: Mapping[str, Any] = field(compare=False, repr=False)
+class _Role:
+    """What one code list means: a role of one lab (e.g. eGFR "primary") and the code that says so."""
+
+    __slots__ = ("accepted", "code", "fallback", "lab", "role")
+
+    def __init__(self, lab: LabConfig, role: str, code: str) -> None:
+        self.lab = lab
+        self.role = role
+        self.code = code
+        # Where its candidates go: results of an accepted status, and of a fallback status.
+        self.accepted = (lab.name, role, True)
+        self.fallback = (lab.name, role, False)
 
 
-def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str, str]:
-    """(interval in the canonical unit, reported text, reported unit) or Unreadable."""
+def _quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[float, str | None, str]:
+    """(value, comparator, unit) as reported, the unit one `lab` understands; else Unreadable."""
     quantity = resource.get("valueQuantity")
-    if isinstance(quantity, Mapping):
-        raw = quantity.get("value")
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
+    if type(quantity) is dict or isinstance(quantity, Mapping):
+        raw: Any = quantity.get("value")
+        kind = type(raw)
+        if (
+            kind is not float
+            and kind is not int
+            and (isinstance(raw, bool) or not isinstance(raw, int | float))
+        ):
             raise Unreadable("valueQuantity.value is not a number")
-        comparator = _str(quantity.get("comparator"))
-        unit = _str(quantity.get("code")) or _str(quantity.get("unit"))
+        comparator = quantity.get("comparator")
+        if comparator is not None:
+            comparator = _str(comparator)
+        unit = quantity.get("code")
+        if not (isinstance(unit, str) and unit):
+            unit = _str(quantity.get("unit"))
         if unit is None:
             raise Unreadable("valueQuantity has no unit")
         if unit not in lab.units and _str(quantity.get("unit")) in lab.units:
@@ -268,15 +305,21 @@ def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[I
             raise Unreadable("valueString has no unit")
     else:
         raise Unreadable("no valueQuantity or valueString")
-    if comparator not in (None, "<", "<=", ">", ">=", "="):
+    if comparator is not None and comparator not in ("<", "<=", ">", ">=", "="):
         raise Unreadable(f"comparator {comparator!r} not understood")
-    factor = lab.units.get(unit)
-    if factor is None:
+    if unit not in lab.units:
         raise Unreadable(f"unit {unit!r} not understood for {lab.label}")
+    return value, comparator, unit
+
+
+def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
+    """(interval in the canonical unit, reported text) of a result triage found readable."""
+    value, comparator, unit = _quantity_parts(resource, lab, code)
+    factor = lab.units[unit]
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
     converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
-    return converted, format_interval(reported_interval, display_unit), unit
+    return converted, format_interval(reported_interval, display_unit)
 
 
 def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
@@ -293,7 +336,7 @@ def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
     return None
 
 
-def _lab_role(codes: list[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
+def _lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
     for code in codes:
         if code in lab.never:
             continue
@@ -313,90 +356,176 @@ def _lab_role(codes: list[str], terminology: Terminology, lab: LabConfig) -> tup
     return None
 
 
+def _moment(text: str) -> tuple[str, date, datetime | None] | None:
+    """(text, date, sortable instant) of a date text: `parse_date` and `_instant` with one parse.
+    No instant when working it out fails: it is then worked out again where reading the result
+    would have failed, to report the same reason."""
+    stripped = text.strip()
+    if len(stripped) in (4, 7, 10):  # a date without a time: parse_date's own ways
+        when = parse_date(text)
+        if when is None:
+            return None
+        return text, when, _instant(text, when)
+    try:
+        moment = datetime.fromisoformat(stripped.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    zone = moment.tzinfo
+    if zone is UTC:  # as `_instant` would give, without its second parse
+        return text, moment.date(), moment
+    if zone is None:
+        return text, moment.date(), moment.replace(tzinfo=UTC)
+    try:
+        return text, moment.date(), moment.astimezone(UTC)
+    except OverflowError:
+        return text, moment.date(), None
+
+
+class _Lookup:
+    """What stays the same from call to call for one rule set: status classes, pregnancy codes and
+    what each code list means. Neither the config nor the terminology is changed once loaded."""
+
+    __slots__ = ("config", "pregnancy_codes", "roles", "statuses", "terminology")
+
+    def __init__(self, config: FactsConfig, terminology: Terminology) -> None:
+        self.config = config
+        self.terminology = terminology
+        # Listing a value set's codes scans the whole terminology: once per rule set.
+        self.pregnancy_codes = frozenset(
+            code for vs in config.pregnancy_observation for _system, code in terminology.codes_in(vs)
+        )
+        # status → accepted (True) or fallback (False); any other status is not used.
+        self.statuses = dict.fromkeys(config.fallback_status, False) | dict.fromkeys(
+            config.accepted_status, True
+        )
+        self.roles: dict[tuple[str, ...], _Role | None] = {}
+
+    def role(self, codes: tuple[str, ...]) -> _Role | None:
+        try:
+            return self.roles[codes]
+        except KeyError:
+            pass
+        found = None
+        for lab in self.config.labs.values():
+            role = _lab_role(codes, self.terminology, lab)
+            if role is not None:
+                found = _Role(lab, *role)
+                break
+        if len(self.roles) >= _MAX_ROLES:
+            self.roles.clear()
+        self.roles[codes] = found
+        return found
+
+
+# (id(config), id(terminology)) → lookup. An entry holds both objects, so neither id can be reused
+# by another object while it exists; a handful of rule sets (tests load several) are kept.
+_LOOKUPS: dict[tuple[int, int], _Lookup] = {}
+_MAX_LOOKUPS = 8
+
+
+def _lookup(config: FactsConfig, terminology: Terminology) -> _Lookup:
+    key = (id(config), id(terminology))
+    found = _LOOKUPS.get(key)
+    if found is None:
+        if len(_LOOKUPS) >= _MAX_LOOKUPS:
+            _LOOKUPS.clear()
+        found = _LOOKUPS[key] = _Lookup(config, terminology)
+    return found
+
+
 # ---------------------------------------------------------------- the extractor
 
 
-@dataclass
 class _Collector:
-    config: FactsConfig
-    terminology: Terminology
-    classify: MedicationClassifier
-    today: date
-    issues: list[str] = field(default_factory=list)
-    readings: list[_Reading] = field(default_factory=list)
-    pregnancy: list[Evidence] = field(default_factory=list)
-    conditions: dict[str, list[Evidence]] = field(default_factory=dict)
-    medications: list[MedicationFact] = field(default_factory=list)
-    index: dict[str, Mapping[str, Any]] = field(default_factory=dict)
-    # A long lab history repeats a handful of code lists: each is looked up in the value sets once.
-    roles: dict[tuple[str, ...], tuple[LabConfig, str, str] | None] = field(default_factory=dict)
+    def __init__(
+        self,
+        config: FactsConfig,
+        terminology: Terminology,
+        classify: MedicationClassifier,
+        unique: list[Mapping[str, Any]],
+        issues: list[str],
+    ) -> None:
+        self.config = config
+        self.terminology = terminology
+        self.classify = classify
+        self.unique = unique
+        self.issues = issues
+        self.lookup = _lookup(config, terminology)
+        # (lab name, role, accepted status?) → the triaged results, in Bundle order.
+        self.candidates: dict[tuple[str, str, bool], list[_Candidate]] = {}
+        # date text → `_moment`: results of one draw (or one day) share their date text.
+        self.moments: dict[str, tuple[str, date, datetime | None] | None] = {}
+        self.pregnancy: list[Evidence] = []
+        self.conditions: dict[str, list[Evidence]] = {}
+        self.medications: list[MedicationFact] = []
+        self.index: dict[str, Mapping[str, Any]] | None = None
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
         self.issues.append(f"{_ref(resource)} skipped: {reason}")
 
-    @cached_property
-    def pregnancy_codes(self) -> frozenset[str]:
-        """Once per call, not per Observation: listing a value set's codes scans the whole terminology."""
-        return frozenset(self._codes_of(self.config.pregnancy_observation))
-
-    def lab_role(self, codes: list[str]) -> tuple[LabConfig, str, str] | None:
-        key = tuple(codes)
-        if key not in self.roles:
-            self.roles[key] = None
-            for lab in self.config.labs.values():
-                found = _lab_role(codes, self.terminology, lab)
-                if found is not None:
-                    self.roles[key] = (lab, *found)
-                    break
-        return self.roles[key]
-
     def observation(self, resource: Mapping[str, Any]) -> None:
+        """Stage 1 for a lab result: triage (see above); pregnancy status is read in full."""
         codes = _loinc_codes(resource)
         if not codes:
             return
-        status = _str(resource.get("status")) or ""
-        if not self.pregnancy_codes.isdisjoint(codes):
+        status = resource.get("status")
+        if not isinstance(status, str):
+            status = ""
+        lookup = self.lookup
+        if not lookup.pregnancy_codes.isdisjoint(codes):
             self._pregnancy_status(resource, status)
             return
-        found = self.lab_role(codes)
+        found = lookup.roles.get(codes) or lookup.role(codes)
         if found is None:
             return
-        lab, role, code = found
-        if status not in self.config.accepted_status + self.config.fallback_status:
+        accepted = lookup.statuses.get(status)
+        if accepted is None:
             return
-        effective = _effective_text(resource)
-        when = parse_date(effective)
-        if effective is None or when is None:
-            self.report(resource, f"{lab.label} result has no date")
+        # Usually the first candidate, effectiveDateTime, is the date: straight to its memo.
+        effective = resource.get("effectiveDateTime")
+        moment = None
+        if type(effective) is str:
+            moments = self.moments
+            if effective in moments:
+                moment = moments[effective]
+            else:
+                moment = moments[effective] = _moment(effective)
+        if moment is None:  # no usable effectiveDateTime: the other places a date can be
+            text = _effective_text(resource)
+            moment = _moment(text) if text is not None else None
+        if moment is None:
+            self.report(resource, f"{found.lab.label} result has no date")
             return
         if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
             return
         try:
-            value, reported, _unit = _quantity(resource, lab, code)
+            _quantity_parts(resource, found.lab, found.code)
         except Unreadable as exc:
             self.report(resource, str(exc))
             return
-        self.readings.append(
-            _Reading(
-                lab.name,
-                role,
-                value,
-                reported,
-                when,
-                status,
-                _ref(resource),
-                code,
-                _upper_limit(resource, lab),
-                _instant(effective, when),
-                resource,
-            )
+        upper = _upper_limit(resource, found.lab) if "referenceRange" in resource else None
+        text, when, at = moment
+        if at is None:
+            at = _instant(text, when)  # fails again, now: reported as it always was
+        rid = resource.get("id")
+        candidate = (
+            at,
+            rid if isinstance(rid, str) and rid else "(no id)",
+            when,
+            status,
+            found,
+            upper,
+            resource,
         )
-
-    def _codes_of(self, valuesets: tuple[str, ...]) -> list[str]:
-        return [code for vs in valuesets for _system, code in self.terminology.codes_in(vs)]
+        key = found.accepted if accepted else found.fallback
+        group = self.candidates.get(key)
+        if group is None:
+            self.candidates[key] = [candidate]
+        else:
+            group.append(candidate)
 
     def _pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
-        if status not in self.config.accepted_status + self.config.fallback_status:
+        if status not in self.lookup.statuses:
             return
         answer = resource.get("valueCodeableConcept")
         codings = answer.get("coding") if isinstance(answer, Mapping) else None
@@ -424,9 +553,9 @@ class _Collector:
         text = _codeable_text(resource["code"]) or "condition"
         when = parse_date(resource.get("onsetDateTime")) or parse_date(resource.get("recordedDate"))
         for fact, valuesets in self.config.condition_facts.items():
-            if concepts & set(valuesets):
+            if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, _ref(resource), when))
-        if concepts & set(self.config.pregnancy_conditions):
+        if not concepts.isdisjoint(self.config.pregnancy_conditions):
             self.pregnancy.append(Evidence("pregnancy", text, _ref(resource), when))
 
     def medication(self, resource: Mapping[str, Any]) -> None:
@@ -465,90 +594,113 @@ class _Collector:
                     if isinstance(item, Mapping) and item.get("id") == target[1:]:
                         return item
             return None
+        if self.index is None:  # built on the first reference: most requests have none
+            self.index = {}
+            for candidate in self.unique:
+                rtype = candidate.get("resourceType")
+                rid = candidate.get("id")
+                if isinstance(rtype, str) and isinstance(rid, str):
+                    self.index[f"{rtype}/{rid}"] = candidate
         key = target.rsplit("/", 2)
         short = "/".join(key[-2:]) if len(key) >= 2 else target
         return self.index.get(short)
 
 
-def _newest(readings: Iterable[_Reading], config: FactsConfig) -> _Reading | None:
+# ---------------------------------------------------------------- stage 2: the newest results
+
+
+def _newest(accepted: list[_Candidate], fallback: list[_Candidate]) -> _Candidate | None:
     """Newest by time; final beats preliminary; ties broken by id, then content, never by Bundle order."""
-    candidates = [r for r in readings if r.status in config.accepted_status]
-    if not candidates:
-        candidates = [r for r in readings if r.status in config.fallback_status]
+    candidates = accepted or fallback
     if not candidates:
         return None
-    newest = max((r.at, r.source) for r in candidates)
-    tied = [r for r in candidates if (r.at, r.source) == newest]
-    return tied[0] if len(tied) == 1 else max(tied, key=lambda r: _canonical(r.raw))
+    best = max(candidates, key=_NEWEST_KEY)
+    if not best[1].endswith("(no id)"):
+        return best  # one resource per id (`_unique`): no other candidate has its (at, id)
+    tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
+    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: _canonical(c[6]))
 
 
 def _measurement(
-    reading: _Reading, lab: LabConfig, config: FactsConfig, today: date, notes: tuple[str, ...]
+    candidate: _Candidate,
+    lab: LabConfig,
+    config: FactsConfig,
+    today: date,
+    notes: tuple[str, ...],
+    summed: tuple[Interval, str] | None = None,
 ) -> Measurement:
-    age = (today - reading.when).days
-    extra = (config.notes["preliminary"],) if reading.status == "preliminary" else ()
+    """Stage 2: the picked result read in full (or its value and text `summed` with another's)."""
+    _at, _id, when, status, found, upper, resource = candidate
+    if summed is None:
+        value, reported = _quantity(resource, found.lab, found.code)
+    else:
+        (value, reported), upper = summed, None
+    age = (today - when).days
+    extra = (config.notes["preliminary"],) if status == "preliminary" else ()
     return Measurement(
         analyte=lab.name,
-        value=reading.value,
+        value=value,
         unit=lab.canonical_unit,
-        reported=reading.reported,
-        when=reading.when,
-        status=reading.status,
-        source=reading.source,
-        code=reading.code,
+        reported=reported,
+        when=when,
+        status=status,
+        source=_ref(resource),
+        code=found.code,
         stale=age > lab.stale_days,
         age_days=age,
         notes=notes + extra,
-        upper_limit=reading.upper_limit,
+        upper_limit=upper,
     )
 
 
-def _vitd(readings: list[_Reading], lab: LabConfig, config: FactsConfig, today: date) -> Measurement | None:
+_Candidates = dict[tuple[str, str, bool], list[_Candidate]]
+
+
+def _group(candidates: _Candidates, lab: LabConfig, role: str) -> tuple[list[_Candidate], list[_Candidate]]:
+    """(accepted-status, fallback-status) results of one lab and role."""
+    return candidates.get((lab.name, role, True), []), candidates.get((lab.name, role, False), [])
+
+
+def _vitd(candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: date) -> Measurement | None:
     """Total first; the D3 fraction (plus a same-day D2 fraction) only for a date without a total."""
-    mine = [r for r in readings if r.analyte == lab.name]
-    totals = [r for r in mine if r.role == "total"]
-    total_dates = {r.when for r in totals}
-    d3_only = [r for r in mine if r.role == "d3" and r.when not in total_dates]
-    best_total = _newest(totals, config)
-    best_d3 = _newest(d3_only, config)
-    if best_d3 is None or (best_total is not None and best_total.when >= best_d3.when):
+    totals = _group(candidates, lab, "total")
+    total_dates = {c[2] for group in totals for c in group}
+    d3_accepted, d3_fallback = _group(candidates, lab, "d3")
+    best_total = _newest(*totals)
+    best_d3 = _newest(
+        [c for c in d3_accepted if c[2] not in total_dates],
+        [c for c in d3_fallback if c[2] not in total_dates],
+    )
+    if best_d3 is None or (best_total is not None and best_total[2] >= best_d3[2]):
         return _measurement(best_total, lab, config, today, ()) if best_total else None
-    d2 = _newest([r for r in mine if r.role == "d2" and r.when == best_d3.when], config)
+    day = best_d3[2]
+    d2_accepted, d2_fallback = _group(candidates, lab, "d2")
+    d2 = _newest([c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day])
     if d2 is None:
         return _measurement(best_d3, lab, config, today, (config.notes["d3_only"],))
+    d3_value, d3_reported = _quantity(best_d3[6], best_d3[4].lab, best_d3[4].code)
+    d2_value, d2_reported = _quantity(d2[6], d2[4].lab, d2[4].code)
     combined = Interval(
-        best_d3.value.lo + d2.value.lo,
-        best_d3.value.hi + d2.value.hi,
-        best_d3.value.lo_open or d2.value.lo_open,
-        best_d3.value.hi_open or d2.value.hi_open,
+        d3_value.lo + d2_value.lo,
+        d3_value.hi + d2_value.hi,
+        d3_value.lo_open or d2_value.lo_open,
+        d3_value.hi_open or d2_value.hi_open,
     )
-    summed = _Reading(
-        lab.name,
-        "total",
-        combined,
-        f"{best_d3.reported} + D2 {d2.reported}",
-        best_d3.when,
-        best_d3.status,
-        best_d3.source,
-        best_d3.code,
-        None,
-        best_d3.at,
-        best_d3.raw,
-    )
-    return _measurement(summed, lab, config, today, (config.notes["d3_plus_d2"],))
+    summed = (combined, f"{d3_reported} + D2 {d2_reported}")
+    return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
 
 
 def _simple_lab(
-    readings: list[_Reading], lab: LabConfig, config: FactsConfig, today: date
+    candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: date
 ) -> Measurement | None:
-    mine = [r for r in readings if r.analyte == lab.name]
-    best = _newest([r for r in mine if r.role == "primary"], config)
+    best = _newest(*_group(candidates, lab, "primary"))
     notes: tuple[str, ...] = ()
     if best is None:
-        best = _newest([r for r in mine if r.role == "fallback"], config)
+        best = _newest(*_group(candidates, lab, "fallback"))
         notes = (config.notes["legacy_equation"],) if best else ()
     if best is None:
-        best = _newest([r for r in mine if r.role == "range_only" and r.upper_limit is not None], config)
+        accepted, fallback = _group(candidates, lab, "range_only")
+        best = _newest([c for c in accepted if c[5] is not None], [c for c in fallback if c[5] is not None])
     if best is None:
         return None
     return _measurement(best, lab, config, today, notes)
@@ -558,19 +710,40 @@ def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
     return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
 
 
-def _unique(items: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """One resource per type/id (the same result sent under two prefetch keys counts once); of two
-    different versions with one id, the same one is kept whatever the order."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
+def _ref_key(rtype: object, rid: str) -> tuple[str, str]:
+    """`_ref` of a resource with an id, as (text before its first "/", text after it)."""
+    head = _str(rtype) or "Resource"
+    if "/" not in head:
+        return head, rid
+    head, _, tail = head.partition("/")
+    return head, f"{tail}/{rid}"
+
+
+def _unique(resources: Iterable[object]) -> list[Mapping[str, Any]]:
+    """The resources (JSON objects), one per type/id (the same result sent under two prefetch keys
+    counts once); of two different versions with one id, the same one is kept whatever the order.
+    Resources without an id come first, then one per type/id in the order first seen."""
     unique: list[Mapping[str, Any]] = []
-    for resource in items:
-        ref = _ref(resource)
-        if ref.endswith("(no id)"):
+    first: dict[tuple[str, str], Mapping[str, Any]] = {}
+    repeated: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for resource in resources:
+        if type(resource) is not dict and not isinstance(resource, Mapping):
+            continue
+        rid = resource.get("id")
+        if not isinstance(rid, str) or not rid or rid.endswith("(no id)"):
             unique.append(resource)
-        else:
-            groups.setdefault(ref, []).append(resource)
-    for group in groups.values():
-        unique.append(group[0] if len(group) == 1 else max(group, key=_canonical))
+            continue
+        rtype = resource.get("resourceType")
+        key = (rtype, rid) if type(rtype) is str and rtype and "/" not in rtype else _ref_key(rtype, rid)
+        seen = first.setdefault(key, resource)
+        if seen is not resource:
+            repeated.setdefault(key, [seen]).append(resource)
+    if not repeated:
+        unique.extend(first.values())
+        return unique
+    for key, resource in first.items():
+        group = repeated.get(key)
+        unique.append(resource if group is None else max(group, key=_canonical))
     return unique
 
 
@@ -585,31 +758,28 @@ def extract_facts(
     incomplete: Sequence[str] = (),
     issues: Sequence[str] = (),
 ) -> Facts:
-    """Read every resource once; unreadable ones are reported, never fatal."""
-    items = [r for r in resources if isinstance(r, Mapping)]
-    collector = _Collector(config, terminology, classify, today, issues=list(issues))
-    unique = _unique(items)
-    for resource in unique:
-        rtype = resource.get("resourceType")
-        rid = resource.get("id")
-        if isinstance(rtype, str) and isinstance(rid, str):
-            collector.index[f"{rtype}/{rid}"] = resource
+    """Read every resource once; unreadable ones are reported, never fatal. Observations in two
+    stages: every one triaged, the newest per lab and role read in full (see above)."""
+    unique = _unique(resources)
+    collector = _Collector(config, terminology, classify, unique, list(issues))
+    observation = collector.observation
     for resource in unique:
         rtype = resource.get("resourceType")
         try:
             if rtype == "Observation":
-                collector.observation(resource)
+                observation(resource)
             elif rtype == "Condition":
                 collector.condition(resource)
             elif rtype in ("MedicationStatement", "MedicationRequest"):
                 collector.medication(resource)
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
-        except (Unreadable, TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        except _ERRORS as exc:
             collector.report(resource, f"unreadable ({type(exc).__name__})")
     labs = config.labs
-    vitd = _vitd(collector.readings, labs["vitd"], config, today) if "vitd" in labs else None
-    egfr = _simple_lab(collector.readings, labs["egfr"], config, today) if "egfr" in labs else None
-    calcium = _simple_lab(collector.readings, labs["calcium"], config, today) if "calcium" in labs else None
+    found = collector.candidates
+    vitd = _vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
+    egfr = _simple_lab(found, labs["egfr"], config, today) if "egfr" in labs else None
+    calcium = _simple_lab(found, labs["calcium"], config, today) if "calcium" in labs else None
     return Facts(
         today=today,
         vitd=vitd,

@@ -33,6 +33,12 @@ def normalise_system(system: str) -> str:
     return _SYSTEM_ALIASES.get(system, system)
 
 
+def spellings(system: str) -> frozenset[str]:
+    """Every text `normalise_system` turns into `system`: `text in spellings(s)` is
+    `normalise_system(text) == s` for any string, with one set lookup."""
+    return frozenset(text for text in (system, *_SYSTEM_ALIASES) if normalise_system(text) == system)
+
+
 def normalise_code(system: str, code: str) -> str:
     """ICD-10-CM is compared without its dot (codes.json: sources differ in dotting)."""
     code = code.strip()
