@@ -60,8 +60,9 @@ WAIT = 30.0  # bounds a hang only; every wait below ends on an Event
 
 
 def new_store(url: str, **options: Any) -> FeedbackStore:
-    """A store whose writer thread does not write on its own unless a test asks (interval: an hour)."""
-    options = {"interval": 3600.0, **options}
+    """A store whose writer thread does not write on its own unless a test asks (interval: an hour), and
+    whose answers write after their response only when a test asks (due_age: an hour)."""
+    options = {"interval": 3600.0, "due_age": 3600.0, **options}
     store = FeedbackStore(url, clock=fixed_clock(), served_options=options)
     store.migrate()
     return store
@@ -327,7 +328,8 @@ def test_report_keeps_the_top_reasons_of_late_attributed_feedback(store: Feedbac
 
 def make_app(tmp_path: Path, **options: Any) -> Flask:
     s = settings(tmp_path)
-    store = FeedbackStore(s.database, clock=fixed_clock(), served_options={"interval": 3600.0, **options})
+    options = {"interval": 3600.0, "due_age": 3600.0, **options}
+    store = FeedbackStore(s.database, clock=fixed_clock(), served_options=options)
     return create_app(s, ruleset(), store)
 
 
@@ -346,6 +348,104 @@ def test_http_feedback_right_after_an_answer_is_attributed(tmp_path: Path) -> No
         assert sorted(served_uuids(store)) == sorted(c["uuid"] for c in cards)
     finally:
         store.close()
+
+
+def test_an_answer_writes_the_queue_after_its_response_when_due(tmp_path: Path) -> None:
+    cards = len(
+        post(
+            make_app(tmp_path / "probe").test_client(), f"/cds-services/{SERVICE}", hook_request()
+        ).get_json()["cards"]
+    )
+    assert cards >= 2
+    app = make_app(tmp_path, due_rows=cards + 1)
+    store = app.extensions["d3k2.store"]
+    try:
+        commits = Commits(store)
+        client = app.test_client()
+        first = post(client, f"/cds-services/{SERVICE}", hook_request())
+        uuids = [c["uuid"] for c in first.get_json()["cards"]]
+        first.close()  # what the server does once the body is sent
+        assert (commits.count, store.served.queued) == (0, cards)  # fewer than due_rows: not due yet
+        second = post(client, f"/cds-services/{SERVICE}", hook_request())
+        assert (commits.count, store.served.queued) == (0, 2 * cards)  # queued until the response closes
+        second.close()
+        assert (commits.count, store.served.queued) == (1, 0)  # due: one transaction, in this thread
+        assert sorted(served_uuids(store)) == sorted(uuids * 2)
+        assert store.served.stats.batches == 1
+    finally:
+        store.close()
+
+
+def test_old_rows_are_due_whatever_their_number(store: FeedbackStore) -> None:
+    writer = store.served
+    store.enqueue_cards(SERVICE, answer(0))
+    writer.write_due()
+    assert writer.queued == 2  # young, and fewer than due_rows
+    writer.due_age = 0.0
+    writer.write_due()
+    assert (writer.queued, served_uuids(store)) == (0, ["a-0", "b-0"])
+    writer.write_due()  # nothing queued: nothing to do
+    assert writer.stats.batches == 1
+
+
+def test_write_due_never_waits_for_the_thread(store: FeedbackStore) -> None:
+    writer = store.served
+    writer.due_rows = 1
+    store.enqueue_cards(SERVICE, answer(0))
+    with writer._write_lock:  # as while the thread writes a batch
+        done = threading.Event()
+        threading.Thread(target=lambda: (writer.write_due(), done.set()), daemon=True).start()
+        assert done.wait(WAIT)
+    assert writer.queued == 2  # left for the thread, or the next answer
+    writer.write_due()
+    assert writer.queued == 0
+
+
+def test_write_due_leaves_a_failed_batch_to_the_thread(store: FeedbackStore) -> None:
+    writer = store.served
+    writer.due_rows = 1
+    fail = FailInserts(store, 1)
+    store.enqueue_cards(SERVICE, answer(0))
+    writer.write_due()
+    assert fail.failed.is_set()
+    assert (writer.queued, writer.stats.write_errors) == (2, 1)
+    writer.write_due()  # a retry is the thread's, after its backoff: answers do not hammer a failing database
+    assert writer.stats.write_errors == 1
+    assert store.flush() is True
+    assert served_uuids(store) == ["a-0", "b-0"]
+
+
+def test_a_bug_in_write_due_is_logged_and_keeps_the_rows(
+    store: FeedbackStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = store.served
+    writer.due_rows = 1
+    store.enqueue_cards(SERVICE, answer(0))
+
+    def broken() -> tuple[int, bool]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(writer, "_write_batch", broken)
+    with caplog.at_level(logging.ERROR, logger="d3k2.feedback"):
+        writer.write_due()
+    assert "unexpected error writing after an answer" in caplog.text
+    assert not writer._write_lock.locked()
+    monkeypatch.undo()
+    assert store.flush() is True
+    assert served_uuids(store) == ["a-0", "b-0"]
+
+
+def test_the_thread_takes_only_old_rows_or_full_batches(store: FeedbackStore) -> None:
+    writer = store.served
+    with writer._cond:
+        assert not writer._due_for_thread()  # nothing queued
+    store.enqueue_cards(SERVICE, answer(0))
+    with writer._cond:
+        assert not writer._due_for_thread()  # young: the answers write it
+        writer.interval = 0.0
+        assert writer._due_for_thread()  # old
+        writer.interval, writer.batch_rows = 3600.0, 2
+        assert writer._due_for_thread()  # a full batch
 
 
 # ---------------------------------------------------------------- losses: counted, never the answer
