@@ -556,11 +556,11 @@ def test_an_unexpected_error_keeps_the_thread_alive(tmp_path: Path, caplog: pyte
     real = writer._write_all
     calls = []
 
-    def broken_once() -> float | None:
+    def broken_once(only_due: bool = False) -> float | None:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("a bug")
-        return real()
+        return real(only_due)
 
     writer._write_all = broken_once  # type: ignore[method-assign]
     commits = Commits(store)
@@ -787,3 +787,14 @@ def post_json(url: str, body: Any) -> Any:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def test_the_thread_leaves_young_rows_to_the_answers(store: FeedbackStore) -> None:
+    writer = store.served
+    store.enqueue_cards(SERVICE, answer(0))
+    assert writer._write_all(only_due=True) is None
+    assert writer.queued == 2  # young and not a full batch
+    writer.batch_rows = 2
+    store.enqueue_cards(SERVICE, answer(1))
+    assert writer._write_all(only_due=True) is None
+    assert served_uuids(store) == ["a-0", "b-0", "a-1", "b-1"]  # two full batches

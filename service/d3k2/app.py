@@ -40,16 +40,23 @@ def create_app(
     app.register_blueprint(blueprint)
     if settings.preview_enabled:
         app.register_blueprint(preview_blueprint)
-    logs.init_app(app)
     metrics = Metrics()
-    init_metrics(app, metrics, list(ruleset.services))
+    per_request = init_metrics(app, metrics, list(ruleset.services))
     app.extensions["d3k2.store"] = opened = _open_store(store or FeedbackStore(settings.database))
     opened.served.listener = metrics.served_listener()
     app.extensions["d3k2.auth"] = authenticator
 
+    # One hook per phase (Flask resolves each hook it calls): logs first, so that even a refused request
+    # has its id and its line; metrics; then the JWT check.
     @app.before_request
-    def _authenticate() -> None:
+    def _before() -> None:
+        logs.start_request()
+        per_request.start()
         authenticator.check(request)
+
+    @app.teardown_request
+    def _teardown(_exc: BaseException | None) -> None:
+        logs.clear()
 
     @app.errorhandler(D3K2Error)
     def _known(exc: D3K2Error) -> Response:
@@ -76,13 +83,13 @@ def create_app(
         return error_response(500, "internal-error", "an internal error occurred; it has been logged")
 
     @app.after_request
-    def _headers(response: Response) -> Response:
-        if response.headers.get("X-Content-Type-Options") == "nosniff":
-            return response  # built by json_response, which sets them all at once
-        for name, value in DEFAULT_HEADERS.items():
-            response.headers.setdefault(name, value)
-        response.headers.update(SECURITY_HEADERS)
-        return response
+    def _after(response: Response) -> Response:
+        if response.headers.get("X-Content-Type-Options") != "nosniff":  # not built by json_response
+            for name, value in DEFAULT_HEADERS.items():
+                response.headers.setdefault(name, value)
+            response.headers.update(SECURITY_HEADERS)
+        per_request.observe(response)
+        return logs.end_request(response)
 
     return app
 

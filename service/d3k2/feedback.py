@@ -441,7 +441,7 @@ class ServedWriter:
             if cond is not self._cond:
                 return
             try:
-                delay = self._write_all()
+                delay = self._write_all(only_due=not stopping)
             except Exception:  # a bug: keep the thread (and the rows) alive
                 log.exception("cards-served writer: unexpected error")
                 delay = self.backoff
@@ -455,10 +455,16 @@ class ServedWriter:
         first = self._first_at
         return bool(self._pending) and first is not None and time.monotonic() - first >= self.interval
 
-    def _write_all(self) -> float | None:
-        """Write batches until the queue is empty (None) or one fails (the pause before retrying)."""
+    def _write_all(self, only_due: bool = False) -> float | None:
+        """Write batches until the queue is empty (None) or one fails (the pause before retrying).
+        With ``only_due`` (the thread, while answers flow), stop when what is left is neither a full
+        batch nor old: the answers write it."""
         with self._write_lock:
             while True:
+                if only_due and not self._retry:
+                    with self._cond:
+                        if not self._due_for_thread():
+                            return None
                 written, ok = self._write_batch()
                 if not ok:
                     return min(self.backoff * 2.0 ** max(self._attempts - 1, 0), self.max_backoff)

@@ -127,29 +127,43 @@ def metrics_of(app: Flask) -> Metrics:
     return metrics
 
 
-def init_app(app: Flask, metrics: Metrics, services: Sequence[str]) -> None:
-    """Time and count every request; serve ``/metrics``. Unknown service ids share one label value so
-    that a caller cannot grow the series without bound."""
-    app.extensions["d3k2.metrics"] = metrics
-    known = frozenset(services)
+class RequestMetrics:
+    """Time and count every request. Unknown service ids share one label value so that a caller cannot
+    grow the series without bound; the labelled children are looked up once per label values."""
 
-    @app.before_request
-    def _start_timer() -> None:
+    def __init__(self, metrics: Metrics, services: Sequence[str]) -> None:
+        self._metrics = metrics
+        self._known = frozenset(services)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def start(self) -> None:
         g.d3k2_metrics_started = time.perf_counter()
 
-    @app.after_request
-    def _observe(response: Response) -> Response:
+    def observe(self, response: Response) -> None:
         started = g.pop("d3k2_metrics_started", None)
         name = request.endpoint or "none"
-        endpoint = _ENDPOINTS.get(name, name.rsplit(".", 1)[-1])
         service_id = (request.view_args or {}).get("service_id")
-        service = "-" if service_id is None else service_id if service_id in known else "unknown"
-        metrics.requests.labels(service, endpoint, str(response.status_code)).inc()
+        service = "-" if service_id is None else service_id if service_id in self._known else "unknown"
+        key = (service, name, response.status_code)
+        children = self._children.get(key)
+        if children is None:
+            endpoint = _ENDPOINTS.get(name, name.rsplit(".", 1)[-1])
+            children = (
+                self._metrics.requests.labels(service, endpoint, str(response.status_code)),
+                self._metrics.request_seconds.labels(service, endpoint),
+            )
+            self._children[key] = children
+        children[0].inc()
         if started is not None:
-            metrics.request_seconds.labels(service, endpoint).observe(time.perf_counter() - started)
-        return response
+            children[1].observe(time.perf_counter() - started)
+
+
+def init_app(app: Flask, metrics: Metrics, services: Sequence[str]) -> RequestMetrics:
+    """Serve ``/metrics``; the returned RequestMetrics is called by d3k2.app around every request."""
+    app.extensions["d3k2.metrics"] = metrics
 
     def _metrics_view() -> Response:
         return Response(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.add_url_rule("/metrics", "metrics", _metrics_view, methods=["GET"])
+    return RequestMetrics(metrics, services)
