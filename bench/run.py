@@ -333,7 +333,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="d3k2-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        fhir_port, bare_port, bare_json_port, d3k2_port = (free_port() for _ in range(4))
+        fhir_port, bare_port, bare_json_port, d3k2_port, edge_port = (free_port() for _ in range(5))
         fhir_base = f"http://127.0.0.1:{fhir_port}/fhir"
         print(f"bench: starting sekmet, bare (orjson, json) and d3k2 with {args.workers} sync workers each")
         stack.enter_context(sekmet(fhir_port, work))
@@ -370,6 +370,9 @@ def main() -> None:
         }
         (work / "d3k2-data").mkdir()
         d3k2 = stack.enter_context(gunicorn("d3k2", "d3k2.wsgi:app", d3k2_port, args.workers, d3k2_env, work))
+        (work / "edge-data").mkdir()
+        edge_env = {**d3k2_env, "D3K2_DATA_DIR": str(work / "edge-data")}
+        stack.enter_context(gunicorn("d3k2-edge", "edge_app:app", edge_port, args.workers, edge_env, work))
 
         plan = [
             ("typical", bodies["typical"], args.connections, args.seconds),
@@ -395,6 +398,10 @@ def main() -> None:
             if name == "history":
                 row["bare_json"] = asdict(drive(bare_json_port, body, path, seconds, connections))
             row["d3k2"] = asdict(drive(d3k2_port, body, path, seconds, connections))
+            if name in ("typical", "order-sign"):
+                for _ in range(3):
+                    check_answer(edge_port, body, path)
+                row["d3k2_edge_only"] = asdict(drive(edge_port, body, path, seconds, connections))
             if name == "fallback":
                 check_answer(d3k2_port, fallback_base, path)
                 row["d3k2_same_data_prefetched"] = asdict(
@@ -427,6 +434,8 @@ def report(results: dict[str, Any]) -> None:
         if "bare_json" in row:
             apps.append(("bare (std json)", row["bare_json"]))
         apps.append(("d3k2", row["d3k2"]))
+        if "d3k2_edge_only" in row:
+            apps.append(("d3k2, core memo", row["d3k2_edge_only"]))
         if "d3k2_same_data_prefetched" in row:
             apps.append(("d3k2, prefetched", row["d3k2_same_data_prefetched"]))
         for app, load in apps:
@@ -447,6 +456,19 @@ def report(results: dict[str, Any]) -> None:
         f"  typical: d3k2 at {share:.0%} of the bare throughput (target ≥ 60 %), "
         f"p99 {typical['d3k2']['p99_ms']:.2f} ms (target < 10 ms)"
     )
+    for name in ("typical", "order-sign"):
+        row = s[name]
+        if "d3k2_edge_only" not in row:
+            continue
+        # Worker time per request (workers ÷ throughput): what the edge and the core add to the bare app.
+        per = {k: results["workers"] / row[k]["rps"] * 1e6 for k in ("bare", "d3k2_edge_only", "d3k2")}
+        edge, core = per["d3k2_edge_only"] - per["bare"], per["d3k2"] - per["d3k2_edge_only"]
+        print(
+            f"  {name}: worker time per request {per['d3k2']:.0f} µs = bare {per['bare']:.0f} "
+            f"+ edge {edge:.0f} + core {core:.0f}; "
+            f"with the core memoised d3k2 reaches "
+            f"{ratio(row['d3k2_edge_only']['rps'], row['bare']['rps']):.0%} of bare"
+        )
     history = s["history"]
     print(
         f"  history: d3k2 p50 {history['d3k2']['p50_ms']:.1f} ms = "
