@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -101,3 +102,20 @@ def assert_no_connection(sock: socket.socket) -> None:
         return
     connection.close()
     pytest.fail("something connected to a host that must not be contacted")
+
+
+def gunicorn_env(tmp_path: Path, port: int, workers: int) -> dict[str, str]:
+    """The environment docker/gunicorn.conf.py runs d3k2 with in tests: SQLite and metrics under
+    ``tmp_path``, no JWT, loopback only."""
+    env = {
+        **os.environ,
+        "D3K2_ENV": "test",
+        "D3K2_AUTH": "off",
+        "D3K2_HOST": "127.0.0.1",
+        "D3K2_PORT": str(port),
+        "D3K2_DATA_DIR": str(tmp_path / "data"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        "GUNICORN_WORKERS": str(workers),
+    }
+    env.pop("D3K2_DATABASE_URL", None)
+    return env

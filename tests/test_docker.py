@@ -8,7 +8,6 @@ Build by hand from the repository root: ``docker build -f docker/Dockerfile -t d
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from fhir_server import free_port
-from support import REPO, SANDBOX, stop
+from support import REPO, SANDBOX, gunicorn_env, stop
 from test_metrics import samples, value
 
 DOCKER = REPO / "docker"
@@ -109,17 +108,7 @@ def _post(url: str, body: Any) -> tuple[int, Any]:
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {
-        **os.environ,
-        "D3K2_ENV": "test",
-        "D3K2_AUTH": "off",
-        "D3K2_HOST": "127.0.0.1",
-        "D3K2_PORT": str(port),
-        "D3K2_DATA_DIR": str(tmp_path / "data"),
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-        "GUNICORN_WORKERS": "3",
-    }
-    env.pop("D3K2_DATABASE_URL", None)
+    env = gunicorn_env(tmp_path, port, workers=3)
     log_path = tmp_path / "gunicorn.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

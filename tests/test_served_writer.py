@@ -41,7 +41,7 @@ from d3k2.feedback import (
 from d3k2.hooks import parse_feedback
 from d3k2.metrics import metrics_of
 from fhir_server import free_port
-from support import REPO, TODAY, ruleset, stop
+from support import REPO, TODAY, gunicorn_env, ruleset, stop
 from test_feedback_store import (  # noqa: F401 (db_url is a fixture)
     SERVICE,
     T0,
@@ -351,11 +351,11 @@ def test_http_feedback_right_after_an_answer_is_attributed(tmp_path: Path) -> No
 
 
 def test_an_answer_writes_the_queue_after_its_response_when_due(tmp_path: Path) -> None:
-    cards = len(
-        post(
-            make_app(tmp_path / "probe").test_client(), f"/cds-services/{SERVICE}", hook_request()
-        ).get_json()["cards"]
-    )
+    probe = make_app(tmp_path / "probe")
+    try:  # how many cards one answer has, so that one answer is not due and two are
+        cards = len(post(probe.test_client(), f"/cds-services/{SERVICE}", hook_request()).get_json()["cards"])
+    finally:
+        probe.extensions["d3k2.store"].close()
     assert cards >= 2
     app = make_app(tmp_path, due_rows=cards + 1)
     store = app.extensions["d3k2.store"]
@@ -722,17 +722,7 @@ def test_gunicorn_workers_write_their_queues_when_stopped(tmp_path: Path) -> Non
     conf = tmp_path / "gunicorn.test.conf.py"
     conf.write_text(GUNICORN_TEST_CONF.format(conf=str(REPO / "docker" / "gunicorn.conf.py")))
     port = free_port()
-    env = {
-        **os.environ,
-        "D3K2_ENV": "test",
-        "D3K2_AUTH": "off",
-        "D3K2_HOST": "127.0.0.1",
-        "D3K2_PORT": str(port),
-        "D3K2_DATA_DIR": str(tmp_path / "data"),
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-        "GUNICORN_WORKERS": "2",
-    }
-    env.pop("D3K2_DATABASE_URL", None)
+    env = gunicorn_env(tmp_path, port, workers=2)
     (tmp_path / "metrics").mkdir()  # preloading builds the app (and its metrics) before on_starting
     log_path = tmp_path / "gunicorn.log"
     base = f"http://127.0.0.1:{port}"
