@@ -114,9 +114,9 @@ def _store() -> FeedbackStore:
 def _record_served(service_id: str, cards: list[dict[str, Any]], metrics: Metrics) -> None:
     """Cards served are what feedback is measured against; losing them must never cost the answer.
 
-    The answer only queues the rows: the store's background writer inserts them in batches
-    (d3k2.feedback.ServedWriter), so ``cards_record_seconds`` is the enqueue time; the writer's failed
-    batches and dropped rows reach ``store_errors`` through ``Metrics.served_listener`` (see create_app)."""
+    The answer only queues the rows (``cards_record_seconds`` is that time); they are written in
+    batches after responses are sent (d3k2.feedback.ServedWriter.write_due, registered by _answer), and
+    failed batches and dropped rows reach ``store_errors`` through ``Metrics.served_listener``."""
     metrics.count_cards(cards)
     started = time.perf_counter()
     try:
