@@ -19,7 +19,8 @@ Feedback on a card served by another worker whose batch is not written yet is st
 What can be lost, and when (feedback rows never: they are written before the POST is answered):
 
 - SIGKILL, OOM kill or a crash of a worker: the cards-served rows not yet written (under load the last
-  ``due_age`` seconds of answers; after the last answer, at most ``interval`` seconds of them; plus
+  ``due_age`` seconds of answers; after the last answer, what the thread has not written yet: it looks
+  every ``interval`` seconds and writes rows ``interval`` old, so at most 2 × ``interval``; plus
   whatever was queued while the database was failing). A graceful
   stop (gunicorn's worker_exit hook in docker/gunicorn.conf.py, atexit, ``FeedbackStore.close``) writes
   the queue first.
