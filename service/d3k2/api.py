@@ -8,9 +8,10 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Request, Response, current_app, request
 
 from d3k2 import logs
+from d3k2.config import Settings
 from d3k2.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from d3k2.feedback import FeedbackStore, StoreUnavailable
 from d3k2.hooks import parse_feedback
@@ -18,7 +19,7 @@ from d3k2.limits import json_too_deep, prefetch_entries
 from d3k2.metrics import InstrumentedFetcher, Metrics, metrics_of
 from d3k2.openapi import build_openapi
 from d3k2.service import call_service, discovery, find_service
-from d3k2.web import collector_paused, json_response, runtime
+from d3k2.web import Runtime, collector_paused, json_response, runtime
 
 blueprint = Blueprint("cds", __name__)
 log = logging.getLogger("d3k2.api")
@@ -27,20 +28,21 @@ _JSON_TYPES = ("application/json", "application/fhir+json")
 TODAY_HEADER = "X-D3K2-Today"
 
 
-def _json_body() -> Any:
-    mimetype = (request.mimetype or "").lower()
+def json_body(req: Request, settings: Settings) -> Any:
+    """The request's JSON body, within the configured limits; a D3K2Error saying what was wrong."""
+    mimetype = (req.mimetype or "").lower()
     if mimetype not in _JSON_TYPES:
         raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {request.content_type or 'none'!r}"
+            f"Content-Type must be application/json, got {req.content_type or 'none'!r}"
         )
-    raw = request.get_data(cache=False)
+    raw = req.get_data(cache=False)
     if not raw:
         raise BadRequest("the body is empty; a JSON object is required")
-    limit = runtime().settings.max_body_bytes
-    if request.content_length is None and len(raw) >= limit:
+    limit = settings.max_body_bytes
+    if req.content_length is None and len(raw) >= limit:
         # A chunked body is cut at the limit by Werkzeug without an error: what reached it was too large.
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-    depth = runtime().settings.max_json_depth
+    depth = settings.max_json_depth
     if json_too_deep(raw, depth):
         raise BadRequest(f"the JSON body nests deeper than {depth} levels")
     try:
@@ -49,10 +51,10 @@ def _json_body() -> Any:
         raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
-def _today() -> date:
+def _today(req: Request, settings: Settings) -> date:
     """The request's day (UTC). Outside production a replay harness may fix it with X-D3K2-Today."""
-    override = request.headers.get(TODAY_HEADER)
-    if override and runtime().settings.env != "production":
+    override = req.headers.get(TODAY_HEADER)
+    if override and settings.env != "production":
         try:
             return date.fromisoformat(override)
         except ValueError as exc:
@@ -67,38 +69,49 @@ def get_discovery() -> Response:
 
 @blueprint.post("/cds-services/<service_id>")
 def post_service(service_id: str) -> Response:
-    find_service(runtime().ruleset, service_id)
+    """Routed by Flask only when the app is used without d3k2.edge.ServiceCalls, which answers these
+    calls before Flask routes them (create_app installs it); the rule stays for OPTIONS and 405."""
+    store = _store()
+    response = json_response(answer_call(request, runtime(), store, metrics_of(current_app), service_id))
+    response.call_on_close(store.served.write_due)
+    return response
+
+
+def answer_call(
+    req: Request, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
+) -> dict[str, Any]:
+    """The CDS Hooks response to one service call; a D3K2Error for a call that cannot be answered.
+
+    The caller sends it, then calls ``store.served.write_due`` once it is on the wire."""
+    find_service(rt.ruleset, service_id)
     with collector_paused():
         # The parsed body is freed when _answer returns, while the collector is still paused: turned
         # back on with it alive, the collector's first pass would scan all of it (14 ms for 7 MB).
-        return _answer(service_id)
+        return _answer(req, rt, store, metrics, service_id)
 
 
-def _answer(service_id: str) -> Response:
-    rt = runtime()
-    payload = _json_body()
+def _answer(
+    req: Request, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
+) -> dict[str, Any]:
+    payload = json_body(req, rt.settings)
     entries, bound = prefetch_entries(payload), rt.settings.max_prefetch_entries
     if entries > bound:
         raise PayloadTooLarge(f"prefetch holds {entries} resources; at most {bound} are accepted")
     if isinstance(payload, dict) and isinstance(payload.get("hookInstance"), str):
         logs.bind(hook_instance=payload["hookInstance"][:100])
-    metrics = metrics_of(current_app)
     outcome = call_service(
         rt.ruleset,
         service_id,
         payload,
-        today=_today(),
+        today=_today(req, rt.settings),
         profile=rt.profile,
         fetcher=InstrumentedFetcher(rt.fetcher, metrics),
     )
     cards = outcome.response["cards"]
     # Said on the request's own log line (d3k2.logs), not on a second one.
     logs.bind(cards=len(cards), fetched=_fetched(outcome.resolved.fetched))
-    _record_served(service_id, cards, metrics)
-    response = json_response(outcome.response)
-    # Once the answer is on the wire (the server closes the response), not before it.
-    response.call_on_close(_store().served.write_due)
-    return response
+    _record_served(store, service_id, cards, metrics)
+    return outcome.response
 
 
 def _fetched(fetched: dict[str, str]) -> str | None:
@@ -111,16 +124,19 @@ def _store() -> FeedbackStore:
     return store
 
 
-def _record_served(service_id: str, cards: list[dict[str, Any]], metrics: Metrics) -> None:
+def _record_served(
+    store: FeedbackStore, service_id: str, cards: list[dict[str, Any]], metrics: Metrics
+) -> None:
     """Cards served are what feedback is measured against; losing them must never cost the answer.
 
     The answer only queues the rows (``cards_record_seconds`` is that time); they are written in
-    batches after responses are sent (d3k2.feedback.ServedWriter.write_due, registered by _answer), and
-    failed batches and dropped rows reach ``store_errors`` through ``Metrics.served_listener``."""
+    batches after responses are sent (d3k2.feedback.ServedWriter.write_due, called by whoever sends
+    the answer), and failed batches and dropped rows reach ``store_errors`` through
+    ``Metrics.served_listener``."""
     metrics.count_cards(cards)
     started = time.perf_counter()
     try:
-        _store().enqueue_cards(service_id, cards)
+        store.enqueue_cards(service_id, cards)
     except Exception:
         metrics.store_errors.labels("record_cards").inc()
         log.exception("cards served not recorded (a bug)")
@@ -131,7 +147,7 @@ def _record_served(service_id: str, cards: list[dict[str, Any]], metrics: Metric
 def post_feedback(service_id: str) -> Response:
     rt = runtime()
     find_service(rt.ruleset, service_id)
-    feedback = parse_feedback(_json_body())
+    feedback = parse_feedback(json_body(request, rt.settings))
     log.info(
         "feedback service=%s items=%d outcomes=%s",
         service_id,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from d3k2 import logs
 from d3k2.api import blueprint
-from d3k2.auth import Authenticator, www_authenticate
+from d3k2.auth import Authenticator
 from d3k2.config import ConfigError, Settings, from_env
-from d3k2.errors import D3K2Error, Unauthorized
+from d3k2.edge import ServiceCalls, error_answer
+from d3k2.errors import D3K2Error
 from d3k2.feedback import FeedbackStore, StoreUnavailable
 from d3k2.fhir.client import FhirClient
 from d3k2.metrics import Metrics
@@ -19,7 +20,7 @@ from d3k2.metrics import init_app as init_metrics
 from d3k2.preview import blueprint as preview_blueprint
 from d3k2.ruleset import RuleSet, load_ruleset
 from d3k2.service import prepare
-from d3k2.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, error_response, json_response
+from d3k2.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, json_response
 
 log = logging.getLogger("d3k2")
 
@@ -58,29 +59,19 @@ def create_app(
     def _teardown(_exc: BaseException | None) -> None:
         logs.clear()
 
-    @app.errorhandler(D3K2Error)
-    def _known(exc: D3K2Error) -> Response:
-        return json_response(exc.body(), exc.status)
-
-    @app.errorhandler(Unauthorized)
-    def _unauthorized(exc: Unauthorized) -> Response:
-        return json_response(exc.body(), exc.status, {"WWW-Authenticate": www_authenticate(exc)})
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(_exc: RequestEntityTooLarge) -> Response:
-        return error_response(
-            413, "payload-too-large", f"the body is larger than {settings.max_body_bytes} bytes"
-        )
+    def _answer_error(exc: BaseException) -> Response:
+        status, body, headers = error_answer(exc, settings.max_body_bytes)
+        return json_response(body, status, headers)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
-        code = (exc.name or "error").lower().replace(" ", "-")
-        return error_response(exc.code or 500, code, exc.description or code)
+        return _answer_error(exc)
 
     @app.errorhandler(Exception)
-    def _bug(exc: Exception) -> Response:
-        log.exception("unhandled error (a bug) on %s %s", request.method, request.url_rule)
-        return error_response(500, "internal-error", "an internal error occurred; it has been logged")
+    def _any(exc: Exception) -> Response:
+        if not isinstance(exc, D3K2Error):
+            log.exception("unhandled error (a bug) on %s %s", request.method, request.url_rule)
+        return _answer_error(exc)
 
     @app.after_request
     def _after(response: Response) -> Response:
@@ -91,6 +82,10 @@ def create_app(
         per_request.observe(response)
         return logs.end_request(response)
 
+    # Service calls are answered before Flask routes them (d3k2.edge), with the same steps as above.
+    app.wsgi_app = ServiceCalls(  # type: ignore[method-assign]
+        app.wsgi_app, app.extensions["d3k2"], opened, metrics, per_request, authenticator
+    )
     return app
 
 

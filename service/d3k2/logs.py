@@ -87,14 +87,32 @@ def request_id() -> str | None:
     return value if isinstance(value, str) else None
 
 
-def start_request() -> None:
-    """Bind a request id (the caller's X-Request-ID when well-formed, else a new one) and the service id
-    to every log line of the request (d3k2.app calls this first, before anything can log)."""
+def begin_request(offered_id: str, service: str | None) -> str:
+    """Bind a request id (``offered_id``, the caller's X-Request-ID, when well-formed, else a new one) and
+    the service id to every log line of the request; the id. Called first, before anything can log."""
     clear()
-    offered = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = offered if _REQUEST_ID.match(offered) else _ids.next()
-    service = (request.view_args or {}).get("service_id")
+    rid = offered_id if _REQUEST_ID.match(offered_id) else _ids.next()
     bind(request_id=rid, **({"service": service[:128]} if isinstance(service, str) else {}))
+    return rid
+
+
+def request_line(method: str, path: str, status: int, started: float | None) -> None:
+    """The request's one log line (``started``: its time.perf_counter() at the start)."""
+    if log.isEnabledFor(logging.INFO):
+        fields = {
+            "method": method,
+            "path": path[:200],
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+        }
+        # makeRecord + handle: Logger.info would also walk the stack for a caller nobody prints.
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields))
+
+
+def start_request() -> None:
+    """begin_request for a request routed by Flask (d3k2.app's first before-request step)."""
+    service = (request.view_args or {}).get("service_id")
+    begin_request(request.headers.get(REQUEST_ID_HEADER, ""), service if isinstance(service, str) else None)
     g.d3k2_log_started = time.perf_counter()
 
 
@@ -104,15 +122,7 @@ def end_request(response: Response) -> Response:
     rid = request_id()
     if rid:
         response.headers[REQUEST_ID_HEADER] = rid
-    if log.isEnabledFor(logging.INFO):
-        fields = {
-            "method": request.method,
-            "path": request.path[:200],
-            "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
-        }
-        # makeRecord + handle: Logger.info would also walk the stack for a caller nobody prints.
-        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields))
+    request_line(request.method, request.path, response.status_code, started)
     return response
 
 

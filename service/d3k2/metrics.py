@@ -140,17 +140,25 @@ class RequestMetrics:
         g.d3k2_metrics_started = time.perf_counter()
 
     def observe(self, response: Response) -> None:
-        started = g.pop("d3k2_metrics_started", None)
-        name = request.endpoint or "none"
+        """``count`` for a request routed by Flask (d3k2.app's after-request step)."""
         service_id = (request.view_args or {}).get("service_id")
+        self.count(
+            service_id if isinstance(service_id, str) else None,
+            request.endpoint or "none",
+            response.status_code,
+            g.pop("d3k2_metrics_started", None),
+        )
+
+    def count(self, service_id: str | None, endpoint: str, status: int, started: float | None) -> None:
+        """Count one answer of ``endpoint`` (a Flask endpoint name) and time it from ``started``."""
         service = "-" if service_id is None else service_id if service_id in self._known else "unknown"
-        key = (service, name, response.status_code)
+        key = (service, endpoint, status)
         children = self._children.get(key)
         if children is None:
-            endpoint = _ENDPOINTS.get(name, name.rsplit(".", 1)[-1])
+            label = _ENDPOINTS.get(endpoint, endpoint.rsplit(".", 1)[-1])
             children = (
-                self._metrics.requests.labels(service, endpoint, str(response.status_code)),
-                self._metrics.request_seconds.labels(service, endpoint),
+                self._metrics.requests.labels(service, label, str(status)),
+                self._metrics.request_seconds.labels(service, label),
             )
             self._children[key] = children
         children[0].inc()

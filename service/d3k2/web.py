@@ -40,18 +40,14 @@ CORS_HEADERS = {
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 DEFAULT_HEADERS = {**CORS_HEADERS, "Cache-Control": "no-store"}
 # Given whole at construction: werkzeug's setdefault scans the list once per header (15 µs an answer).
-_JSON_HEADERS = list({**DEFAULT_HEADERS, **SECURITY_HEADERS}.items())
+JSON_HEADERS = list({**DEFAULT_HEADERS, **SECURITY_HEADERS}.items())
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    response = Response(orjson.dumps(body), status=status, mimetype="application/json", headers=_JSON_HEADERS)
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json", headers=JSON_HEADERS)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
-
-
-def error_response(status: int, code: str, detail: str, **extra: Any) -> Response:
-    return json_response({"error": code, "detail": detail, **extra}, status)
 
 
 @contextmanager

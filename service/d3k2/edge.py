@@ -1,0 +1,133 @@
+"""Service calls (``POST /cds-services/<id>``) answered in front of Flask, at the WSGI level.
+
+A typical call costs d3k2 about 0.6 ms of worker time under gunicorn; Flask's own request machinery
+(request and app contexts, routing, hooks, the Response object) added 0.15 ms to each (BENCHMARKS.md).
+So ServiceCalls answers these calls itself, with the same steps Flask ran for them, in the same order:
+request id and log binding, the JWT check, d3k2.api.answer_call, metrics, the one log line, and the
+same JSON errors and headers. Every other request — discovery, feedback, CORS preflight (OPTIONS), other
+methods (405), metrics, preview — goes on to Flask unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from flask import Request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES
+
+from d3k2 import logs
+from d3k2.api import answer_call
+from d3k2.auth import Authenticator, www_authenticate
+from d3k2.errors import D3K2Error, Unauthorized
+from d3k2.feedback import FeedbackStore
+from d3k2.metrics import Metrics, RequestMetrics
+from d3k2.web import JSON_HEADERS, Runtime
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("d3k2")
+
+PREFIX = "/cds-services/"
+ENDPOINT = "cds.post_service"  # Flask's name for the same rule: metrics label the calls alike
+
+
+def error_answer(exc: BaseException, max_body_bytes: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and extra headers for an exception raised while answering a request."""
+    if isinstance(exc, Unauthorized):
+        return exc.status, exc.body(), {"WWW-Authenticate": www_authenticate(exc)}
+    if isinstance(exc, D3K2Error):
+        return exc.status, exc.body(), {}
+    if isinstance(exc, RequestEntityTooLarge):
+        return 413, _error("payload-too-large", f"the body is larger than {max_body_bytes} bytes"), {}
+    if isinstance(exc, HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "-")
+        return exc.code or 500, _error(code, exc.description or code), {}
+    return 500, _error("internal-error", "an internal error occurred; it has been logged"), {}
+
+
+def _error(code: str, detail: str) -> dict[str, Any]:
+    return {"error": code, "detail": detail}
+
+
+def is_service_call(environ: WSGIEnvironment) -> bool:
+    """``POST /cds-services/<id>``: one non-empty path segment after the prefix."""
+    if environ.get("REQUEST_METHOD") != "POST":
+        return False
+    path: str = environ.get("PATH_INFO") or ""
+    return path.startswith(PREFIX) and len(path) > len(PREFIX) and "/" not in path[len(PREFIX) :]
+
+
+class ServiceCalls:
+    """WSGI middleware: answers service calls, hands everything else to ``inner`` (Flask's wsgi_app)."""
+
+    def __init__(
+        self,
+        inner: WSGIApplication,
+        rt: Runtime,
+        store: FeedbackStore,
+        metrics: Metrics,
+        per_request: RequestMetrics,
+        authenticator: Authenticator,
+    ) -> None:
+        self.inner = inner
+        self._rt = rt
+        self._store = store
+        self._metrics = metrics
+        self._per_request = per_request
+        self._authenticator = authenticator
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not is_service_call(environ):
+            return self.inner(environ, start_response)
+        started = time.perf_counter()
+        req = Request(environ)
+        req.max_content_length = self._rt.settings.max_body_bytes
+        service_id = req.path[len(PREFIX) :]
+        rid = logs.begin_request(req.headers.get(logs.REQUEST_ID_HEADER, ""), service_id)
+        after_send: Callable[[], None] | None = None
+        extra: dict[str, str] = {}
+        try:
+            self._authenticator.check(req)
+            body = orjson.dumps(answer_call(req, self._rt, self._store, self._metrics, service_id))
+            status = 200
+            after_send = self._store.served.write_due
+        except Exception as exc:  # every failure is an answer, as Flask's error handlers make them
+            status, error, extra = error_answer(exc, self._rt.settings.max_body_bytes)
+            if status == 500:
+                log.exception("unhandled error (a bug) on POST %s<service_id>", PREFIX)
+            body = orjson.dumps(error)
+        self._per_request.count(service_id, ENDPOINT, status, started)
+        logs.request_line("POST", req.path, status, started)
+        logs.clear()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *JSON_HEADERS,
+            *extra.items(),
+            (logs.REQUEST_ID_HEADER, rid),
+        ]
+        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'Unknown')}", headers)
+        return _Answer(body, after_send)
+
+
+class _Answer:
+    """The response body; ``after_send`` runs when the server closes it, once the answer is sent."""
+
+    __slots__ = ("_after_send", "_body")
+
+    def __init__(self, body: bytes, after_send: Callable[[], None] | None) -> None:
+        self._body = body
+        self._after_send = after_send
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._body
+
+    def close(self) -> None:
+        if self._after_send is not None:
+            self._after_send()
