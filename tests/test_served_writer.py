@@ -18,7 +18,7 @@ import threading
 import urllib.request
 import weakref
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,34 @@ def test_answers_are_written_in_few_transactions(store: FeedbackStore) -> None:
     store.flush()
     assert commits.count == 4  # 2,000 rows in batches of 500, not 1,000 transactions
     assert len(served_uuids(store)) == 2000
+
+
+def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> None:
+    """The writer hands its rows to the driver's executemany (fb._insert_served); what lands must be
+    what SQLAlchemy's insert(cards_served) writes: the same values read back, whatever the backend."""
+    from sqlalchemy import insert
+
+    paris = timezone(timedelta(hours=1))
+    served = [T0, T0 + timedelta(microseconds=7), datetime(2026, 11, 24, 23, 30, 0, 123456, tzinfo=paris)]
+    odd = [
+        {"uuid": "no-source"},
+        {"uuid": "no-topic", "source": {"label": "x"}, "indicator": "info"},
+        {"uuid": "x" * 300, "source": {"topic": {"code": "r" * 300}}, "indicator": "warning" * 5},
+        {"uuid": 7, "source": {"topic": {"code": "not a row: its uuid is not a string"}}},
+    ]
+    rows = [row for i, at in enumerate(served) for row in fb.served_rows(SERVICE, [*answer(i), *odd], at)]
+    with store.engine.begin() as connection:
+        fb._insert_served(connection, rows)
+    columns = [c for c in cards_served.c if c.name != "id"]
+    with store.engine.connect() as connection:
+        written = connection.execute(select(*columns).order_by(cards_served.c.id)).all()
+    with store.engine.begin() as connection:
+        connection.execute(cards_served.delete())
+        connection.execute(insert(cards_served), rows)
+    with store.engine.connect() as connection:
+        reference = connection.execute(select(*columns).order_by(cards_served.c.id)).all()
+    assert written == reference and len(written) == 3 * 5
+    assert {row.served_at for row in written} == {at.astimezone(UTC) for at in served}
 
 
 def test_a_full_batch_wakes_the_writer(tmp_path: Path) -> None:

@@ -263,6 +263,56 @@ def served_rows(
     return rows
 
 
+_SERVED_COLUMNS = ("card_uuid", "service_id", "rule_id", "indicator", "served_at")
+
+
+@dataclass(frozen=True)
+class _ServedInsert:
+    """The cards-served INSERT compiled once per dialect, with the columns' bind processors."""
+
+    sql: str
+    positional: bool
+    order: tuple[str, ...]
+    processors: tuple[tuple[str, Callable[[Any], Any]], ...]
+
+    @classmethod
+    def of(cls, dialect: Dialect) -> _ServedInsert:
+        compiled = insert(cards_served).compile(dialect=dialect, column_keys=list(_SERVED_COLUMNS))
+        processors = []
+        for name in _SERVED_COLUMNS:
+            process = cards_served.c[name].type.bind_processor(dialect)
+            if process is not None:
+                processors.append((name, process))
+        order = tuple(compiled.positiontup or _SERVED_COLUMNS)
+        return cls(str(compiled), dialect.positional, order, tuple(processors))
+
+
+_served_inserts: dict[tuple[str, str, str], _ServedInsert] = {}
+
+
+def _insert_served(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """``INSERT INTO cards_served`` of ``rows`` as SQLAlchemy's ``execute(insert(cards_served), rows)``
+    binds them, given to the driver's executemany directly: the rows of one answer share their
+    served_at, which is converted once instead of once per row (a quarter of the batch's time)."""
+    dialect = connection.dialect
+    key = (dialect.name, dialect.driver, dialect.paramstyle)
+    statement = _served_inserts.get(key)
+    if statement is None:
+        statement = _served_inserts[key] = _ServedInsert.of(dialect)
+    converted: dict[tuple[str, Any], Any] = {}
+    bound = []
+    for row in rows:
+        values = dict(row)
+        for name, process in statement.processors:
+            raw = (name, values[name])
+            value = converted.get(raw, converted)
+            if value is converted:
+                value = converted[raw] = process(values[name])
+            values[name] = value
+        bound.append(tuple(values[name] for name in statement.order) if statement.positional else values)
+    connection.exec_driver_sql(statement.sql, bound)
+
+
 def _describe(exc: BaseException) -> str:
     """An error for the log: its class and the driver's first line (no SQL, no parameters)."""
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
@@ -488,7 +538,7 @@ class ServedWriter:
             if ensure_schema is not None:
                 ensure_schema()
             with self._engine.begin() as connection:
-                connection.execute(insert(cards_served), batch)
+                _insert_served(connection, batch)
         except Exception as exc:
             self._attempts += 1
             self.stats.write_errors += 1

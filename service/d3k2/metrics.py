@@ -46,6 +46,7 @@ class Metrics:
             registry=r,
         )
         self.cards = Counter("d3k2_cards", "Cards served", ["rule", "indicator"], registry=r)
+        self._card_children: dict[tuple[str, str], Any] = {}  # labels() looked up once per pair
         self.fhir_fetches = Counter(
             "d3k2_fhir_fetch", "Fallback FHIR queries (one per prefetch key)", ["outcome"], registry=r
         )
@@ -72,7 +73,12 @@ class Metrics:
             source = card.get("source")
             topic = source.get("topic") if isinstance(source, Mapping) else None
             rule = topic.get("code") if isinstance(topic, Mapping) else None
-            self.cards.labels(str(rule or "unknown"), str(card.get("indicator") or "unknown")).inc()
+            key = (str(rule or "unknown"), str(card.get("indicator") or "unknown"))
+            child = self._card_children.get(key)
+            if child is None:
+                # Bounded: cards are d3k2's own, so rules and indicators come from the rule set.
+                child = self._card_children[key] = self.cards.labels(*key)
+            child.inc()
 
     def served_listener(self) -> Listener:
         """The cards-served writer's events (d3k2.feedback.ServedWriter) as metrics: a failed batch
