@@ -1,6 +1,6 @@
 """Request bodies for the benchmark scenarios, built deterministically (no randomness, fixed dates).
 
-- typical: patient-view with a realistic prefetch (14 Observations, 2 medications, 2 conditions, ≈ 6 KB)
+- typical: patient-view with a realistic prefetch (14 Observations, 2 medications, 2 conditions, ≈ 13 KB)
 - history: patient-view whose prefetch holds a 10,000-Observation lab history (≈ 6 MB)
 - fallback: patient-view without prefetch; d3k2 fetches every key from a local FHIR server
 - order-sign: the recorded sandbox order-sign request (D3+K2 draft) with every prefetch key given
