@@ -13,13 +13,13 @@ from typing import Any
 
 import orjson
 import pytest
-from flask import Flask
+from flask import Flask, Request
 from werkzeug.test import Client, TestResponse
 
 import d3k2.api
 from d3k2.app import create_app
 from d3k2.config import Settings
-from d3k2.edge import ServiceCalls, error_answer, is_service_call
+from d3k2.edge import ServiceCalls, error_answer, is_service_call, request_path
 from d3k2.errors import BadRequest, PrefetchUnavailable, Unauthorized
 from support import CARDS, SANDBOX, TODAY, fixtures, ruleset
 
@@ -120,6 +120,29 @@ ERROR_CALLS: dict[str, dict[str, Any]] = {
         "content_type": "application/json",
         "headers": {"X-D3K2-Today": "24/11/2026"},
     },
+    "a Content-Type with parameters": {
+        "data": sandbox_call(),
+        "headers": {"Content-Type": " Application/FHIR+JSON ; charset=utf-8"},
+    },
+    "a Content-Type that only starts like JSON": {
+        "data": sandbox_call(),
+        "headers": {"Content-Type": "application/jsonx"},
+    },
+    "a body shorter than its Content-Length": {
+        "input_stream": io.BytesIO(sandbox_call()[:100]),
+        "headers": {"Content-Type": "application/json"},
+        "environ_overrides": {"CONTENT_LENGTH": str(len(sandbox_call()))},
+    },
+    "a Content-Length that is not a number": {
+        "input_stream": io.BytesIO(sandbox_call()),
+        "headers": {"Content-Type": "application/json"},
+        "environ_overrides": {"wsgi.input_terminated": True, "CONTENT_LENGTH": "12abc"},
+    },
+    "a zero Content-Length": {
+        "input_stream": io.BytesIO(sandbox_call()),
+        "headers": {"Content-Type": "application/json"},
+        "environ_overrides": {"CONTENT_LENGTH": "0"},
+    },
     "a malformed X-Request-ID": {
         "data": sandbox_call(),
         "content_type": "application/json",
@@ -149,6 +172,24 @@ def test_refusals_are_answered_as_flask_answers_them(app: Flask, case: str, serv
     assert len(answers[0].headers["X-Request-ID"]) in (len("edge-test"), 32)
     if service != SERVICE:
         assert edge_status in (404, 413, 415, 400)
+
+
+def test_a_service_id_that_is_not_ascii_is_read_as_flask_reads_it(app: Flask) -> None:
+    edge, flask = edge_and_flask(app)
+    path = "/cds-services/d3k2-\u00e9t\u00e9"
+    answers = [
+        c.post(path, data=sandbox_call(), content_type="application/json", headers=HEADERS)
+        for c in (edge, flask)
+    ]
+    assert comparable(answers[0]) == comparable(answers[1])
+    assert answers[0].status_code == 404
+    assert "d3k2-\u00e9t\u00e9" in answers[0].json["detail"]
+
+
+@pytest.mark.parametrize(("raw", "path"), [("/cds-services/x", "/cds-services/x"), ("", "/"), ("//a", "/a")])
+def test_request_path_is_werkzeugs(raw: str, path: str) -> None:
+    environ = {"PATH_INFO": raw, "REQUEST_METHOD": "POST", "SERVER_NAME": "h", "SERVER_PORT": "80"}
+    assert request_path(environ) == path == Request(environ).path
 
 
 def test_a_bug_is_a_logged_500_that_says_nothing_of_the_request(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -30,18 +32,25 @@ TODAY_HEADER = "X-D3K2-Today"
 
 def json_body(req: Request, settings: Settings) -> Any:
     """The request's JSON body, within the configured limits; a D3K2Error saying what was wrong."""
-    mimetype = (req.mimetype or "").lower()
-    if mimetype not in _JSON_TYPES:
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {req.content_type or 'none'!r}"
-        )
+    check_json_type(req.mimetype, req.content_type)
     raw = req.get_data(cache=False)
-    if not raw:
-        raise BadRequest("the body is empty; a JSON object is required")
     limit = settings.max_body_bytes
-    if req.content_length is None and len(raw) >= limit:
+    if raw and req.content_length is None and len(raw) >= limit:
         # A chunked body is cut at the limit by Werkzeug without an error: what reached it was too large.
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    return parse_json(raw, settings)
+
+
+def check_json_type(mimetype: str, content_type: str | None) -> None:
+    """``mimetype``: the Content-Type without parameters, lower case (Werkzeug's ``Request.mimetype``)."""
+    if mimetype not in _JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'!r}")
+
+
+def parse_json(raw: bytes, settings: Settings) -> Any:
+    """A request body read whole: not empty, not nested deeper than allowed, well-formed JSON."""
+    if not raw:
+        raise BadRequest("the body is empty; a JSON object is required")
     depth = settings.max_json_depth
     if json_too_deep(raw, depth):
         raise BadRequest(f"the JSON body nests deeper than {depth} levels")
@@ -51,9 +60,9 @@ def json_body(req: Request, settings: Settings) -> Any:
         raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
-def _today(req: Request, settings: Settings) -> date:
-    """The request's day (UTC). Outside production a replay harness may fix it with X-D3K2-Today."""
-    override = req.headers.get(TODAY_HEADER)
+def _today(override: str | None, settings: Settings) -> date:
+    """The request's day (UTC). Outside production a replay harness may fix it with X-D3K2-Today
+    (``override``: that header's value)."""
     if override and settings.env != "production":
         try:
             return date.fromisoformat(override)
@@ -71,14 +80,24 @@ def get_discovery() -> Response:
 def post_service(service_id: str) -> Response:
     """Routed by Flask only when the app is used without d3k2.edge.ServiceCalls, which answers these
     calls before Flask routes them (create_app installs it); the rule stays for OPTIONS and 405."""
-    store = _store()
-    response = json_response(answer_call(request, runtime(), store, metrics_of(current_app), service_id))
+    store, rt = _store(), runtime()
+    call = Call(lambda: json_body(request, rt.settings), request.headers.get(TODAY_HEADER))
+    response = json_response(answer_call(call, rt, store, metrics_of(current_app), service_id))
     response.call_on_close(store.served.write_due)
     return response
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What answering a service call reads of its HTTP request, whoever parsed that request (Flask's
+    route here, or d3k2.edge.ServiceCalls straight from the WSGI environ)."""
+
+    payload: Callable[[], Any]  # the parsed JSON body; a D3K2Error (or Werkzeug's 413) when unusable
+    today: str | None  # the X-D3K2-Today header
+
+
 def answer_call(
-    req: Request, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
+    call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
 ) -> dict[str, Any]:
     """The CDS Hooks response to one service call; a D3K2Error for a call that cannot be answered.
 
@@ -87,13 +106,13 @@ def answer_call(
     with collector_paused():
         # The parsed body is freed when _answer returns, while the collector is still paused: turned
         # back on with it alive, the collector's first pass would scan all of it (14 ms for 7 MB).
-        return _answer(req, rt, store, metrics, service_id)
+        return _answer(call, rt, store, metrics, service_id)
 
 
 def _answer(
-    req: Request, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
+    call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
 ) -> dict[str, Any]:
-    payload = json_body(req, rt.settings)
+    payload = call.payload()
     entries, bound = prefetch_entries(payload), rt.settings.max_prefetch_entries
     if entries > bound:
         raise PayloadTooLarge(f"prefetch holds {entries} resources; at most {bound} are accepted")
@@ -103,7 +122,7 @@ def _answer(
         rt.ruleset,
         service_id,
         payload,
-        today=_today(req, rt.settings),
+        today=_today(call.today, rt.settings),
         profile=rt.profile,
         fetcher=InstrumentedFetcher(rt.fetcher, metrics),
     )
