@@ -128,15 +128,27 @@ class Load:
     p99_ms: float
     requests: int
     errors: int
+    worker_cpu_us: float  # CPU time (user + system) of the app's workers per request, under this load
 
 
-def drive(port: int, body: Path, path: str, seconds: float, connections: int) -> Load:
+def worker_cpu_seconds(master: int) -> float:
+    """User + system CPU seconds so far of the gunicorn workers of ``master`` (all their threads)."""
+    ticks = 0
+    for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def drive(port: int, body: Path, path: str, seconds: float, connections: int, master: int) -> Load:
     env = {**os.environ, "BODY_FILE": str(body), "URL_PATH": path}
     argv = [
         "wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "10s",
         "-H", f"X-D3K2-Today: {TODAY}", "-s", str(LUA), f"http://127.0.0.1:{port}",
     ]  # fmt: skip
+    cpu_before = worker_cpu_seconds(master)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    cpu = worker_cpu_seconds(master) - cpu_before
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if line is None:
         sys.exit(f"bench: wrk printed no result:\n{done.stdout}\n{done.stderr}")
@@ -148,6 +160,7 @@ def drive(port: int, body: Path, path: str, seconds: float, connections: int) ->
         p99_ms=round(got["p99_us"] / 1000, 2),
         requests=got["requests"],
         errors=errors,
+        worker_cpu_us=round(cpu / max(got["requests"], 1) * 1e6, 1),
     )
 
 
@@ -353,7 +366,7 @@ def main() -> None:
         bare = stack.enter_context(
             gunicorn("bare", "bare_app:create_app()", bare_port, args.workers, env, work)
         )
-        stack.enter_context(
+        bare_json = stack.enter_context(
             gunicorn(
                 "bare-json", "bare_app:create_app()", bare_json_port, args.workers,
                 {**env, "BARE_PARSER": "json"}, work,
@@ -372,7 +385,9 @@ def main() -> None:
         d3k2 = stack.enter_context(gunicorn("d3k2", "d3k2.wsgi:app", d3k2_port, args.workers, d3k2_env, work))
         (work / "edge-data").mkdir()
         edge_env = {**d3k2_env, "D3K2_DATA_DIR": str(work / "edge-data")}
-        stack.enter_context(gunicorn("d3k2-edge", "edge_app:app", edge_port, args.workers, edge_env, work))
+        edge = stack.enter_context(
+            gunicorn("d3k2-edge", "edge_app:app", edge_port, args.workers, edge_env, work)
+        )
 
         plan = [
             ("typical", bodies["typical"], args.connections, args.seconds),
@@ -394,18 +409,20 @@ def main() -> None:
                 "d3k2_cards": [c["summary"] for c in answer["cards"]],
             }
             print(f"bench: {name} ({row['body_bytes']:,} B, {connections} connections, {seconds:g} s each)")
-            row["bare"] = asdict(drive(bare_port, body, path, seconds, connections))
+            row["bare"] = asdict(drive(bare_port, body, path, seconds, connections, bare.pid))
             if name == "history":
-                row["bare_json"] = asdict(drive(bare_json_port, body, path, seconds, connections))
-            row["d3k2"] = asdict(drive(d3k2_port, body, path, seconds, connections))
+                row["bare_json"] = asdict(
+                    drive(bare_json_port, body, path, seconds, connections, bare_json.pid)
+                )
+            row["d3k2"] = asdict(drive(d3k2_port, body, path, seconds, connections, d3k2.pid))
             if name in ("typical", "order-sign"):
                 for _ in range(3):
                     check_answer(edge_port, body, path)
-                row["d3k2_edge_only"] = asdict(drive(edge_port, body, path, seconds, connections))
+                row["d3k2_edge_only"] = asdict(drive(edge_port, body, path, seconds, connections, edge.pid))
             if name == "fallback":
                 check_answer(d3k2_port, fallback_base, path)
                 row["d3k2_same_data_prefetched"] = asdict(
-                    drive(d3k2_port, fallback_base, path, seconds, connections)
+                    drive(d3k2_port, fallback_base, path, seconds, connections, d3k2.pid)
                 )
             results["scenarios"][name] = row
         print("bench: fallback in-process (FhirClient.fetch_many vs each query alone)")
@@ -425,7 +442,10 @@ def report(results: dict[str, Any]) -> None:
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['wrk']}")
     print(f"gunicorn: {results['workers']} {results['worker_class']} workers per app; wrk -t1")
     print()
-    head = f"{'scenario':<12} {'app':<18} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'err':>4}"
+    head = (
+        f"{'scenario':<12} {'app':<18} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'err':>4}"
+        f" {'cpu µs':>8}"
+    )
     print(head)
     print("-" * len(head))
     s = results["scenarios"]
@@ -442,11 +462,13 @@ def report(results: dict[str, Any]) -> None:
             print(
                 f"{name:<12} {app:<18} {row['connections']:>4} {load['rps']:>9,.1f} "
                 f"{load['p50_ms']:>9.2f} {load['p99_ms']:>9.2f} {load['errors']:>4}"
+                f" {load['worker_cpu_us']:>8,.0f}"
             )
         d, b = row["d3k2"], row["bare"]
         print(
             f"{'':<12} {'d3k2 / bare':<18} {'':>4} {ratio(d['rps'], b['rps']):>9.2f} "
             f"{ratio(d['p50_ms'], b['p50_ms']):>9.2f} {ratio(d['p99_ms'], b['p99_ms']):>9.2f}"
+            f" {'':>4} {ratio(d['worker_cpu_us'], b['worker_cpu_us']):>8.2f}"
         )
     print()
     print("targets")
@@ -463,9 +485,12 @@ def report(results: dict[str, Any]) -> None:
         # Worker time per request (workers ÷ throughput): what the edge and the core add to the bare app.
         per = {k: results["workers"] / row[k]["rps"] * 1e6 for k in ("bare", "d3k2_edge_only", "d3k2")}
         edge, core = per["d3k2_edge_only"] - per["bare"], per["d3k2"] - per["d3k2_edge_only"]
+        cpu = {k: row[k]["worker_cpu_us"] for k in ("bare", "d3k2_edge_only", "d3k2")}
         print(
             f"  {name}: worker time per request {per['d3k2']:.0f} µs = bare {per['bare']:.0f} "
-            f"+ edge {edge:.0f} + core {core:.0f}; "
+            f"+ edge {edge:.0f} + core {core:.0f}; worker CPU per request {cpu['d3k2']:.0f} µs = "
+            f"bare {cpu['bare']:.0f} + edge {cpu['d3k2_edge_only'] - cpu['bare']:.0f} "
+            f"+ core {cpu['d3k2'] - cpu['d3k2_edge_only']:.0f}; "
             f"with the core memoised d3k2 reaches "
             f"{ratio(row['d3k2_edge_only']['rps'], row['bare']['rps']):.0%} of bare"
         )
