@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -196,3 +197,12 @@ def test_a_failed_write_is_reported_as_logging_reports_it(
     handler.stream.close()
     logs.request_line("POST", "/cds-services/x", 503, None)
     assert [(r.getMessage(), getattr(r, "status", None)) for r in reported] == [("request", 503)]
+
+
+def test_gunicorns_own_lines_still_format_once_logging_is_configured(log_stream: io.StringIO) -> None:
+    """gunicorn's error log format prints %(process)d; a worker logs with it after the app is loaded."""
+    record = logging.LogRecord(
+        "gunicorn.error", logging.INFO, "arbiter.py", 1, "Worker exiting (pid: %s)", (7,), None
+    )
+    text = logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s").format(record)
+    assert text.endswith(f"[{os.getpid()}] [INFO] Worker exiting (pid: 7)")

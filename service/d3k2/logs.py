@@ -95,10 +95,10 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Non
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # No thread, process or multiprocessing names in a JSON line: do not look them up for every record
-    # (the "Optimization" section of the logging HOWTO).
+    # No thread or multiprocessing names in a JSON line: do not look them up for every record (the
+    # "Optimization" section of the logging HOWTO). The process id stays: gunicorn's own log format
+    # prints %(process)d, and a worker's records without it failed to format ("--- Logging error ---").
     logging.logThreads = False
-    logging.logProcesses = False
     logging.logMultiprocessing = False
 
 
