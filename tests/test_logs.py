@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,9 +201,14 @@ def test_a_failed_write_is_reported_as_logging_reports_it(
 
 
 def test_gunicorns_own_lines_still_format_once_logging_is_configured(log_stream: io.StringIO) -> None:
-    """gunicorn's error log format prints %(process)d; a worker logs with it after the app is loaded."""
+    """gunicorn's error log format prints %(process)d; a worker logs with it after the app is loaded. An
+    integrator's format may print the thread too."""
     record = logging.LogRecord(
         "gunicorn.error", logging.INFO, "arbiter.py", 1, "Worker exiting (pid: %s)", (7,), None
     )
-    text = logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s").format(record)
-    assert text.endswith(f"[{os.getpid()}] [INFO] Worker exiting (pid: 7)")
+    text = logging.Formatter("[%(process)d] [%(thread)d %(threadName)s] [%(levelname)s] %(message)s").format(
+        record
+    )
+    assert text.startswith(
+        f"[{os.getpid()}] [{threading.get_ident()} MainThread] [INFO] Worker exiting (pid: 7)"
+    )

@@ -95,11 +95,10 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Non
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # No thread or multiprocessing names in a JSON line: do not look them up for every record (the
-    # "Optimization" section of the logging HOWTO). The process id stays: gunicorn's own log format
-    # prints %(process)d, and a worker's records without it failed to format ("--- Logging error ---").
-    logging.logThreads = False
-    logging.logMultiprocessing = False
+    # The logging module's global switches (logThreads, logProcesses, logMultiprocessing) stay as they are:
+    # other handlers in the process (gunicorn's, an integrator's) may print %(process)d or %(thread)d, and
+    # records without them fail to format there. The request line, the one record of every answer, is
+    # written without a record when this handler alone takes it (request_line).
 
 
 def request_id() -> str | None:
