@@ -89,6 +89,15 @@ def test_every_fixture_is_answered_as_flask_answers_it(app: Flask, fixture: Any)
     assert answers[0].status_code == fixture.expected.get("status", 200)
 
 
+class Unreadable(io.BytesIO):
+    """A request body whose connection is lost: every read fails, as gunicorn's NoMoreData does."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise ConnectionResetError("connection lost")
+
+    readline = read  # type: ignore[assignment]
+
+
 def _deep(levels: int) -> bytes:
     return b'{"hook":"patient-view","x":' + b"[" * levels + b"]" * levels + b"}"
 
@@ -133,6 +142,11 @@ ERROR_CALLS: dict[str, dict[str, Any]] = {
         "headers": {"Content-Type": "application/json"},
         "environ_overrides": {"CONTENT_LENGTH": str(len(sandbox_call()))},
     },
+    "a connection lost while the body is read": {
+        "input_stream": Unreadable(),
+        "headers": {"Content-Type": "application/json"},
+        "environ_overrides": {"CONTENT_LENGTH": "5000"},
+    },
     "a Content-Length that is not a number": {
         "input_stream": io.BytesIO(sandbox_call()),
         "headers": {"Content-Type": "application/json"},
@@ -158,7 +172,9 @@ def test_refusals_are_answered_as_flask_answers_them(app: Flask, case: str, serv
     answers = []
     for client in (edge, flask):
         kwargs = {**ERROR_CALLS[case]}
-        if "input_stream" in kwargs:
+        if isinstance(kwargs.get("input_stream"), Unreadable):
+            kwargs["input_stream"] = Unreadable()
+        elif "input_stream" in kwargs:
             kwargs["input_stream"] = io.BytesIO(kwargs["input_stream"].getvalue())
         kwargs["headers"] = {**HEADERS, **kwargs.get("headers", {})}
         answers.append(client.post(f"/cds-services/{service}", **kwargs))

@@ -160,7 +160,10 @@ def payload(environ: WSGIEnvironment, settings: Settings) -> Any:
         return json_body(_request(environ, settings), settings)
     if length > settings.max_body_bytes:
         raise RequestEntityTooLarge()
-    raw: bytes = environ["wsgi.input"].read(length) if length else b""
+    try:
+        raw: bytes = environ["wsgi.input"].read(length) if length else b""
+    except (OSError, ValueError) as exc:  # as Werkzeug's LimitedStream: gunicorn's NoMoreData is an OSError
+        raise ClientDisconnected() from exc
     if len(raw) < length:
         raise ClientDisconnected()  # what Werkzeug's LimitedStream raises for a body cut short
     return parse_json(raw, settings)
