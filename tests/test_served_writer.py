@@ -182,14 +182,19 @@ def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> N
     with store.engine.begin() as connection:
         fb._insert_served(connection, rows)
     columns = [c for c in cards_served.c if c.name != "id"]
+    # The text in the database too: SQLite keeps served_at as text, which report --since compares as text.
+    as_text = "SELECT CAST(served_at AS TEXT) FROM cards_served ORDER BY id"
     with store.engine.connect() as connection:
         written = connection.execute(select(*columns).order_by(cards_served.c.id)).all()
+        written_text = connection.exec_driver_sql(as_text).all()
     with store.engine.begin() as connection:
         connection.execute(cards_served.delete())
         connection.execute(insert(cards_served), rows)
     with store.engine.connect() as connection:
         reference = connection.execute(select(*columns).order_by(cards_served.c.id)).all()
+        reference_text = connection.exec_driver_sql(as_text).all()
     assert written == reference and len(written) == 3 * 5
+    assert written_text == reference_text
     assert {row.served_at for row in written} == {at.astimezone(UTC) for at in served}
 
 
@@ -687,10 +692,11 @@ def test_a_writer_from_another_process_starts_afresh(store: FeedbackStore) -> No
 
 def test_the_fork_hook_renews_every_writer_and_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = new_store(sqlite_url(tmp_path))
+    old_pool = store.engine.pool
     try:
         store.enqueue_cards(SERVICE, answer(0))
         store.flush()
-        old_pool, old_lock = store.engine.pool, fb._start_lock
+        old_lock = fb._start_lock
         monkeypatch.setattr(fb, "_stores", weakref.WeakSet([store]))
         monkeypatch.setattr(fb, "_writers", weakref.WeakSet([store.served]))
         monkeypatch.setattr(fb, "_start_lock", old_lock)
@@ -704,6 +710,7 @@ def test_the_fork_hook_renews_every_writer_and_pool(tmp_path: Path, monkeypatch:
         assert served_uuids(store) == ["a-0", "b-0", "a-2", "b-2"]
     finally:
         store.close()
+        old_pool.dispose()  # a real child leaves these to its parent; here the parent is this process
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -280,7 +280,9 @@ class _ServedInsert:
         compiled = insert(cards_served).compile(dialect=dialect, column_keys=list(_SERVED_COLUMNS))
         processors = []
         for name in _SERVED_COLUMNS:
-            process = cards_served.c[name].type.bind_processor(dialect)
+            # The dialect's own type (SQLite's DATETIME writes text): the generic one would hand datetimes
+            # to sqlite3's default adapter, deprecated in Python 3.12, whose text drops ".000000".
+            process = cards_served.c[name].type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
                 processors.append((name, process))
         order = tuple(compiled.positiontup or _SERVED_COLUMNS)
