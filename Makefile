@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest replay bench fuzz conformance clean
+.PHONY: run test lint typecheck pytest pythons replay bench fuzz conformance clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -40,7 +40,24 @@ fuzz: $(STAMP)
 conformance: $(STAMP)
 	$(BIN)/python tools/conformance.py
 
-test: lint typecheck pytest
+test: lint typecheck pytest pythons
+
+# The suite again under the other Pythons that pyproject.toml admits, each in its own .venv-3.X (no coverage:
+# `pytest` measured it). Found on PATH or among pyenv's versions; one that is missing is reported loudly.
+PYTHONS ?= python3.12 python3.13
+pythons: $(STAMP)
+	@for py in $(PYTHONS); do \
+	  exe=$$($$py -c "import sys; print(sys.executable)" 2>/dev/null); \
+	  if [ -z "$$exe" ] && command -v pyenv >/dev/null 2>&1; then \
+	    exe=$$(ls -d "$$(pyenv root)"/versions/$${py#python}.*/bin/$$py 2>/dev/null | sort -V | tail -n 1); \
+	  fi; \
+	  if [ -z "$$exe" ]; then echo "make pythons: $$py is not installed: NOT TESTED"; continue; fi; \
+	  venv=.venv-$${py#python}; \
+	  test -x $$venv/bin/python || $$exe -m venv $$venv || exit 1; \
+	  $$venv/bin/python -m pip install --quiet --upgrade pip && $$venv/bin/python -m pip install --quiet -e '.[dev]' || exit 1; \
+	  echo "make pythons: the suite under $$($$venv/bin/python -V)"; \
+	  $$venv/bin/python -m pytest -q -p no:cacheprovider || exit 1; \
+	done
 
 replay: $(STAMP)
 	$(BIN)/d3k2 replay fixtures
@@ -58,4 +75,4 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python run.py --json results.json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache .pytest_cache
