@@ -377,8 +377,6 @@ def _structured(quantity: dict[str, Any], timing: dict[str, Any] | None = None, 
             2000,
             "2,000 IU/day: 1 tablet of 2,000 IU once daily",
         ),
-        # A zero count is not a frequency; the rest of the text ("a day") still is.
-        ({"text": "1 tablet 0 times a day"}, 2000, "2,000 IU/day: 1 tablet of 2,000 IU once daily"),
     ],
 )
 def test_draft_doses_that_are_read(dosage, daily, arithmetic) -> None:
@@ -394,7 +392,10 @@ def test_draft_doses_that_are_read(dosage, daily, arithmetic) -> None:
             "unit 'furlong' not understood",
         ),
         ({"text": "0 tablets daily"}, "dose of zero in dosage text"),
-        ({"text": "1 tablet every 0 days"}, "frequency not understood in dosage text"),
+        # A zero frequency or interval is a mistyped order, not a cue to read the rest ("a day") instead.
+        ({"text": "1 tablet every 0 days"}, "interval of zero in dosage text"),
+        ({"text": "1 tablet 0 times a day"}, "frequency of zero in dosage text"),
+        ({"text": "1 tablet 0x daily"}, "frequency of zero in dosage text"),
         (_structured({"value": 2, "code": "{drop}"}), "a dose in drops does not fit a tablet product"),
     ],
 )

@@ -767,19 +767,23 @@ def _text_dose(text: str, catalog: MedicationCatalog) -> _Dose | str:
 
 
 def _text_schedule(text: str, catalog: MedicationCatalog) -> _Schedule | str:
+    # A zero in the frequency is a mistyped order, not a cue to read the rest ("0 times a day" is not
+    # "a day"): the dose is unknown, as it is for "0 tablets daily".
     match = _TEXT_EVERY_N.search(text)
     if match:
         period = _text_number(match.group(1))
-        if period > 0:
-            return _Schedule(Decimal(1), period, _UNIT_WORDS[match.group(2)])
+        if period <= 0:
+            return "interval of zero in dosage text"
+        return _Schedule(Decimal(1), period, _UNIT_WORDS[match.group(2)])
     match = _TEXT_TIMES.search(text)
     if match:
         count = match.group(1)
         words = {"once": "1", "twice": "2", "thrice": "3"}
         raw = words.get(count) or re.sub(r"\s*(times|x)$", "", count)
         frequency = _text_number(raw)
-        if frequency > 0:
-            return _Schedule(frequency, Decimal(1), _UNIT_WORDS[match.group(2)])
+        if frequency <= 0:
+            return "frequency of zero in dosage text"
+        return _Schedule(frequency, Decimal(1), _UNIT_WORDS[match.group(2)])
     for word in re.findall(r"[a-z0-9]+", text.replace(".", "")):  # "q.d." is QD
         schedule = _schedule_from_code(word, catalog) if word.upper() not in _PLAIN_WORD_CODES else None
         if schedule:
