@@ -14,13 +14,19 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from d3k2.auth import Issuer, JtiStore, JwksCache, Key, TokenSigner, Verifier
 from d3k2.cli import main
+from jwt_keys import ISSUER, NOW, SigningKey, es384, jwks, rs384
 from support import bundle_from_request, stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,9 +277,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(tmp_path_factory, {"D3K2_AUTH": "off"})
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, settings: dict[str, str]) -> Iterator[str]:
+    """``d3k2 serve`` in a subprocess, on a free port, until the module's tests are done."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "D3K2_ENV": "test", "D3K2_AUTH": "off", "D3K2_PROFILE": "seed"}
+    env = {**os.environ, "D3K2_ENV": "test", "D3K2_PROFILE": "seed", **settings}
     env["D3K2_DATA_DIR"] = str(tmp_path_factory.mktemp("d3k2-data"))
     log = (tmp_path_factory.mktemp("d3k2-log") / "serve.log").open("wb")
     command = [str(Path(sys.executable).parent / "d3k2"), "serve", "--port", str(port)]
@@ -326,3 +337,115 @@ def test_url_mode_without_a_server_is_one_error_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "cannot read discovery" in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- --url with a signed bearer token
+
+
+def _pem(key: SigningKey, directory: Path) -> Path:
+    path = directory / f"{key.kid}.pem"
+    path.write_bytes(
+        key.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server with D3K2_AUTH=required that trusts the test issuer's ES384 and RS384 public keys."""
+    trust = tmp_path_factory.mktemp("trust") / "trust.json"
+    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384(), rs384())}}}))
+    yield from _serve(tmp_path_factory, {"D3K2_AUTH": "required", "D3K2_TRUST_FILE": str(trust)})
+
+
+def signed(key: SigningKey, directory: Path, *args: str) -> list[str]:
+    return [*args, "--jwt-key", str(_pem(key, directory)), "--jwt-iss", ISSUER, "--jwt-kid", key.kid]
+
+
+@pytest.mark.parametrize("key", [es384, rs384], ids=["ES384", "RS384"])
+def test_url_mode_signs_every_call_for_a_server_that_checks_tokens(
+    secured: str, tmp_path: Path, key: Any
+) -> None:
+    copy_case(tmp_path / "cases")
+    result = run(*signed(key(), tmp_path, str(tmp_path / "cases"), "--url", secured))
+    assert result.exit_code == 0, result.output
+    assert last_line(result).startswith("1 passed, 0 failed")
+
+
+def test_url_mode_without_a_token_is_refused_by_such_a_server(secured: str, tmp_path: Path) -> None:
+    copy_case(tmp_path)
+    result = run(str(tmp_path), "--url", secured)
+    assert result.exit_code == 1
+    assert "cannot read discovery" in result.output and "401" in result.output
+
+
+def test_url_mode_with_a_key_the_server_does_not_trust_is_refused(secured: str, tmp_path: Path) -> None:
+    copy_case(tmp_path / "cases")
+    stranger = SigningKey(es384().kid, "ES384", es384("stranger").private)
+    result = run(*signed(stranger, tmp_path, str(tmp_path / "cases"), "--url", secured))
+    assert result.exit_code == 1
+    assert "401" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--jwt-iss", ISSUER], "--jwt-iss and --jwt-kid go with --jwt-key"),
+        (["--jwt-key", "{key}", "--jwt-iss", ISSUER, "--jwt-kid", "k"], "it needs --url"),
+        (["--url", "http://127.0.0.1:9", "--jwt-key", "{key}", "--jwt-kid", "k"], "needs --jwt-iss and"),
+    ],
+)
+def test_token_options_go_together(tmp_path: Path, args: list[str], message: str) -> None:
+    key = str(_pem(es384(), tmp_path))
+    result = CliRunner().invoke(main, ["replay", str(tmp_path), *(a.format(key=key) for a in args)])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "absent.pem", "cannot read the signing key"),
+        (lambda d: _text(d / "not.pem", "not a key"), "is not an unencrypted PEM private key"),
+        (lambda d: _key_file(d, ec.generate_private_key(ec.SECP256R1())), "must be EC P-384 (ES384) or RSA"),
+        (
+            lambda d: _key_file(d, rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+            "of at least 2048 bits",
+        ),
+    ],
+    ids=["absent", "not-pem", "p-256", "rsa-1024"],
+)
+def test_an_unusable_signing_key_is_one_error_line(tmp_path: Path, make: Any, message: str) -> None:
+    path = make(tmp_path)
+    args = ["--url", "http://127.0.0.1:9", "--jwt-key", str(path), "--jwt-iss", ISSUER, "--jwt-kid", "k"]
+    result = CliRunner().invoke(main, ["replay", str(tmp_path), *args])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _key_file(directory: Path, key: Any) -> Path:
+    return _pem(SigningKey("other", "ES384", key), directory)
+
+
+def test_a_signed_token_carries_what_the_verifier_checks(tmp_path: Path) -> None:
+    """The token d3k2's own verifier accepts for the URL called, once (its jti is fresh each time)."""
+    signer = TokenSigner.from_pem(_pem(rs384(), tmp_path), ISSUER, rs384().kid)
+    signer = replace(signer, clock=lambda: NOW)
+    audience = "http://127.0.0.1:8095/cds-services/d3k2-patient-view"
+    trusted = {ISSUER: Issuer(ISSUER, {k.kid: Key(k.kid, k.public, k.alg) for k in (es384(), rs384())})}
+    check = Verifier(trusted, JwksCache(60.0), JtiStore(tmp_path / "jti.sqlite3"))
+    first, second = (signer.authorization(audience).removeprefix("Bearer ") for _ in range(2))
+    claims = check.verify(first, audience, NOW)
+    assert (claims["iss"], claims["sub"], claims["aud"], claims["exp"] - claims["iat"]) == (
+        ISSUER, ISSUER, audience, 300,
+    )  # fmt: skip
+    assert jwt.get_unverified_header(first) == {"alg": "RS384", "kid": rs384().kid, "typ": "JWT"}
+    assert check.verify(second, audience, NOW)["jti"] != claims["jti"]

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import jwt
 import orjson
 import requests
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Request
 
@@ -391,6 +393,56 @@ class Verifier:
             raise Unauthorized(f"the token lifetime (exp - iat) exceeds {MAX_LIFETIME} s")
         if "nbf" in claims and _number(claims, "nbf") > now + CLOCK_SKEW:
             raise Unauthorized("the token is not valid yet (nbf)")
+
+
+# ---------------------------------------------------------------- signing, as a CDS client does
+
+
+@dataclass(frozen=True)
+class TokenSigner:
+    """Signs the bearer token a CDS client sends with each call, as the EHR does: ``iss``, ``sub``, ``aud``
+    (the URL called), ``iat``, ``exp`` five minutes later and a fresh ``jti``, with ``kid`` in the header.
+    For ``d3k2 replay --url`` against a d3k2 that checks tokens; its trust file must hold the public key."""
+
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    alg: str
+    iss: str
+    kid: str
+    lifetime: int = 300
+    clock: Clock = time.time
+
+    @classmethod
+    def from_pem(cls, path: Path, iss: str, kid: str) -> TokenSigner:
+        """A signer with the unencrypted PEM private key at ``path``: a P-384 key signs ES384, an RSA key
+        of at least 2048 bits RS384 (the only algorithms d3k2 accepts)."""
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the signing key {path}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{path} is not an unencrypted PEM private key ({detail})") from None
+        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+            return cls(key, "ES384", iss, kid)
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= MIN_RSA_BITS:
+            return cls(key, "RS384", iss, kid)
+        raise ConfigError(
+            f"{path}: the key must be EC P-384 (ES384) or RSA of at least {MIN_RSA_BITS} bits (RS384)"
+        )
+
+    def authorization(self, audience: str) -> str:
+        """The ``Authorization`` header value for one call to ``audience``."""
+        now = int(self.clock())
+        claims = {
+            "iss": self.iss,
+            "sub": self.iss,
+            "aud": audience,
+            "iat": now,
+            "exp": now + self.lifetime,
+            "jti": str(uuid.uuid4()),
+        }
+        token = jwt.encode(claims, self.key, algorithm=self.alg, headers={"kid": self.kid, "typ": "JWT"})
+        return f"Bearer {token}"
 
 
 # ---------------------------------------------------------------- the HTTP edge

@@ -118,6 +118,17 @@ _HOOKS = click.Choice(["patient-view", "order-select", "order-sign", "medication
 @click.option(
     "--patient", default=None, help="Patient id for a plain FHIR Bundle (default: its only Patient)."
 )
+@click.option(
+    "--jwt-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --url: sign a bearer token for every call with this PEM private key (P-384: ES384; "
+    "RSA: RS384), as an EHR does, for a server with D3K2_AUTH on. Needs --jwt-iss and --jwt-kid.",
+)
+@click.option(
+    "--jwt-iss", default=None, help="With --jwt-key: the issuer (iss) the server's trust file names."
+)
+@click.option("--jwt-kid", default=None, help="With --jwt-key: the key id (kid) of its public key there.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the service's logs (fetch failures and the like).")
 def replay(
     paths: tuple[Path, ...],
@@ -128,6 +139,9 @@ def replay(
     profile: str | None,
     hook: str | None,
     patient: str | None,
+    jwt_key: Path | None,
+    jwt_iss: str | None,
+    jwt_kid: str | None,
     verbose: bool,
 ) -> None:
     """Replay fixtures (<hook>/<case>/request.json + expected.json), CDS Hooks requests or FHIR Bundles
@@ -135,11 +149,25 @@ def replay(
     import requests
 
     from d3k2 import replay as engine
+    from d3k2.auth import TokenSigner
+    from d3k2.config import ConfigError
     from d3k2.fhir.client import FhirClient
     from d3k2.ruleset import load_ruleset
 
     if update and engine.in_ci():
         raise click.ClickException("--update rewrites golden files and is refused when CI is set")
+    signer = None
+    if jwt_key is None and (jwt_iss or jwt_kid):
+        raise click.UsageError("--jwt-iss and --jwt-kid go with --jwt-key")
+    if jwt_key is not None:
+        if url is None:
+            raise click.UsageError("--jwt-key signs calls to a server: it needs --url")
+        if not jwt_iss or not jwt_kid:
+            raise click.UsageError("--jwt-key needs --jwt-iss and --jwt-kid")
+        try:
+            signer = TokenSigner.from_pem(jwt_key, jwt_iss, jwt_kid)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
     settings = _settings()
     options = engine.Options(
         today, profile or settings.profile, hook, patient, update, remote=url is not None
@@ -148,7 +176,7 @@ def replay(
         try:
             if url is not None:
                 with requests.Session() as session:
-                    target: engine.Target = engine.Remote(url.rstrip("/"), session)
+                    target: engine.Target = engine.Remote(url.rstrip("/"), session, signer=signer)
                     results = engine.replay(
                         paths, target, options, options.profile or "seed", progress.report, progress.start
                     )

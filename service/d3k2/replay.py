@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import requests
 
@@ -32,6 +32,9 @@ from d3k2.fhir.prefetch import Fetcher
 from d3k2.ruleset import RuleSet
 from d3k2.service import call_service
 from d3k2.whatif import request_from_bundle
+
+if TYPE_CHECKING:
+    from d3k2.auth import TokenSigner
 
 _INDICATORS = {"critical": 0, "warning": 1, "info": 2}
 _CLIP = 72
@@ -81,12 +84,17 @@ class Remote:
     url: str
     session: requests.Session
     timeout: float = 30.0
+    signer: TokenSigner | None = None  # a bearer token on every call, for a server that checks them
     _services: dict[str, tuple[str, list[str]]] | None = None
+
+    def _auth(self, url: str) -> dict[str, str]:
+        return {"Authorization": self.signer.authorization(url)} if self.signer else {}
 
     def services(self) -> Mapping[str, tuple[str, list[str]]]:
         if self._services is None:
+            url = f"{self.url}/cds-services"
             try:
-                answer = self.session.get(f"{self.url}/cds-services", timeout=self.timeout)
+                answer = self.session.get(url, headers=self._auth(url), timeout=self.timeout)
                 answer.raise_for_status()
                 listed = answer.json()["services"]
                 self._services = {s["id"]: (s["hook"], list(s.get("prefetch") or {})) for s in listed}
@@ -97,11 +105,12 @@ class Remote:
         return self._services
 
     def call(self, service: str, payload: Any, *, today: date, profile: str) -> tuple[int, Any]:
+        url = f"{self.url}/cds-services/{service}"
         try:
             answer = self.session.post(
-                f"{self.url}/cds-services/{service}",
+                url,
                 json=payload,
-                headers={TODAY_HEADER: today.isoformat()},
+                headers={TODAY_HEADER: today.isoformat(), **self._auth(url)},
                 timeout=self.timeout,
             )
         except requests.RequestException as exc:
