@@ -15,11 +15,11 @@ import logging
 import os
 from typing import Any
 
-import d3k2.api
-import d3k2.cards
-import d3k2.metrics
+import d3k2.core.cards
+import d3k2.http.api
+import d3k2.http.metrics
 import d3k2.service
-from d3k2.wsgi import app
+from d3k2.http.wsgi import app
 
 PART = os.environ.get("D3K2_LEAVE_OUT", "none")
 PARTS = ("none", "facts", "rules", "cards", "model", "depth", "record", "log", "ids", "metrics")
@@ -46,23 +46,23 @@ if PART in ("facts", "rules", "cards", "model"):
         {"facts": "facts_for", "rules": "evaluate", "cards": "build_cards", "model": "parse_request"}[PART]
     )
 elif PART == "depth":
-    d3k2.api.json_too_deep = lambda raw, limit: False  # type: ignore[assignment]
+    d3k2.http.api.json_too_deep = lambda raw, limit: False  # type: ignore[assignment]
 elif PART == "record":
-    d3k2.api._record_served = lambda *args: None  # type: ignore[assignment]
+    d3k2.http.api._record_served = lambda *args: None  # type: ignore[assignment]
     app.extensions["d3k2.store"].served.write_due = lambda: None
 elif PART == "log":
     logging.getLogger("d3k2.http").setLevel(logging.WARNING)
 elif PART == "ids":
     _count = itertools.count()
-    d3k2.cards.card_uuid = lambda *parts: f"00000000-0000-5000-8000-{next(_count) % 10**12:012d}"  # type: ignore[assignment]
+    d3k2.core.cards.card_uuid = lambda *parts: f"00000000-0000-5000-8000-{next(_count) % 10**12:012d}"  # type: ignore[assignment]
 elif PART == "metrics":
 
     class _Nothing:
         def observe(self, *args: Any) -> None:
             return None
 
-    d3k2.metrics.RequestMetrics.count = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    d3k2.metrics.Metrics.count_cards = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    app.extensions["d3k2.metrics"].cards_record_seconds = _Nothing()
+    d3k2.http.metrics.RequestMetrics.count = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    d3k2.http.metrics.Metrics.count_cards = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    app.extensions["d3k2.http.metrics"].cards_record_seconds = _Nothing()
 
 __all__ = ["app"]

@@ -181,9 +181,9 @@ def check_answer(port: int, body: Path, path: str) -> dict[str, Any]:
 def fhir_queries(fhir_base: str) -> dict[str, str]:
     """The queries d3k2 sends for a patient-view without prefetch (templates filled as d3k2 fills them)."""
     from d3k2.config import default_cards_dir
+    from d3k2.core.hooks import parse_request
+    from d3k2.core.ruleset import load_ruleset
     from d3k2.fhir.prefetch import fill_template
-    from d3k2.hooks import parse_request
-    from d3k2.ruleset import load_ruleset
 
     service = load_ruleset(default_cards_dir()).services[SERVICE["fallback"]]
     request = parse_request(scenarios.fallback(fhir_base))
@@ -382,7 +382,7 @@ def main() -> None:
             "D3K2_FHIR_ALLOWED": "http://127.0.0.1:*",
         }
         (work / "d3k2-data").mkdir()
-        d3k2 = stack.enter_context(gunicorn("d3k2", "d3k2.wsgi:app", d3k2_port, args.workers, d3k2_env, work))
+        d3k2 = stack.enter_context(gunicorn("d3k2", "d3k2.http.wsgi:app", d3k2_port, args.workers, d3k2_env, work))
         (work / "edge-data").mkdir()
         edge_env = {**d3k2_env, "D3K2_DATA_DIR": str(work / "edge-data")}
         edge = stack.enter_context(

@@ -18,7 +18,7 @@ workers = int(os.environ.get("GUNICORN_WORKERS", str(min(8, 2 * (os.cpu_count() 
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 20
 keepalive = 5
-# The app logs one JSON line per request (d3k2.logs); gunicorn's own access log would repeat it.
+# The app logs one JSON line per request (d3k2.http.logs); gunicorn's own access log would repeat it.
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("D3K2_LOG_LEVEL", "info").lower()
@@ -42,7 +42,7 @@ def on_starting(server: Any) -> None:
             entry.unlink()
 
     from d3k2.config import from_env
-    from d3k2.feedback import FeedbackStore, StoreUnavailable
+    from d3k2.store.feedback import FeedbackStore, StoreUnavailable
 
     store = FeedbackStore(from_env().database)
     try:
@@ -62,9 +62,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """In the exiting worker: write the cards served it still has queued (d3k2.feedback.ServedWriter
+    """In the exiting worker: write the cards served it still has queued (d3k2.store.feedback.ServedWriter
     batches them off the request path). atexit would do it too; this runs on every graceful exit, also
     when the worker is stopped after a timeout (SIGABRT). SIGKILL / OOM loses the last batch interval."""
-    from d3k2.feedback import close_served_writers
+    from d3k2.store.feedback import close_served_writers
 
     close_served_writers(timeout=float(graceful_timeout) / 2)

@@ -1,9 +1,12 @@
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
-from d3k2.feedback import FeedbackStore
+from builders import fixed_clock, listener  # noqa: F401 (listener is a fixture)
+from d3k2.store.feedback import FeedbackStore
 from fhir_server import fhir_server, fhir_server_auth  # noqa: F401
 from postgres import postgres_server, postgres_url  # noqa: F401
-from support import listener  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +27,19 @@ def _stores_closed(monkeypatch: pytest.MonkeyPatch):
     for served, engine in opened:
         served.close()
         engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'd3k2.sqlite3'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[FeedbackStore]:
+    s = FeedbackStore(db_url, clock=fixed_clock())
+    s.migrate()
+    yield s
+    s.close()

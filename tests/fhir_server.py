@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from support import stop
+from builders import stop
 
 STARTUP_SECONDS = 30.0
 

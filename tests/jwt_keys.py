@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-SANDBOX_DIR = Path(__file__).resolve().parents[2] / "shared" / "sandbox"
+SANDBOX_DIR = Path(__file__).resolve().parent / "data" / "sandbox"  # vendored sandbox recordings
 SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
 SANDBOX_JKU = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
 ISSUER = "https://ehr.test"

@@ -27,15 +27,15 @@ class Statement:
     tests: tuple[str, ...]
 
 
-API = "tests/test_api.py"
-AUTH = "tests/test_auth.py"
-GOLDEN = "tests/test_golden.py"
-OPENAPI = "tests/test_openapi.py"
-FUZZ = "tests/test_schemathesis.py"
-PROPS = "tests/test_properties.py"
-LIMITS = "tests/test_limits.py"
-ORDERS = "tests/test_order_hooks.py"
-STORE = "tests/test_feedback_store.py"
+API = "tests/http/test_api.py"
+AUTH = "tests/http/test_auth.py"
+GOLDEN = "tests/golden/test_golden.py"
+OPENAPI = "tests/http/test_openapi.py"
+FUZZ = "tests/http/test_schemathesis.py"
+PROPS = "tests/unit/test_properties.py"
+LIMITS = "tests/unit/test_limits.py"
+ORDERS = "tests/golden/test_order_hooks.py"
+STORE = "tests/integration/test_feedback_store.py"
 
 STATEMENTS: tuple[Statement, ...] = (
     Statement(

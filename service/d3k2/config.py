@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from d3k2.errors import D3K2Error
+from d3k2.core.errors import D3K2Error
 
 
 class ConfigError(D3K2Error):

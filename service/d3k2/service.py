@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from d3k2.cards import build_cards, prepare_cards
-from d3k2.engine import Evaluation, evaluate, program
-from d3k2.errors import BadRequest, UnknownService
-from d3k2.facts import Facts, MedicationClassifier, extract_facts
+from d3k2.core.cards import build_cards, prepare_cards
+from d3k2.core.engine import Evaluation, evaluate, program
+from d3k2.core.errors import BadRequest, UnknownService
+from d3k2.core.facts import Facts, MedicationClassifier, extract_facts
+from d3k2.core.hooks import CdsRequest, parse_request
+from d3k2.core.orders import DraftReading, read_draft_orders
+from d3k2.core.ruleset import ORDER_HOOKS, RuleSet, Service
 from d3k2.fhir.prefetch import Fetcher, Resolved, fetch_medications, resolve
-from d3k2.hooks import CdsRequest, parse_request
-from d3k2.orders import DraftReading, read_draft_orders
-from d3k2.ruleset import ORDER_HOOKS, RuleSet, Service
 
 # Changes the resources between reading them and extracting facts (what-if overrides of `d3k2 explain`).
 Adjust = Callable[[list[dict[str, Any]], CdsRequest], list[dict[str, Any]]]

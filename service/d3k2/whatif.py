@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from d3k2.engine import Evaluation, values_snapshot
-from d3k2.errors import BadRequest
-from d3k2.facts import Evidence, LabConfig, Measurement
+from d3k2.core.engine import Evaluation, values_snapshot
+from d3k2.core.errors import BadRequest
+from d3k2.core.facts import Evidence, LabConfig, Measurement
+from d3k2.core.hooks import CdsRequest
+from d3k2.core.quantities import format_interval
+from d3k2.core.ruleset import ORDER_HOOKS, RuleSet
+from d3k2.core.terminology import LOINC, RXNORM, SNOMED, UCUM
 from d3k2.fhir.prefetch import Fetcher, Resolved, resources_of
-from d3k2.hooks import CdsRequest
-from d3k2.quantities import format_interval
-from d3k2.ruleset import ORDER_HOOKS, RuleSet
 from d3k2.service import call_service, classifier
-from d3k2.terminology import LOINC, RXNORM, SNOMED, UCUM
 
 WHATIF_PREFIX = "whatif-"
 WARFARIN_RXNORM = "855332"

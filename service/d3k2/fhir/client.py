@@ -26,7 +26,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from d3k2.config import Settings
-from d3k2.errors import FhirServerNotAllowed
+from d3k2.core.errors import FhirServerNotAllowed
 
 log = logging.getLogger("d3k2.fhir")
 

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard
 
-from d3k2.errors import PrefetchUnavailable
+from d3k2.core.errors import PrefetchUnavailable
+from d3k2.core.hooks import FHIR_ID, CdsRequest
+from d3k2.core.ruleset import PrefetchKey
 from d3k2.fhir.client import FetchOutcome
-from d3k2.hooks import FHIR_ID, CdsRequest
-from d3k2.ruleset import PrefetchKey
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
 # Medications referenced but not sent are read one by one: bounded so a long list cannot stall the call.

@@ -1,0 +1,285 @@
+"""Findings → CDS Hooks cards with suggestions built as valid R4 resources (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, timedelta
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from d3k2.core.engine import Evaluation, Finding, program
+from d3k2.core.ruleset import Product, Rule, RuleSet, Suggestion
+from d3k2.core.terminology import UCUM
+
+TOPIC_SYSTEM = "https://d3k2.dev/fhir/CodeSystem/card-topic"
+SUMMARY_LIMIT = 140
+_INDICATOR_ORDER = {"critical": 0, "warning": 1, "info": 2}
+_UCUM_UNIT_NAMES = {"{tbl}": "tablet", "{capsule}": "capsule", "{drop}": "drop", "[iU]": "IU", "ug": "mcg"}
+# Suggested resources are validated with the patient reference set to this id, then given the real one:
+# any FHIR id (what hooks.HookContext admits) makes an equally valid reference string.
+_ANY_PATIENT = "d3k2-any-patient"
+_NAMESPACE = uuid.NAMESPACE_URL.bytes
+
+
+def card_uuid(hook_instance: str, *parts: str) -> str:
+    """Stable across replays of the same request, distinct per rule (and per draft order).
+
+    `str(uuid.uuid5(uuid.NAMESPACE_URL, name))`, spelt out: the UUID object costs more than the hash.
+    """
+    name = "d3k2:" + ":".join((hook_instance, *parts))
+    digest = bytearray(hashlib.sha1(_NAMESPACE + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _render(template: str, fields: Mapping[str, Any]) -> str:
+    return template.format_map(fields).strip()
+
+
+def _summary(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2].rstrip() + "…"
+
+
+def medication_request(product: Product, patient_id: str) -> dict[str, Any]:
+    return _for_patient(_medication_resource(product), patient_id)
+
+
+def _medication_resource(product: Product) -> bytes:
+    dosage = product.dosage
+    instruction: dict[str, Any] = {"text": f"{product.text}: {product.dose_text}"}
+    if product.patient_instruction:
+        instruction["patientInstruction"] = product.patient_instruction
+    if dosage is not None:
+        repeat: dict[str, Any] = {
+            "frequency": dosage.frequency,
+            "period": dosage.period,
+            "periodUnit": dosage.period_unit,
+        }
+        if dosage.duration_weeks:
+            repeat["boundsDuration"] = {
+                "value": dosage.duration_weeks,
+                "unit": "weeks",
+                "system": UCUM,
+                "code": "wk",
+            }
+        instruction["timing"] = {"repeat": repeat}
+        instruction["doseAndRate"] = [
+            {
+                "doseQuantity": {
+                    "value": dosage.dose_value,
+                    "unit": _UCUM_UNIT_NAMES.get(dosage.dose_unit, dosage.dose_unit),
+                    "system": UCUM,
+                    "code": dosage.dose_unit,
+                }
+            }
+        ]
+    resource = {
+        "resourceType": "MedicationRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "subject": {"reference": f"Patient/{_ANY_PATIENT}"},
+        "medicationCodeableConcept": _concept(product),
+        "dosageInstruction": [instruction],
+    }
+    return _validated(orjson.dumps(resource))
+
+
+def _concept(product: Product) -> dict[str, Any]:
+    """Coded and with text: the sandbox applies a suggestion only when both are there."""
+    code = product.code
+    return {
+        "coding": [{"system": code.system, "code": code.code, "display": code.display}],
+        "text": product.text,
+    }
+
+
+def service_request(product: Product, patient_id: str, today: date) -> dict[str, Any]:
+    return _for_patient(_service_resource(product, today), patient_id)
+
+
+def _service_resource(product: Product, today: date) -> bytes:
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "subject": {"reference": f"Patient/{_ANY_PATIENT}"},
+        "code": _concept(product),
+    }
+    if product.occurrence_weeks:
+        resource["occurrenceDateTime"] = (today + timedelta(weeks=product.occurrence_weeks)).isoformat()
+    if product.note:
+        resource["note"] = [{"text": product.note}]
+    return _validated(orjson.dumps(resource))
+
+
+@lru_cache(maxsize=512)
+def _validated(resource: bytes) -> bytes:
+    """Each distinct resource is validated with the R4B model once, not on every answer (≈ 0.5 ms each)."""
+    raw = orjson.loads(resource)
+    if raw["resourceType"] == "MedicationRequest":
+        return orjson.dumps(MedicationRequest.model_validate(raw).model_dump(mode="json", exclude_none=True))
+    return orjson.dumps(ServiceRequest.model_validate(raw).model_dump(mode="json", exclude_none=True))
+
+
+def _for_patient(validated: bytes, patient_id: str) -> dict[str, Any]:
+    resource: dict[str, Any] = orjson.loads(validated)
+    resource["subject"]["reference"] = f"Patient/{patient_id}"
+    return resource
+
+
+@dataclass(frozen=True)
+class _RuleParts:
+    """What a rule's card says whatever the patient, read from the rule set once."""
+
+    rule: Rule
+    source: tuple[str, str]  # label, url of the first source
+    links: tuple[tuple[str, str], ...]
+    override_reasons: tuple[dict[str, Any], ...]  # copied into each card: answers never share objects
+
+    @classmethod
+    def of(cls, rule: Rule, ruleset: RuleSet) -> _RuleParts:
+        sources = [ruleset.sources[s] for s in rule.sources]
+        return cls(
+            rule,
+            (sources[0].label, sources[0].url),
+            tuple((s.label, s.url) for s in sources),
+            tuple(c.model_dump() for c in rule.override_reasons),
+        )
+
+
+class _CardParts:
+    """Per rule set (`RuleSet.derived(_CardParts)`): each rule's fixed parts, and each suggested
+    resource validated and serialised once (by product, and by day for tests scheduled from today)."""
+
+    def __init__(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+        self.rules = {rule.id: _RuleParts.of(rule, ruleset) for rule in ruleset.rules}
+        products = ruleset.products
+
+        def resource(name: str, today: date) -> bytes:
+            product = products[name]
+            if product.kind == "medication":
+                return _medication_resource(product)
+            return _service_resource(product, today)
+
+        self.resource = lru_cache(maxsize=256)(resource)
+        for name, product in products.items():  # validated now, not on the first answer that suggests it
+            if product.kind == "medication":
+                self.resource(name, _NO_DAY)
+
+    def rule(self, rule: Rule) -> _RuleParts:
+        parts = self.rules.get(rule.id)
+        return parts if parts is not None and parts.rule is rule else _RuleParts.of(rule, self.ruleset)
+
+    def suggested(self, name: str, today: date) -> bytes:
+        product = self.ruleset.products[name]
+        return self.resource(name, today if product.kind == "test" and product.occurrence_weeks else _NO_DAY)
+
+
+_NO_DAY = date.min  # the key of resources that do not depend on the day
+
+
+def prepare_cards(ruleset: RuleSet) -> None:
+    """Make the rule set's fixed card parts now rather than on the first answer."""
+    ruleset.derived(_CardParts)
+
+
+def _suggestion(
+    suggestion: Suggestion,
+    finding: Finding,
+    parts: _CardParts,
+    *,
+    card_id: str,
+    patient_id: str,
+    today: date,
+) -> dict[str, Any]:
+    label = _render(suggestion.label, finding.fields)
+    result: dict[str, Any] = {"label": label, "uuid": card_uuid(card_id, "suggestion", label)}
+    if suggestion.recommended:
+        result["isRecommended"] = True
+    if suggestion.delete_draft:
+        assert finding.draft is not None
+        result["actions"] = [
+            {"type": "delete", "description": label, "resourceId": finding.draft.reference},
+        ]
+        return result
+    assert suggestion.product is not None
+    resource = _for_patient(parts.suggested(suggestion.product, today), patient_id)
+    result["actions"] = [{"type": "create", "description": label, "resource": resource}]
+    return result
+
+
+def _offered(
+    suggestion: Suggestion, finding: Finding, ruleset: RuleSet, profile: str, blocked: set[str]
+) -> bool:
+    """Profile-specific, conditional, and never a product another card on the answer warns against."""
+    if suggestion.profiles is not None and profile not in suggestion.profiles:
+        return False
+    if (
+        suggestion.product
+        and blocked
+        and not blocked.isdisjoint(ruleset.products[suggestion.product].categories)
+    ):
+        return False
+    if suggestion.when is not None:
+        return ruleset.derived(program).test(suggestion.when)(finding.values, {}) is True
+    return True
+
+
+def build_cards(
+    ruleset: RuleSet,
+    evaluation: Evaluation,
+    *,
+    hook_instance: str,
+    patient_id: str,
+) -> list[dict[str, Any]]:
+    parts = ruleset.derived(_CardParts)
+    blocked = {category for f in evaluation.findings for category in f.rule.blocks}
+    today = evaluation.facts.today
+    cards: list[dict[str, Any]] = []
+    for finding in evaluation.findings:
+        rule = finding.rule
+        fixed = parts.rule(rule)
+        ids = [rule.id] if finding.draft is None else [rule.id, finding.draft.reference]
+        if finding.ingredient is not None:
+            ids.append(finding.ingredient.concept)
+        card_id = card_uuid(hook_instance, *ids)
+        suggestions = [
+            _suggestion(s, finding, parts, card_id=card_id, patient_id=patient_id, today=today)
+            for s in rule.suggestions
+            if _offered(s, finding, ruleset, evaluation.profile, blocked)
+        ]
+        detail = _render(rule.detail, finding.fields)
+        if "vitd" in rule.reads:
+            profile = ruleset.profiles[evaluation.profile]
+            detail += f"\n\nThresholds: profile `{evaluation.profile}` ({profile.title})."
+        card: dict[str, Any] = {
+            "uuid": card_id,
+            "summary": _summary(_render(rule.summary, finding.fields)),
+            "indicator": finding.indicator,
+            "detail": detail,
+            "source": {
+                "label": fixed.source[0],
+                "url": fixed.source[1],
+                "topic": {"system": TOPIC_SYSTEM, "code": rule.topic.code, "display": rule.topic.display},
+            },
+            "links": [{"label": label, "url": url, "type": "absolute"} for label, url in fixed.links],
+        }
+        if suggestions:
+            card["suggestions"] = suggestions
+            card["selectionBehavior"] = "at-most-one"
+        if fixed.override_reasons:
+            card["overrideReasons"] = [dict(reason) for reason in fixed.override_reasons]
+        cards.append(card)
+    cards.sort(key=lambda c: (_INDICATOR_ORDER[c["indicator"]], c["source"]["topic"]["code"], c["uuid"]))
+    return cards

@@ -1,0 +1,812 @@
+"""FHIR resources (raw JSON dicts) → typed clinical facts. Pure: no Flask, no requests, no clock.
+
+Every resource is read defensively: one that cannot be read is skipped and reported in
+``Facts.issues`` (never with patient data), and never stops other resources from being read, so a
+malformed entry cannot hide a contraindication.
+
+Lab results are read in two stages (see "observations" below): every one is triaged (what it is,
+when, whether it can be read at all), and only the newest per lab and role is read in full.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from operator import itemgetter
+from typing import Any
+
+from d3k2.core.quantities import Interval, format_interval, format_number
+from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
+
+# A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
+MedicationClassifier = Callable[[object], Sequence[tuple[str, str, str]]]
+
+_COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
+# Every system text that means LOINC (checked on each coding of each Observation).
+_LOINC_SPELLINGS = spellings(LOINC)
+
+
+class Unreadable(Exception):
+    """One resource (or one field the rules need) cannot be read; the message names no patient data."""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    name: str
+    label: str
+    canonical_unit: str
+    units: Mapping[str, float]
+    stale_days: int
+    primary: tuple[str, ...] = ()
+    fallback: tuple[str, ...] = ()
+    total: tuple[str, ...] = ()
+    d3_fraction: tuple[str, ...] = ()
+    d2_fraction: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    never: tuple[str, ...] = ()
+    range_only: tuple[str, ...] = ()
+    default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
+    default_upper_limit: float | None = None
+    source: str = ""
+    decimals: int = 2
+
+
+@dataclass(frozen=True)
+class FactsConfig:
+    accepted_status: tuple[str, ...]
+    fallback_status: tuple[str, ...]
+    labs: Mapping[str, LabConfig]
+    pregnancy_observation: tuple[str, ...]
+    pregnant_answers: tuple[str, ...]
+    pregnancy_conditions: tuple[str, ...]
+    active_clinical_status: tuple[str, ...]
+    ignored_verification_status: tuple[str, ...]
+    condition_facts: Mapping[str, tuple[str, ...]]
+    statement_current: tuple[str, ...]
+    request_current: tuple[str, ...]
+    # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
+    notes: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    analyte: str
+    value: Interval  # in the canonical unit
+    unit: str  # canonical unit
+    reported: str  # as sent, e.g. "45 nmol/L" or "<5 ng/mL"
+    when: date
+    status: str
+    source: str  # "Observation/<id>"
+    code: str
+    stale: bool
+    age_days: int
+    notes: tuple[str, ...] = ()
+    upper_limit: float | None = None  # canonical unit; the lab's range when given
+
+    @property
+    def shown(self) -> str:
+        canonical = format_interval(self.value, self.unit)
+        return self.reported if canonical == self.reported else f"{self.reported} ({canonical})"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    concept: str
+    text: str
+    source: str
+    when: date | None = None
+
+
+@dataclass(frozen=True)
+class MedicationFact:
+    category: str
+    name: str
+    status: str
+    source: str
+    matched_by: str  # "code" | "name"
+
+
+@dataclass(frozen=True)
+class Facts:
+    today: date
+    vitd: Measurement | None = None
+    egfr: Measurement | None = None
+    calcium: Measurement | None = None
+    pregnancy: tuple[Evidence, ...] = ()
+    conditions: Mapping[str, tuple[Evidence, ...]] = field(default_factory=dict)
+    medications: tuple[MedicationFact, ...] = ()
+    issues: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
+
+    def meds(self, category: str) -> tuple[MedicationFact, ...]:
+        return tuple(m for m in self.medications if m.category == category)
+
+
+# ---------------------------------------------------------------- small readers
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _ref(resource: Mapping[str, Any]) -> str:
+    rtype = _str(resource.get("resourceType")) or "Resource"
+    rid = _str(resource.get("id"))
+    return f"{rtype}/{rid}" if rid else f"{rtype}/(no id)"
+
+
+def parse_date(value: object) -> date | None:
+    """A FHIR date/dateTime/instant → its calendar date; partial dates take their first day."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 4:
+            return date(int(text), 1, 1)
+        if len(text) == 7:
+            return date(int(text[:4]), int(text[5:7]), 1)
+        if len(text) == 10:
+            return date.fromisoformat(text)
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).date()
+    except ValueError:
+        return None
+
+
+def _effective_text(resource: Mapping[str, Any]) -> str | None:
+    """The first usable of effective[x] (period: its end) and issued, as sent."""
+    period = resource.get("effectivePeriod")
+    period = period if isinstance(period, Mapping) else {}
+    for value in (
+        resource.get("effectiveDateTime"),
+        resource.get("effectiveInstant"),
+        period.get("end"),
+        period.get("start"),
+        resource.get("issued"),
+    ):
+        if parse_date(value) is not None:
+            return str(value)
+    return None
+
+
+def observation_date(resource: Mapping[str, Any]) -> date | None:
+    return parse_date(_effective_text(resource))
+
+
+def _instant(text: str, day: date) -> datetime:
+    """A sortable moment (in UTC) of a result on `day`: its time when given, else midnight; a time
+    without an offset is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _canonical(resource: Mapping[str, Any]) -> str:
+    """Orders otherwise equal resources the same way whatever their order in the Bundle."""
+    return json.dumps(resource, sort_keys=True, default=str)
+
+
+def _loinc_codes(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    code = resource.get("code")
+    codings = code.get("coding") if type(code) is dict or isinstance(code, Mapping) else None
+    if not isinstance(codings, list):
+        return ()
+    found: tuple[str, ...] = ()
+    for coding in codings:
+        if type(coding) is dict or isinstance(coding, Mapping):
+            value = coding.get("code")
+            if isinstance(value, str):
+                system = coding.get("system", "")
+                if (
+                    system in _LOINC_SPELLINGS
+                    if type(system) is str
+                    else normalise_system(str(system)) == LOINC
+                ):
+                    found += (value,)
+    return found
+
+
+def _codeable_text(codeable: Mapping[str, Any]) -> str:
+    """Text of a CodeableConcept a value set matched: it is an object and its `coding` a list."""
+    text = _str(codeable.get("text"))
+    if text:
+        return text
+    for coding in codeable["coding"]:
+        if isinstance(coding, Mapping) and _str(coding.get("display")):
+            return str(coding["display"])
+    return ""
+
+
+def _status_code(codeable: object) -> str | None:
+    """R4 CodeableConcept status (Condition.clinicalStatus); also the R3/DSTU2 plain string."""
+    if isinstance(codeable, str):
+        return codeable
+    if isinstance(codeable, Mapping):
+        codings = codeable.get("coding")
+        if isinstance(codings, list):
+            for coding in codings:
+                if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
+                    return str(coding["code"])
+    return None
+
+
+# ---------------------------------------------------------------- observations
+#
+# A lab history can hold thousands of results of which only the newest per lab and role is ever
+# shown, so Observations are read in two stages:
+#
+# 1. Triage (every Observation): its LOINC codes → lab and role (looked up once per code list), its
+#    status, its date and time, and every check that makes a result unreadable (number, unit,
+#    comparator, date). An unreadable result is reported whatever its age, exactly as if it had
+#    been read in full. What is kept of a readable one is a light `_Candidate` tuple.
+# 2. Selection (a few candidates): `_newest` picks the newest per lab and role; only the picked
+#    ones are read in full (value interval in the canonical unit, reported text, source).
+
+# (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
+# the one with the greatest (at, "Observation/<id>") and every source of a candidate starts with
+# "Observation/"; `id` is "(no id)" for a result without one, as in its source.
+_Candidate = tuple[datetime, str, date, str, "_Role", float | None, Mapping[str, Any]]
+_NEWEST_KEY = itemgetter(0, 1)
+_ERRORS = (Unreadable, TypeError, ValueError, AttributeError, KeyError, OverflowError)
+# Code lists remembered per rule set: more would be a request sending ever new codes.
+_MAX_ROLES = 4096
+
+
+class _Role:
+    """What one code list means: a role of one lab (e.g. eGFR "primary") and the code that says so."""
+
+    __slots__ = ("accepted", "code", "fallback", "lab", "role")
+
+    def __init__(self, lab: LabConfig, role: str, code: str) -> None:
+        self.lab = lab
+        self.role = role
+        self.code = code
+        # Where its candidates go: results of an accepted status, and of a fallback status.
+        self.accepted = (lab.name, role, True)
+        self.fallback = (lab.name, role, False)
+
+
+def _quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[float, str | None, str]:
+    """(value, comparator, unit) as reported, the unit one `lab` understands; else Unreadable."""
+    quantity = resource.get("valueQuantity")
+    if type(quantity) is dict or isinstance(quantity, Mapping):
+        raw: Any = quantity.get("value")
+        kind = type(raw)
+        if (
+            kind is not float
+            and kind is not int
+            and (isinstance(raw, bool) or not isinstance(raw, int | float))
+        ):
+            raise Unreadable("valueQuantity.value is not a number")
+        comparator = quantity.get("comparator")
+        if comparator is not None:
+            comparator = _str(comparator)
+        unit = quantity.get("code")
+        if not (isinstance(unit, str) and unit):
+            unit = _str(quantity.get("unit"))
+        if unit is None:
+            raise Unreadable("valueQuantity has no unit")
+        if unit not in lab.units and _str(quantity.get("unit")) in lab.units:
+            unit = str(quantity["unit"])
+        value = float(raw)
+    elif isinstance(resource.get("valueString"), str):
+        match = _COMPARATOR_STRING.match(resource["valueString"])
+        if not match:
+            raise Unreadable("valueString is not a number")
+        comparator = match.group(1)
+        value = float(match.group(2).replace(",", "."))
+        unit = (match.group(3) or "").strip() or lab.default_unit_by_code.get(code)
+        if unit is None:
+            raise Unreadable("valueString has no unit")
+    else:
+        raise Unreadable("no valueQuantity or valueString")
+    if comparator is not None and comparator not in ("<", "<=", ">", ">=", "="):
+        raise Unreadable(f"comparator {comparator!r} not understood")
+    if unit not in lab.units:
+        raise Unreadable(f"unit {unit!r} not understood for {lab.label}")
+    return value, comparator, unit
+
+
+def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
+    """(interval in the canonical unit, reported text) of a result triage found readable."""
+    value, comparator, unit = _quantity_parts(resource, lab, code)
+    factor = lab.units[unit]
+    reported_interval = Interval.from_comparator(value, comparator)
+    display_unit = lab.canonical_unit if factor == 1.0 else unit
+    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
+    return converted, format_interval(reported_interval, display_unit)
+
+
+def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
+    ranges = resource.get("referenceRange")
+    if not isinstance(ranges, list):
+        return None
+    for rng in ranges:
+        high = rng.get("high") if isinstance(rng, Mapping) else None
+        if isinstance(high, Mapping) and isinstance(high.get("value"), int | float):
+            unit = _str(high.get("code")) or _str(high.get("unit"))
+            factor = lab.units.get(unit or "")
+            if factor is not None:
+                return float(high["value"]) * factor
+    return None
+
+
+def _lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
+    for code in codes:
+        if code in lab.never:
+            continue
+        concepts = terminology.concepts(LOINC, code)
+        if concepts & set(lab.exclude):
+            continue
+        for role, sets in (
+            ("total", lab.total),
+            ("d3", lab.d3_fraction),
+            ("d2", lab.d2_fraction),
+            ("primary", lab.primary),
+            ("fallback", lab.fallback),
+            ("range_only", lab.range_only),
+        ):
+            if concepts & set(sets):
+                return role, code
+    return None
+
+
+def _moment(text: str) -> tuple[str, date, datetime | None] | None:
+    """(text, date, sortable instant) of a date text: `parse_date` and `_instant` with one parse.
+    No instant when working it out fails: it is then worked out again where reading the result
+    would have failed, to report the same reason."""
+    stripped = text.strip()
+    if len(stripped) in (4, 7, 10):  # a date without a time: parse_date's own ways
+        when = parse_date(text)
+        if when is None:
+            return None
+        return text, when, _instant(text, when)
+    try:
+        moment = datetime.fromisoformat(stripped.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    zone = moment.tzinfo
+    if zone is UTC:  # as `_instant` would give, without its second parse
+        return text, moment.date(), moment
+    if zone is None:
+        return text, moment.date(), moment.replace(tzinfo=UTC)
+    try:
+        return text, moment.date(), moment.astimezone(UTC)
+    except OverflowError:
+        return text, moment.date(), None
+
+
+class _Lookup:
+    """What stays the same from call to call for one rule set: status classes, pregnancy codes and
+    what each code list means. Neither the config nor the terminology is changed once loaded."""
+
+    __slots__ = ("config", "pregnancy_codes", "roles", "statuses", "terminology")
+
+    def __init__(self, config: FactsConfig, terminology: Terminology) -> None:
+        self.config = config
+        self.terminology = terminology
+        # Listing a value set's codes scans the whole terminology: once per rule set.
+        self.pregnancy_codes = frozenset(
+            code for vs in config.pregnancy_observation for _system, code in terminology.codes_in(vs)
+        )
+        # status → accepted (True) or fallback (False); any other status is not used.
+        self.statuses = dict.fromkeys(config.fallback_status, False) | dict.fromkeys(
+            config.accepted_status, True
+        )
+        self.roles: dict[tuple[str, ...], _Role | None] = {}
+
+    def role(self, codes: tuple[str, ...]) -> _Role | None:
+        try:
+            return self.roles[codes]
+        except KeyError:
+            pass
+        found = None
+        for lab in self.config.labs.values():
+            role = _lab_role(codes, self.terminology, lab)
+            if role is not None:
+                found = _Role(lab, *role)
+                break
+        if len(self.roles) >= _MAX_ROLES:
+            self.roles.clear()
+        self.roles[codes] = found
+        return found
+
+
+# (id(config), id(terminology)) → lookup. An entry holds both objects, so neither id can be reused
+# by another object while it exists; a handful of rule sets (tests load several) are kept.
+_LOOKUPS: dict[tuple[int, int], _Lookup] = {}
+_MAX_LOOKUPS = 8
+
+
+def _lookup(config: FactsConfig, terminology: Terminology) -> _Lookup:
+    key = (id(config), id(terminology))
+    found = _LOOKUPS.get(key)
+    if found is None:
+        if len(_LOOKUPS) >= _MAX_LOOKUPS:
+            _LOOKUPS.clear()
+        found = _LOOKUPS[key] = _Lookup(config, terminology)
+    return found
+
+
+# ---------------------------------------------------------------- the extractor
+
+
+class _Collector:
+    def __init__(
+        self,
+        config: FactsConfig,
+        terminology: Terminology,
+        classify: MedicationClassifier,
+        unique: list[Mapping[str, Any]],
+        issues: list[str],
+    ) -> None:
+        self.config = config
+        self.terminology = terminology
+        self.classify = classify
+        self.unique = unique
+        self.issues = issues
+        self.lookup = _lookup(config, terminology)
+        # (lab name, role, accepted status?) → the triaged results, in Bundle order.
+        self.candidates: dict[tuple[str, str, bool], list[_Candidate]] = {}
+        # date text → `_moment`: results of one draw (or one day) share their date text.
+        self.moments: dict[str, tuple[str, date, datetime | None] | None] = {}
+        self.pregnancy: list[Evidence] = []
+        self.conditions: dict[str, list[Evidence]] = {}
+        self.medications: list[MedicationFact] = []
+        self.index: dict[str, Mapping[str, Any]] | None = None
+
+    def report(self, resource: Mapping[str, Any], reason: str) -> None:
+        self.issues.append(f"{_ref(resource)} skipped: {reason}")
+
+    def observation(self, resource: Mapping[str, Any]) -> None:
+        """Stage 1 for a lab result: triage (see above); pregnancy status is read in full."""
+        codes = _loinc_codes(resource)
+        if not codes:
+            return
+        status = resource.get("status")
+        if not isinstance(status, str):
+            status = ""
+        lookup = self.lookup
+        if not lookup.pregnancy_codes.isdisjoint(codes):
+            self._pregnancy_status(resource, status)
+            return
+        found = lookup.roles.get(codes) or lookup.role(codes)
+        if found is None:
+            return
+        accepted = lookup.statuses.get(status)
+        if accepted is None:
+            return
+        # Usually the first candidate, effectiveDateTime, is the date: straight to its memo.
+        effective = resource.get("effectiveDateTime")
+        moment = None
+        if type(effective) is str:
+            moments = self.moments
+            if effective in moments:
+                moment = moments[effective]
+            else:
+                moment = moments[effective] = _moment(effective)
+        if moment is None:  # no usable effectiveDateTime: the other places a date can be
+            text = _effective_text(resource)
+            moment = _moment(text) if text is not None else None
+        if moment is None:
+            self.report(resource, f"{found.lab.label} result has no date")
+            return
+        if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
+            return
+        try:
+            _quantity_parts(resource, found.lab, found.code)
+        except Unreadable as exc:
+            self.report(resource, str(exc))
+            return
+        upper = _upper_limit(resource, found.lab) if "referenceRange" in resource else None
+        text, when, at = moment
+        if at is None:
+            at = _instant(text, when)  # fails again, now: reported as it always was
+        rid = resource.get("id")
+        candidate = (
+            at,
+            rid if isinstance(rid, str) and rid else "(no id)",
+            when,
+            status,
+            found,
+            upper,
+            resource,
+        )
+        key = found.accepted if accepted else found.fallback
+        group = self.candidates.get(key)
+        if group is None:
+            self.candidates[key] = [candidate]
+        else:
+            group.append(candidate)
+
+    def _pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
+        if status not in self.lookup.statuses:
+            return
+        answer = resource.get("valueCodeableConcept")
+        codings = answer.get("coding") if isinstance(answer, Mapping) else None
+        if not isinstance(codings, list):
+            return
+        for coding in codings:
+            if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
+                self.pregnancy.append(
+                    Evidence(
+                        "pregnancy", "pregnancy status: pregnant", _ref(resource), observation_date(resource)
+                    )
+                )
+                return
+
+    def condition(self, resource: Mapping[str, Any]) -> None:
+        verification = _status_code(resource.get("verificationStatus"))
+        if verification in self.config.ignored_verification_status:
+            return
+        clinical = _status_code(resource.get("clinicalStatus"))
+        if clinical is not None and clinical not in self.config.active_clinical_status:
+            return
+        concepts = self.terminology.concepts_of(resource.get("code"))
+        if not concepts:
+            return
+        text = _codeable_text(resource["code"]) or "condition"
+        when = parse_date(resource.get("onsetDateTime")) or parse_date(resource.get("recordedDate"))
+        for fact, valuesets in self.config.condition_facts.items():
+            if not concepts.isdisjoint(valuesets):
+                self.conditions.setdefault(fact, []).append(Evidence(fact, text, _ref(resource), when))
+        if not concepts.isdisjoint(self.config.pregnancy_conditions):
+            self.pregnancy.append(Evidence("pregnancy", text, _ref(resource), when))
+
+    def medication(self, resource: Mapping[str, Any]) -> None:
+        status = _str(resource.get("status")) or ""
+        current = (
+            self.config.statement_current
+            if resource.get("resourceType") == "MedicationStatement"
+            else self.config.request_current
+        )
+        if status not in current:
+            return
+        codeable = resource.get("medicationCodeableConcept")
+        if codeable is None:
+            reference = resource.get("medicationReference")
+            target = reference.get("reference") if isinstance(reference, Mapping) else None
+            medication = self._resolve(resource, target) if isinstance(target, str) else None
+            if medication is None:
+                display = reference.get("display") if isinstance(reference, Mapping) else None
+                if isinstance(display, str) and display:
+                    codeable = {"text": display}
+                else:
+                    self.report(
+                        resource, "medication reference could not be resolved (vitamin K antagonist unknown)"
+                    )
+                    return
+            else:
+                codeable = medication.get("code")
+        for category, name, matched_by in self.classify(codeable):
+            self.medications.append(MedicationFact(category, name, status, _ref(resource), matched_by))
+
+    def _resolve(self, resource: Mapping[str, Any], target: str) -> Mapping[str, Any] | None:
+        if target.startswith("#"):
+            contained = resource.get("contained")
+            if isinstance(contained, list):
+                for item in contained:
+                    if isinstance(item, Mapping) and item.get("id") == target[1:]:
+                        return item
+            return None
+        if self.index is None:  # built on the first reference: most requests have none
+            self.index = {}
+            for candidate in self.unique:
+                rtype = candidate.get("resourceType")
+                rid = candidate.get("id")
+                if isinstance(rtype, str) and isinstance(rid, str):
+                    self.index[f"{rtype}/{rid}"] = candidate
+        key = target.rsplit("/", 2)
+        short = "/".join(key[-2:]) if len(key) >= 2 else target
+        return self.index.get(short)
+
+
+# ---------------------------------------------------------------- stage 2: the newest results
+
+
+def _newest(accepted: list[_Candidate], fallback: list[_Candidate]) -> _Candidate | None:
+    """Newest by time; final beats preliminary; ties broken by id, then content, never by Bundle order."""
+    candidates = accepted or fallback
+    if not candidates:
+        return None
+    best = max(candidates, key=_NEWEST_KEY)
+    if not best[1].endswith("(no id)"):
+        return best  # one resource per id (`_unique`): no other candidate has its (at, id)
+    tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
+    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: _canonical(c[6]))
+
+
+def _measurement(
+    candidate: _Candidate,
+    lab: LabConfig,
+    config: FactsConfig,
+    today: date,
+    notes: tuple[str, ...],
+    summed: tuple[Interval, str] | None = None,
+) -> Measurement:
+    """Stage 2: the picked result read in full (or its value and text `summed` with another's)."""
+    _at, _id, when, status, found, upper, resource = candidate
+    if summed is None:
+        value, reported = _quantity(resource, found.lab, found.code)
+    else:
+        (value, reported), upper = summed, None
+    age = (today - when).days
+    extra = (config.notes["preliminary"],) if status == "preliminary" else ()
+    return Measurement(
+        analyte=lab.name,
+        value=value,
+        unit=lab.canonical_unit,
+        reported=reported,
+        when=when,
+        status=status,
+        source=_ref(resource),
+        code=found.code,
+        stale=age > lab.stale_days,
+        age_days=age,
+        notes=notes + extra,
+        upper_limit=upper,
+    )
+
+
+_Candidates = dict[tuple[str, str, bool], list[_Candidate]]
+
+
+def _group(candidates: _Candidates, lab: LabConfig, role: str) -> tuple[list[_Candidate], list[_Candidate]]:
+    """(accepted-status, fallback-status) results of one lab and role."""
+    return candidates.get((lab.name, role, True), []), candidates.get((lab.name, role, False), [])
+
+
+def _vitd(candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: date) -> Measurement | None:
+    """Total first; the D3 fraction (plus a same-day D2 fraction) only for a date without a total."""
+    totals = _group(candidates, lab, "total")
+    total_dates = {c[2] for group in totals for c in group}
+    d3_accepted, d3_fallback = _group(candidates, lab, "d3")
+    best_total = _newest(*totals)
+    best_d3 = _newest(
+        [c for c in d3_accepted if c[2] not in total_dates],
+        [c for c in d3_fallback if c[2] not in total_dates],
+    )
+    if best_d3 is None or (best_total is not None and best_total[2] >= best_d3[2]):
+        return _measurement(best_total, lab, config, today, ()) if best_total else None
+    day = best_d3[2]
+    d2_accepted, d2_fallback = _group(candidates, lab, "d2")
+    d2 = _newest([c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day])
+    if d2 is None:
+        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"],))
+    d3_value, d3_reported = _quantity(best_d3[6], best_d3[4].lab, best_d3[4].code)
+    d2_value, d2_reported = _quantity(d2[6], d2[4].lab, d2[4].code)
+    combined = Interval(
+        d3_value.lo + d2_value.lo,
+        d3_value.hi + d2_value.hi,
+        d3_value.lo_open or d2_value.lo_open,
+        d3_value.hi_open or d2_value.hi_open,
+    )
+    summed = (combined, f"{d3_reported} + D2 {d2_reported}")
+    return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
+
+
+def _simple_lab(
+    candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: date
+) -> Measurement | None:
+    best = _newest(*_group(candidates, lab, "primary"))
+    notes: tuple[str, ...] = ()
+    if best is None:
+        best = _newest(*_group(candidates, lab, "fallback"))
+        notes = (config.notes["legacy_equation"],) if best else ()
+    if best is None:
+        accepted, fallback = _group(candidates, lab, "range_only")
+        best = _newest([c for c in accepted if c[5] is not None], [c for c in fallback if c[5] is not None])
+    if best is None:
+        return None
+    return _measurement(best, lab, config, today, notes)
+
+
+def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
+    return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
+
+
+def _ref_key(rtype: object, rid: str) -> tuple[str, str]:
+    """`_ref` of a resource with an id, as (text before its first "/", text after it)."""
+    head = _str(rtype) or "Resource"
+    if "/" not in head:
+        return head, rid
+    head, _, tail = head.partition("/")
+    return head, f"{tail}/{rid}"
+
+
+def _unique(resources: Iterable[object]) -> list[Mapping[str, Any]]:
+    """The resources (JSON objects), one per type/id (the same result sent under two prefetch keys
+    counts once); of two different versions with one id, the same one is kept whatever the order.
+    Resources without an id come first, then one per type/id in the order first seen."""
+    unique: list[Mapping[str, Any]] = []
+    first: dict[tuple[str, str], Mapping[str, Any]] = {}
+    repeated: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for resource in resources:
+        if type(resource) is not dict and not isinstance(resource, Mapping):
+            continue
+        rid = resource.get("id")
+        if not isinstance(rid, str) or not rid or rid.endswith("(no id)"):
+            unique.append(resource)
+            continue
+        rtype = resource.get("resourceType")
+        key = (rtype, rid) if type(rtype) is str and rtype and "/" not in rtype else _ref_key(rtype, rid)
+        seen = first.setdefault(key, resource)
+        if seen is not resource:
+            repeated.setdefault(key, [seen]).append(resource)
+    if not repeated:
+        unique.extend(first.values())
+        return unique
+    for key, resource in first.items():
+        group = repeated.get(key)
+        unique.append(resource if group is None else max(group, key=_canonical))
+    return unique
+
+
+def extract_facts(
+    resources: Iterable[Mapping[str, Any]],
+    *,
+    today: date,
+    config: FactsConfig,
+    terminology: Terminology,
+    classify: MedicationClassifier,
+    missing: Sequence[str] = (),
+    incomplete: Sequence[str] = (),
+    issues: Sequence[str] = (),
+) -> Facts:
+    """Read every resource once; unreadable ones are reported, never fatal. Observations in two
+    stages: every one triaged, the newest per lab and role read in full (see above)."""
+    unique = _unique(resources)
+    collector = _Collector(config, terminology, classify, unique, list(issues))
+    observation = collector.observation
+    for resource in unique:
+        rtype = resource.get("resourceType")
+        try:
+            if rtype == "Observation":
+                observation(resource)
+            elif rtype == "Condition":
+                collector.condition(resource)
+            elif rtype in ("MedicationStatement", "MedicationRequest"):
+                collector.medication(resource)
+        # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
+        except _ERRORS as exc:
+            collector.report(resource, f"unreadable ({type(exc).__name__})")
+    labs = config.labs
+    found = collector.candidates
+    vitd = _vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
+    egfr = _simple_lab(found, labs["egfr"], config, today) if "egfr" in labs else None
+    calcium = _simple_lab(found, labs["calcium"], config, today) if "calcium" in labs else None
+    return Facts(
+        today=today,
+        vitd=vitd,
+        egfr=egfr,
+        calcium=calcium,
+        pregnancy=tuple(sorted(collector.pregnancy, key=_evidence_order)),
+        conditions={
+            k: tuple(sorted(v, key=_evidence_order)) for k, v in sorted(collector.conditions.items())
+        },
+        medications=tuple(sorted(collector.medications, key=lambda m: (m.category, m.source, m.name))),
+        issues=tuple(sorted(set(collector.issues))),
+        missing=tuple(missing),
+        incomplete=tuple(incomplete),
+    )
+
+
+def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
+    """Above the lab's upper limit, else above the default limit for total calcium."""
+    if calcium is None:
+        return None
+    limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
+    if limit is None:
+        return None
+    return calcium.value.gt(limit)
+
+
+def describe_limit(calcium: Measurement, lab: LabConfig) -> str:
+    limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
+    origin = "lab range" if calcium.upper_limit is not None else "default limit"
+    return f"{format_number(limit or 0.0, 2)} {lab.canonical_unit} ({origin})"

@@ -1,0 +1,219 @@
+"""HTTP edge: discovery, service calls, feedback. Thin: parse, call d3k2.service, answer JSON."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+from flask import Blueprint, Request, Response, current_app, request
+
+from d3k2.config import Settings
+from d3k2.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from d3k2.core.hooks import parse_feedback
+from d3k2.core.limits import json_too_deep, prefetch_entries
+from d3k2.http import logs
+from d3k2.http.metrics import InstrumentedFetcher, Metrics, metrics_of
+from d3k2.http.openapi import build_openapi
+from d3k2.http.web import Runtime, collector_paused, json_response, runtime
+from d3k2.service import call_service, discovery, find_service
+from d3k2.store.feedback import FeedbackStore, StoreUnavailable
+
+blueprint = Blueprint("cds", __name__)
+log = logging.getLogger("d3k2.http.api")
+
+_JSON_TYPES = ("application/json", "application/fhir+json")
+TODAY_HEADER = "X-D3K2-Today"
+
+
+def json_body(req: Request, settings: Settings) -> Any:
+    """The request's JSON body, within the configured limits; a D3K2Error saying what was wrong."""
+    check_json_type(req.mimetype, req.content_type)
+    raw = req.get_data(cache=False)
+    limit = settings.max_body_bytes
+    if raw and req.content_length is None and len(raw) >= limit:
+        # A chunked body is cut at the limit by Werkzeug without an error: what reached it was too large.
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    return parse_json(raw, settings)
+
+
+def check_json_type(mimetype: str, content_type: str | None) -> None:
+    """``mimetype``: the Content-Type without parameters, lower case (Werkzeug's ``Request.mimetype``)."""
+    if mimetype not in _JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'!r}")
+
+
+def parse_json(raw: bytes, settings: Settings) -> Any:
+    """A request body read whole: not empty, not nested deeper than allowed, well-formed JSON."""
+    if not raw:
+        raise BadRequest("the body is empty; a JSON object is required")
+    depth = settings.max_json_depth
+    if json_too_deep(raw, depth):
+        raise BadRequest(f"the JSON body nests deeper than {depth} levels")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+def _today(override: str | None, settings: Settings) -> date:
+    """The request's day (UTC). Outside production a replay harness may fix it with X-D3K2-Today
+    (``override``: that header's value)."""
+    if override and settings.env != "production":
+        try:
+            return date.fromisoformat(override)
+        except ValueError as exc:
+            raise BadRequest(f"{TODAY_HEADER} must be a date (YYYY-MM-DD), got {override!r}") from exc
+    return datetime.now(UTC).date()
+
+
+@blueprint.get("/cds-services")
+def get_discovery() -> Response:
+    return json_response(discovery(runtime().ruleset))
+
+
+@blueprint.post("/cds-services/<service_id>")
+def post_service(service_id: str) -> Response:
+    """Routed by Flask only when the app is used without d3k2.http.edge.ServiceCalls, which answers these
+    calls before Flask routes them (create_app installs it); the rule stays for OPTIONS and 405."""
+    store, rt = _store(), runtime()
+    call = Call(lambda: json_body(request, rt.settings), request.headers.get(TODAY_HEADER))
+    response = json_response(answer_call(call, rt, store, metrics_of(current_app), service_id))
+    response.call_on_close(store.served.write_due)
+    return response
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What answering a service call reads of its HTTP request, whoever parsed that request (Flask's
+    route here, or d3k2.http.edge.ServiceCalls straight from the WSGI environ)."""
+
+    payload: Callable[[], Any]  # the parsed JSON body; a D3K2Error (or Werkzeug's 413) when unusable
+    today: str | None  # the X-D3K2-Today header
+
+
+def answer_call(
+    call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
+) -> dict[str, Any]:
+    """The CDS Hooks response to one service call; a D3K2Error for a call that cannot be answered.
+
+    The caller sends it, then calls ``store.served.write_due`` once it is on the wire."""
+    find_service(rt.ruleset, service_id)
+    with collector_paused():
+        # The parsed body is freed when _answer returns, while the collector is still paused: turned
+        # back on with it alive, the collector's first pass would scan all of it (14 ms for 7 MB).
+        return _answer(call, rt, store, metrics, service_id)
+
+
+def _answer(
+    call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
+) -> dict[str, Any]:
+    payload = call.payload()
+    entries, bound = prefetch_entries(payload), rt.settings.max_prefetch_entries
+    if entries > bound:
+        raise PayloadTooLarge(f"prefetch holds {entries} resources; at most {bound} are accepted")
+    if isinstance(payload, dict) and isinstance(payload.get("hookInstance"), str):
+        logs.bind(hook_instance=payload["hookInstance"][:100])
+    outcome = call_service(
+        rt.ruleset,
+        service_id,
+        payload,
+        today=_today(call.today, rt.settings),
+        profile=rt.profile,
+        fetcher=InstrumentedFetcher(rt.fetcher, metrics),
+    )
+    cards = outcome.response["cards"]
+    # Said on the request's own log line (d3k2.http.logs), not on a second one.
+    logs.bind(cards=len(cards), fetched=_fetched(outcome.resolved.fetched))
+    _record_served(store, service_id, cards, metrics)
+    return outcome.response
+
+
+def _fetched(fetched: dict[str, str]) -> str | None:
+    """Which prefetch keys were fetched from the FHIR server, and how each went (none: not logged)."""
+    return ",".join(f"{k}:{'ok' if v == 'ok' else 'failed'}" for k, v in sorted(fetched.items())) or None
+
+
+def _store() -> FeedbackStore:
+    store: FeedbackStore = current_app.extensions["d3k2.store"]
+    return store
+
+
+def _record_served(
+    store: FeedbackStore, service_id: str, cards: list[dict[str, Any]], metrics: Metrics
+) -> None:
+    """Cards served are what feedback is measured against; losing them must never cost the answer.
+
+    The answer only queues the rows (``cards_record_seconds`` is that time); they are written in
+    batches after responses are sent (d3k2.store.feedback.ServedWriter.write_due, called by whoever sends
+    the answer), and failed batches and dropped rows reach ``store_errors`` through
+    ``Metrics.served_listener``."""
+    metrics.count_cards(cards)
+    started = time.perf_counter()
+    try:
+        store.enqueue_cards(service_id, cards)
+    except Exception:
+        metrics.store_errors.labels("record_cards").inc()
+        log.exception("cards served not recorded (a bug)")
+    metrics.cards_record_seconds.observe(time.perf_counter() - started)
+
+
+@blueprint.post("/cds-services/<service_id>/feedback")
+def post_feedback(service_id: str) -> Response:
+    rt = runtime()
+    find_service(rt.ruleset, service_id)
+    feedback = parse_feedback(json_body(request, rt.settings))
+    log.info(
+        "feedback service=%s items=%d outcomes=%s",
+        service_id,
+        len(feedback.feedback),
+        ",".join(item.outcome for item in feedback.feedback),
+    )
+    metrics = metrics_of(current_app)
+    try:
+        stored = _store().record_feedback(service_id, feedback.feedback)
+    except StoreUnavailable:
+        metrics.store_errors.labels("record_feedback").inc()
+        for item in feedback.feedback:
+            metrics.feedback.labels(item.outcome, "error").inc()
+        raise
+    for item, new in zip(feedback.feedback, stored.new, strict=True):
+        metrics.feedback.labels(item.outcome, "stored" if new else "duplicate").inc()
+    return json_response(
+        {
+            "received": stored.received,
+            "stored": stored.stored,
+            "duplicates": stored.duplicates,
+            "persisted": True,
+        }
+    )
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@blueprint.get("/openapi.json")
+def get_openapi() -> Response:
+    """Not under /cds-services, so never behind the JWT check (auth.protected)."""
+    return json_response(build_openapi(runtime().ruleset))
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response:
+    """Ready when the rule set has services and the feedback database answers (schema at head)."""
+    checks = {"rules": "ok" if runtime().ruleset.services else "no services loaded"}
+    try:
+        _store().ping()
+        checks["database"] = "ok"
+    except StoreUnavailable as exc:
+        checks["database"] = exc.detail
+    ready = all(value == "ok" for value in checks.values())
+    return json_response(
+        {"status": "ready" if ready else "not-ready", "checks": checks}, 200 if ready else 503
+    )

@@ -1,0 +1,100 @@
+"""create_app(): the Flask factory. Configuration and the rule set are read here, once."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from d3k2.config import ConfigError, Settings, from_env
+from d3k2.core.errors import D3K2Error
+from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.fhir.client import FhirClient
+from d3k2.http import logs
+from d3k2.http.api import blueprint
+from d3k2.http.auth import Authenticator
+from d3k2.http.edge import ServiceCalls, error_answer
+from d3k2.http.metrics import Metrics
+from d3k2.http.metrics import init_app as init_metrics
+from d3k2.http.preview import blueprint as preview_blueprint
+from d3k2.http.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, json_response
+from d3k2.service import prepare
+from d3k2.store.feedback import FeedbackStore, StoreUnavailable
+
+log = logging.getLogger("d3k2")
+
+
+def create_app(
+    settings: Settings | None = None, ruleset: RuleSet | None = None, store: FeedbackStore | None = None
+) -> Flask:
+    settings = settings or from_env()
+    ruleset = prepare(ruleset or load_ruleset(settings.cards_dir))
+    if settings.profile not in ruleset.profiles:
+        known = ", ".join(sorted(ruleset.profiles))
+        raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
+    authenticator = Authenticator.from_settings(settings)
+    # No app-wide /static: the preview blueprint serves its own files, only when it is enabled.
+    app = Flask("d3k2", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["d3k2"] = Runtime(settings, ruleset, FhirClient(settings), settings.profile)
+    app.register_blueprint(blueprint)
+    if settings.preview_enabled:
+        app.register_blueprint(preview_blueprint)
+    metrics = Metrics()
+    per_request = init_metrics(app, metrics, list(ruleset.services))
+    app.extensions["d3k2.store"] = opened = _open_store(store or FeedbackStore(settings.database))
+    opened.served.listener = metrics.served_listener()
+    app.extensions["d3k2.http.auth"] = authenticator
+
+    # One hook per phase (Flask resolves each hook it calls): logs first, so that even a refused request
+    # has its id and its line; metrics; then the JWT check.
+    @app.before_request
+    def _before() -> None:
+        logs.start_request()
+        per_request.start()
+        authenticator.check(request)
+
+    @app.teardown_request
+    def _teardown(_exc: BaseException | None) -> None:
+        logs.clear()
+
+    def _answer_error(exc: BaseException) -> Response:
+        status, body, headers = error_answer(exc, settings.max_body_bytes)
+        return json_response(body, status, headers)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return _answer_error(exc)
+
+    @app.errorhandler(Exception)
+    def _any(exc: Exception) -> Response:
+        if not isinstance(exc, D3K2Error):
+            log.exception("unhandled error (a bug) on %s %s", request.method, request.url_rule)
+        return _answer_error(exc)
+
+    @app.after_request
+    def _after(response: Response) -> Response:
+        if response.headers.get("X-Content-Type-Options") != "nosniff":  # not built by json_response
+            for name, value in DEFAULT_HEADERS.items():
+                response.headers.setdefault(name, value)
+            response.headers.update(SECURITY_HEADERS)
+        per_request.observe(response)
+        return logs.end_request(response)
+
+    # Service calls are answered before Flask routes them (d3k2.http.edge), with the same steps as above.
+    app.wsgi_app = ServiceCalls(  # type: ignore[method-assign]
+        app.wsgi_app, app.extensions["d3k2"], opened, metrics, per_request, authenticator
+    )
+    return app
+
+
+def _open_store(store: FeedbackStore) -> FeedbackStore:
+    """Migrate at startup; a database that is down must not stop the service from answering hooks."""
+    try:
+        store.migrate()
+    except StoreUnavailable:
+        log.warning(
+            "feedback database %s unreachable at startup; will migrate when it is back", store.display_url
+        )
+    return store

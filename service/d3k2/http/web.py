@@ -1,0 +1,69 @@
+"""Shared pieces of the HTTP edge: the per-app runtime and JSON responses."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from flask import Response, current_app
+
+from d3k2.config import Settings
+from d3k2.core.ruleset import RuleSet
+from d3k2.fhir.client import FhirClient
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    ruleset: RuleSet
+    fetcher: FhirClient
+    profile: str
+
+
+def runtime() -> Runtime:
+    rt: Runtime = current_app.extensions["d3k2"]
+    return rt
+
+
+# Every answer carries these (d3k2.http.app adds them to responses not built here). CORS: the sandbox and
+# other browser-based EHR clients call from another origin.
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "authorization, content-type, accept",
+    "Access-Control-Max-Age": "600",
+}
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+DEFAULT_HEADERS = {**CORS_HEADERS, "Cache-Control": "no-store"}
+# Given whole at construction: werkzeug's setdefault scans the list once per header (15 µs an answer).
+JSON_HEADERS = list({**DEFAULT_HEADERS, **SECURITY_HEADERS}.items())
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json", headers=JSON_HEADERS)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause CPython's cyclic garbage collector while one answer is parsed and computed.
+
+    A request's objects (the parsed body, facts, cards) hold no reference cycles: reference counting
+    frees them when the answer is sent. The cyclic collector would only rescan them again and again
+    while they are being built — parsing a 7 MB prefetch took 64 ms with it and 32 ms without.
+    Nested or concurrent uses are safe: only the one that paused it turns it back on.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

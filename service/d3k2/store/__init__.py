@@ -1,0 +1,1 @@
+"""Persistence: the feedback database (schema, migrations), cards served, and the report."""

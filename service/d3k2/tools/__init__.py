@@ -1,0 +1,1 @@
+"""Command-line tools: serve, replay, explain / what-if, feedback report. Nothing imports them."""

@@ -1,0 +1,261 @@
+"""`d3k2 explain` and d3k2.whatif: facts with their sources, every rule's verdict, cards, what-ifs."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from builders import bundle_from_request
+from d3k2.config import default_cards_dir
+from d3k2.core.errors import BadRequest
+from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.tools.cli import main
+from d3k2.whatif import OverrideError, apply_overrides, parse_override, request_from_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+SANDBOX_VIEW = REPO / "fixtures" / "patient-view" / "sandbox-patient-view" / "request.json"
+TODAY = "2026-11-24"
+
+
+@pytest.fixture(scope="module")
+def ruleset() -> RuleSet:
+    return load_ruleset(default_cards_dir())
+
+
+def sandbox_bundle() -> dict[str, Any]:
+    """The recorded sandbox patient (25(OH)D 18 ng/mL, eGFR 25, warfarin, sarcoidosis) as a plain Bundle."""
+    return bundle_from_request(SANDBOX_VIEW)
+
+
+@pytest.fixture
+def bundle_file(tmp_path: Path) -> Path:
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(sandbox_bundle()), encoding="utf-8")
+    return path
+
+
+def explain(*args: str) -> Result:
+    return CliRunner().invoke(main, ["explain", *args], catch_exceptions=False)
+
+
+def report(*args: str) -> dict[str, Any]:
+    result = explain(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def verdicts(data: dict[str, Any]) -> dict[str, str]:
+    return {r["rule"]: r["verdict"] for r in data["rules"] if r["draft"] is None}
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_explain_shows_facts_with_sources_fired_and_silent_rules_and_cards(bundle_file: Path) -> None:
+    result = explain(str(bundle_file), "--today", TODAY)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "d3k2-patient-view: patient d3k2-pt-1, today 2026-11-24, profile seed" in text
+    assert "Observation/d3k2-vitd-1" in text
+    assert "MedicationStatement/d3k2-warfarin-1" in text
+    assert "Condition/d3k2-sarcoid-1" in text
+    rules_table = text.split("Rules for patient-view", 1)[1].split("Cards", 1)[0]
+    rows = {
+        line.split("│")[2].strip(): line.split("│")[1].strip()
+        for line in rules_table.splitlines()
+        if line.startswith("│") and line.split("│")[2].strip()
+    }
+    assert rows["vka-k2"] == "FIRED"
+    assert rows["granulomatous"] == "FIRED"
+    assert rows["vitd-toxicity"] == "silent"
+    assert "k2.active eq False: False → true" in text
+    assert "Cards" in text
+    assert "On warfarin: no vitamin K2 supplement" in text
+
+
+def test_json_report(bundle_file: Path) -> None:
+    data = report(str(bundle_file), "--today", TODAY)
+    assert data["facts"]["vitd"]["source"] == "Observation/d3k2-vitd-1"
+    assert data["facts"]["vitd"]["value"] == "18 ng/mL"
+    assert data["facts"]["egfr"]["date"] == "2026-10-15"
+    assert [m["category"] for m in data["facts"]["medications"]] == ["vka"]
+    assert data["facts"]["conditions"]["sarcoidosis"][0]["source"] == "Condition/d3k2-sarcoid-1"
+    assert verdicts(data)["kidney-advanced"] == "fired"
+    assert verdicts(data)["vitd-deficient"] == "silent"
+    assert {c["topic"] for c in data["cards"]} == {"granulomatous", "kidney-advanced", "vka-k2"}
+    assert data["response"]["cards"][0]["uuid"] == data["cards"][0]["uuid"]
+
+
+def test_what_if_egfr_and_warfarin(bundle_file: Path) -> None:
+    healthier = report(str(bundle_file), "--today", TODAY, "--set", "egfr=60", "--set", "warfarin=off")
+    assert verdicts(healthier)["kidney-advanced"] == "silent"
+    assert verdicts(healthier)["vka-k2"] == "silent"
+    assert healthier["facts"]["egfr"]["source"] == "Observation/whatif-egfr"
+    assert healthier["overrides"][1] == {
+        "override": "warfarin=off",
+        "added": None,
+        "removed": ["MedicationStatement/d3k2-warfarin-1"],
+    }
+    worse = report(str(bundle_file), "--today", TODAY, "--set", "egfr=60", "--set", "egfr=25")
+    assert verdicts(worse)["kidney-advanced"] == "fired"
+
+
+def test_what_if_vitd_in_nmol_pregnancy_and_calcium(bundle_file: Path) -> None:
+    data = report(
+        str(bundle_file),
+        "--today",
+        TODAY,
+        "--set",
+        "vitd=150nmol/L",
+        "--set",
+        "pregnant=yes",
+        "--set",
+        "calcium=11.2mg/dL",
+    )
+    assert data["facts"]["vitd"]["reported"] == "150 nmol/L"
+    assert data["facts"]["vitd"]["date"] == TODAY
+    assert data["facts"]["vitd"]["value"].startswith("60.")  # 150 nmol/L ÷ 2.496
+    assert data["values"]["vitd.band"] == "high"
+    assert data["facts"]["pregnancy"][0]["source"] == "Condition/whatif-pregnant"
+    assert verdicts(data)["pregnancy-d3"] == "fired"
+    assert verdicts(data)["hypercalcemia"] == "fired"
+
+
+def test_explain_a_fixture_uses_its_golden_today(tmp_path: Path) -> None:
+    data = report(str(SANDBOX_VIEW))
+    assert data["today"] == json.loads((SANDBOX_VIEW.parent / "expected.json").read_text())["today"]
+    assert data["service"] == "d3k2-patient-view"
+
+
+def test_order_hook_rules_are_listed_per_draft() -> None:
+    request = REPO / "fixtures" / "order-select" / "sandbox-order-select" / "request.json"
+    data = report(str(request), "--today", TODAY)
+    drafts = [r for r in data["rules"] if r["draft"]]
+    assert drafts
+    assert any(r["rule"] == "order-k2-vka" and r["verdict"] == "fired" for r in drafts)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "vitd=abc"], "vitd takes a number"),
+        (["--set", "vitd=18furlongs"], "unit 'furlongs' not understood"),
+        (["--set", "warfarin=maybe"], "warfarin takes on or off"),
+        (["--set", "height=180"], "unknown name 'height'"),
+        (["--profile", "nope"], "unknown profile 'nope'"),
+        (["--today", "24.11.2026"], "must be a date"),
+    ],
+)
+def test_bad_options_give_one_error_line(bundle_file: Path, args: list[str], message: str) -> None:
+    result = explain(str(bundle_file), *args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{oops", "not JSON"),
+        ('{"resourceType": "Patient"}', "not a CDS Hooks request and not a FHIR Bundle"),
+    ],
+)
+def test_bad_files_give_one_error_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "input.json"
+    path.write_text(content, encoding="utf-8")
+    result = explain(str(path), "--today", TODAY)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- d3k2.whatif
+
+
+def test_request_from_bundle_is_deterministic_and_carries_everything(ruleset: RuleSet) -> None:
+    bundle = sandbox_bundle()
+    keys = list(ruleset.services["d3k2-patient-view"].prefetch)
+    content = json.dumps(bundle).encode()
+    first = request_from_bundle(
+        bundle, hook="patient-view", patient_id=None, prefetch_keys=keys, content=content
+    )
+    second = request_from_bundle(
+        bundle, hook="patient-view", patient_id=None, prefetch_keys=keys, content=content
+    )
+    assert first["hookInstance"] == second["hookInstance"]
+    assert first["context"] == {"patientId": "d3k2-pt-1"}
+    assert first["prefetch"][keys[0]]["entry"] == bundle["entry"]
+    assert all(first["prefetch"][k] is None for k in keys[1:])
+
+
+def test_request_from_bundle_rejects_other_patients(ruleset: RuleSet) -> None:
+    bundle = sandbox_bundle()
+    keys = list(ruleset.services["d3k2-patient-view"].prefetch)
+    with pytest.raises(BadRequest, match="no Patient/other"):
+        request_from_bundle(bundle, hook="patient-view", patient_id="other", prefetch_keys=keys, content=b"")
+    bundle["entry"].append({"resource": {"resourceType": "Patient", "id": "second"}})
+    with pytest.raises(BadRequest, match="2 Patient resources"):
+        request_from_bundle(bundle, hook="patient-view", patient_id=None, prefetch_keys=keys, content=b"")
+
+
+def test_request_from_bundle_moves_drafts_to_draft_orders(ruleset: RuleSet) -> None:
+    bundle = sandbox_bundle()
+    draft = {
+        "resourceType": "MedicationRequest",
+        "id": "draft-1",
+        "status": "draft",
+        "intent": "proposal",
+        "subject": {"reference": "Patient/d3k2-pt-1"},
+        "medicationCodeableConcept": {"text": "vitamin K2"},
+    }
+    bundle["entry"].append({"resource": draft})
+    keys = list(ruleset.services["d3k2-order-select"].prefetch)
+    request = request_from_bundle(
+        bundle, hook="order-select", patient_id=None, prefetch_keys=keys, content=b"x"
+    )
+    assert request["context"]["selections"] == ["MedicationRequest/draft-1"]
+    assert request["context"]["draftOrders"]["entry"] == [{"resource": draft}]
+    assert {"resource": draft} not in request["prefetch"][keys[0]]["entry"]
+
+
+def test_overrides_replace_resources_of_their_kind(ruleset: RuleSet) -> None:
+    resources = [e["resource"] for e in sandbox_bundle()["entry"]]
+    overrides = [
+        parse_override(t, ruleset) for t in ("vitd=45nmol/L", "k2=on", "warfarin=off", "pregnant=no")
+    ]
+    changed, applied = apply_overrides(
+        resources, overrides, ruleset, today=date(2026, 11, 24), patient_id="p"
+    )
+    refs = {f"{r['resourceType']}/{r['id']}" for r in changed}
+    assert "Observation/d3k2-vitd-1" not in refs
+    assert "Observation/whatif-vitd" in refs
+    assert "MedicationStatement/whatif-k2" in refs
+    assert "MedicationStatement/d3k2-warfarin-1" not in refs
+    assert "Condition/d3k2-sarcoid-1" in refs
+    assert [a.removed for a in applied] == [
+        ("Observation/d3k2-vitd-1",),
+        (),
+        ("MedicationStatement/d3k2-warfarin-1",),
+        (),
+    ]
+    vitd = next(r for r in changed if r["id"] == "whatif-vitd")
+    assert vitd["valueQuantity"]["unit"] == "nmol/L"
+    assert vitd["effectiveDateTime"] == "2026-11-24"
+    assert vitd["code"]["coding"][0]["code"] in {
+        c for _s, c in ruleset.terminology.codes_in("vitd-25oh-total")
+    }
+    assert len(resources) == len(sandbox_bundle()["entry"])  # the input is left alone
+
+
+def test_parse_override_defaults_to_the_canonical_unit(ruleset: RuleSet) -> None:
+    override = parse_override("egfr=25", ruleset)
+    assert (override.name, override.value) == ("egfr", 25.0)
+    assert override.unit == ruleset.facts.labs["egfr"].canonical_unit
+    with pytest.raises(OverrideError, match="expected NAME=VALUE"):
+        parse_override("egfr", ruleset)

@@ -1,0 +1,828 @@
+"""Cards served are written off the request path (d3k2.store.feedback.ServedWriter): queued by the answer,
+inserted in batches by a thread, flushed before feedback and the report, on close and at exit; a full
+queue and a failing database drop rows with counts, never the answer; a forked child starts afresh.
+
+No test waits for time to pass: writes are made visible with flush() / close(), and the thread's own
+writes are awaited through Events set by SQLAlchemy event listeners (their timeouts only bound a hang).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+import weakref
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
+
+from builders import (
+    REPO,
+    SERVICE,
+    T0,
+    TODAY,
+    card,
+    fixed_clock,
+    gunicorn_env,
+    hook_request,
+    post,
+    ruleset,
+    samples,
+    sandbox_feedback,
+    settings,
+    stop,
+)
+from builders import value as metric
+from d3k2.core.hooks import parse_feedback
+from d3k2.http.app import create_app
+from d3k2.http.metrics import metrics_of
+from d3k2.store import feedback as fb
+from d3k2.store.feedback import (
+    DROPPED_AFTER_RETRIES,
+    DROPPED_AT_CLOSE,
+    DROPPED_QUEUE_FULL,
+    WRITE_ERROR,
+    FeedbackStore,
+    cards_served,
+    feedback,
+)
+from fhir_server import free_port
+
+WAIT = 30.0  # bounds a hang only; every wait below ends on an Event
+
+
+def new_store(url: str, **options: Any) -> FeedbackStore:
+    """A store whose writer thread does not write on its own unless a test asks (interval: an hour), and
+    whose answers write after their response only when a test asks (due_age: an hour)."""
+    options = {"interval": 3600.0, "due_age": 3600.0, **options}
+    store = FeedbackStore(url, clock=fixed_clock(), served_options=options)
+    store.migrate()
+    return store
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[FeedbackStore]:
+    s = new_store(db_url)
+    yield s
+    s.close()
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'data' / 'd3k2.sqlite3'}"
+
+
+def served_uuids(store: FeedbackStore) -> list[str]:
+    with store.engine.connect() as connection:
+        return list(connection.scalars(select(cards_served.c.card_uuid).order_by(cards_served.c.id)))
+
+
+def answer(i: int) -> list[dict[str, Any]]:
+    return [card(f"a-{i}", "A"), card(f"b-{i}", "B", "info")]
+
+
+class Commits:
+    """Counts the transactions that insert cards served; ``written`` is set at each one."""
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.count = 0
+        self.written = threading.Event()
+        self._inserting = False
+        event.listen(store.engine, "before_cursor_execute", self._before)
+        event.listen(store.engine, "commit", self._commit)
+
+    def _before(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO cards_served"):
+            self._inserting = True
+
+    def _commit(self, _conn: Any) -> None:
+        if self._inserting:
+            self._inserting = False
+            self.count += 1
+            self.written.set()
+
+
+def settled(store: FeedbackStore) -> None:
+    """Wait for the batch the writer thread is committing ("commit" events fire before the commit)."""
+    with store.served._write_lock:
+        pass
+
+
+class FailInserts:
+    """Makes the next ``times`` inserts into cards_served fail as a database would."""
+
+    def __init__(self, store: FeedbackStore, times: int) -> None:
+        self.left = times
+        self.failed = threading.Event()
+        event.listen(store.engine, "before_cursor_execute", self._before)
+
+    def _before(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if self.left and statement.startswith("INSERT INTO cards_served"):
+            self.left -= 1
+            self.failed.set()
+            raise OperationalError(statement, None, Exception("disk I/O error"))
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def __call__(self, kind: str, rows: int) -> None:
+        self.seen.append((kind, rows))
+
+
+# ---------------------------------------------------------------- queue, flush, batches
+
+
+def test_enqueued_rows_are_in_the_database_after_flush(store: FeedbackStore) -> None:
+    assert store.enqueue_cards(SERVICE, [card("c1", "A"), card("c2", "B", "info"), {"uuid": ""}]) == 2
+    assert store.enqueue_cards(SERVICE, [{"indicator": "info"}]) == 0  # no uuid: nothing to record
+    assert served_uuids(store) == []  # the writer waits for its interval (an hour here)
+    assert store.served.queued == 2
+    assert store.flush() is True
+    assert served_uuids(store) == ["c1", "c2"]
+    with store.engine.connect() as connection:
+        row = connection.execute(select(cards_served).where(cards_served.c.card_uuid == "c2")).one()
+    assert (row.service_id, row.rule_id, row.indicator, row.served_at) == (SERVICE, "B", "info", T0)
+    assert store.served.queued == 0
+    stats = store.served.stats
+    assert (stats.enqueued, stats.written, stats.batches, stats.dropped) == (2, 2, 1, 0)
+
+
+def test_answers_are_written_in_few_transactions(store: FeedbackStore) -> None:
+    commits = Commits(store)
+    for i in range(1000):
+        store.enqueue_cards(SERVICE, answer(i))
+    store.flush()
+    assert commits.count == 4  # 2,000 rows in batches of 500, not 1,000 transactions
+    assert len(served_uuids(store)) == 2000
+
+
+def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> None:
+    """The writer hands its rows to the driver's executemany (fb._insert_served); what lands must be
+    what SQLAlchemy's insert(cards_served) writes: the same values read back, whatever the backend."""
+    from sqlalchemy import insert
+
+    paris = timezone(timedelta(hours=1))
+    served = [T0, T0 + timedelta(microseconds=7), datetime(2026, 11, 24, 23, 30, 0, 123456, tzinfo=paris)]
+    odd = [
+        {"uuid": "no-source"},
+        {"uuid": "no-topic", "source": {"label": "x"}, "indicator": "info"},
+        {"uuid": "x" * 300, "source": {"topic": {"code": "r" * 300}}, "indicator": "warning" * 5},
+        {"uuid": 7, "source": {"topic": {"code": "not a row: its uuid is not a string"}}},
+    ]
+    rows = [row for i, at in enumerate(served) for row in fb.served_rows(SERVICE, [*answer(i), *odd], at)]
+    with store.engine.begin() as connection:
+        fb._insert_served(connection, rows)
+    columns = [c for c in cards_served.c if c.name != "id"]
+    # The text in the database too: SQLite keeps served_at as text, which report --since compares as text.
+    as_text = "SELECT CAST(served_at AS TEXT) FROM cards_served ORDER BY id"
+    with store.engine.connect() as connection:
+        written = connection.execute(select(*columns).order_by(cards_served.c.id)).all()
+        written_text = connection.exec_driver_sql(as_text).all()
+    with store.engine.begin() as connection:
+        connection.execute(cards_served.delete())
+        connection.execute(insert(cards_served), rows)
+    with store.engine.connect() as connection:
+        reference = connection.execute(select(*columns).order_by(cards_served.c.id)).all()
+        reference_text = connection.exec_driver_sql(as_text).all()
+    assert written == reference and len(written) == 3 * 5
+    assert written_text == reference_text
+    assert {row.served_at for row in written} == {at.astimezone(UTC) for at in served}
+
+
+def test_a_full_batch_wakes_the_writer(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path), batch_rows=10)
+    try:
+        commits = Commits(store)
+        for i in range(4):
+            store.enqueue_cards(SERVICE, answer(i))
+        assert not commits.written.is_set()  # 8 rows: the writer keeps gathering
+        store.enqueue_cards(SERVICE, answer(4))  # 10: a batch
+        assert commits.written.wait(WAIT)
+        assert store.flush() is True
+        assert len(served_uuids(store)) == 10
+        assert commits.count == 1
+    finally:
+        store.close()
+
+
+def test_the_writer_writes_what_its_interval_gathered(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path), interval=0.001)
+    try:
+        commits = Commits(store)
+        store.enqueue_cards(SERVICE, [card("c1", "A")])
+        assert commits.written.wait(WAIT)
+        settled(store)
+        assert served_uuids(store) == ["c1"]
+    finally:
+        store.close()
+
+
+def test_rows_are_cut_to_the_columns_sizes(store: FeedbackStore) -> None:
+    long = {"uuid": "u" * 300, "indicator": "i" * 40, "source": {"topic": {"code": "r" * 300}}}
+    store.enqueue_cards("s" * 300, [long])
+    assert store.flush() is True  # PostgreSQL would reject the whole batch otherwise
+    with store.engine.connect() as connection:
+        row = connection.execute(select(cards_served)).one()
+    assert (len(row.card_uuid), len(row.service_id), len(row.rule_id), len(row.indicator)) == (
+        128,
+        128,
+        128,
+        16,
+    )
+
+
+def test_close_writes_the_queue_and_later_rows_are_dropped(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    store = new_store(url)
+    events = Events()
+    store.served.listener = events
+    for i in range(3):
+        store.enqueue_cards(SERVICE, answer(i))
+    store.close()
+    assert store.served.stats.written == 6
+    assert store.enqueue_cards(SERVICE, answer(9)) == 0
+    assert store.served.stats.dropped_at_close == 2
+    assert events.seen == [(DROPPED_AT_CLOSE, 2)]
+    store.close()  # twice: nothing more
+    again = FeedbackStore(url)
+    try:
+        assert len(served_uuids(again)) == 6
+    finally:
+        again.close()
+
+
+def test_close_without_a_thread_writes_in_the_caller(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path))
+    writer = store.served
+    writer.enqueue(fb.served_rows(SERVICE, answer(0), T0))
+    writer._thread = None  # as in a process where the writer never started
+    store.close()
+    assert writer.stats.written == 2
+    assert writer.enqueue([]) is True
+    assert store.enqueue_cards(SERVICE, answer(1)) == 0  # closed: no thread is started for it
+    assert (writer._thread, writer.stats.dropped_at_close) == (None, 2)
+
+
+def test_close_writes_every_writer_of_the_process(tmp_path: Path) -> None:
+    first = new_store(f"sqlite:///{tmp_path / 'one.sqlite3'}")
+    second = new_store(f"sqlite:///{tmp_path / 'two.sqlite3'}")
+    inherited = new_store(f"sqlite:///{tmp_path / 'three.sqlite3'}")
+    first.enqueue_cards(SERVICE, answer(1))
+    second.enqueue_cards(SERVICE, answer(2))
+    inherited.enqueue_cards(SERVICE, answer(3))
+    inherited.served._pid = -1  # another process's writer (as inherited by a fork): not this one's
+    fb.close_served_writers()  # what atexit and gunicorn's worker_exit hook call
+    assert (len(served_uuids(first)), len(served_uuids(second))) == (2, 2)
+    assert served_uuids(inherited) == []
+    for store in (first, second, inherited):
+        store.close()
+
+
+def test_a_store_dropped_without_close_has_its_rows_written(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    store = new_store(url, interval=0.001, idle_check=0.001)
+    store.enqueue_cards(SERVICE, answer(0))
+    writer = store.served
+    thread = writer._thread
+    assert thread is not None
+    gone = weakref.ref(store)
+    del store
+    gc.collect()
+    assert gone() is None  # the writer thread does not keep the store alive
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    check = FeedbackStore(url)
+    try:
+        assert len(served_uuids(check)) == 2
+    finally:
+        check.close()
+
+
+# ---------------------------------------------------------------- feedback and the report
+
+
+def test_feedback_on_a_card_of_this_process_finds_its_rule(store: FeedbackStore) -> None:
+    store.enqueue_cards(SERVICE, [card("6f0d1a8e-3c2b-4b7a-9a51-2f9e0c7d4b11", "vitd-low")])
+    items = parse_feedback(sandbox_feedback("accepted")).feedback
+    assert store.record_feedback(SERVICE, items).new == (True,)
+    with store.engine.connect() as connection:
+        assert connection.scalar(select(feedback.c.rule_id)) == "vitd-low"
+
+
+def test_report_attributes_feedback_whose_card_was_written_later(db_url: str) -> None:
+    """Worker A served the card; its batch is not written when worker B stores the feedback."""
+    a, b = new_store(db_url), new_store(db_url)
+    try:
+        a.enqueue_cards(SERVICE, [card("6f0d1a8e-3c2b-4b7a-9a51-2f9e0c7d4b11", "vitd-low")])
+        b.record_feedback(SERVICE, parse_feedback(sandbox_feedback("overridden")).feedback)
+        b.record_feedback(SERVICE, parse_feedback(sandbox_feedback("overridden.no-reason")).feedback)
+        with b.engine.connect() as connection:
+            assert list(connection.scalars(select(feedback.c.rule_id))) == [None, None]
+        a.flush()
+        rules = {r.rule: r for r in b.report().rules}
+        assert list(rules) == ["vitd-low", None]
+        vitd = rules["vitd-low"]
+        assert (vitd.served, vitd.shown, vitd.overridden, vitd.feedback) == (1, 1, 1, 1)
+        assert [(r.code, r.count) for r in vitd.top_reasons] == [("clinician-judgement", 1)]
+        # The other item names a card nobody served: still unknown.
+        assert (rules[None].feedback, rules[None].overridden) == (1, 1)
+        later = {r.rule: r for r in b.report(since=T0 - timedelta(days=1)).rules}
+        assert later["vitd-low"].overridden == 1
+        assert b.report(since=T0 + timedelta(days=1)).rules == []
+        as_json = b.report().to_json()["rules"][0]
+        assert as_json["rule"] == "vitd-low"
+        assert as_json["acceptance_rate"] == 0.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_report_keeps_the_top_reasons_of_late_attributed_feedback(store: FeedbackStore) -> None:
+    reasons = ["a", "b", "c", "d"]
+    store.enqueue_cards(SERVICE, [card(f"c-{r}", "A") for r in reasons])
+    items = [
+        {"card": f"c-{r}", "outcome": "overridden", "overrideReason": {"reason": {"code": r, "system": "s"}}}
+        for r in reasons
+    ]
+    store.record_feedback(SERVICE, parse_feedback({"feedback": items}).feedback)
+    (rule,) = store.report().rules
+    assert (rule.rule, rule.overridden, [r.code for r in rule.top_reasons]) == ("A", 4, ["a", "b", "c"])
+    assert store.record_cards(SERVICE, [{"uuid": ""}]) == 0
+
+
+def make_app(tmp_path: Path, **options: Any) -> Flask:
+    s = settings(tmp_path)
+    options = {"interval": 3600.0, "due_age": 3600.0, **options}
+    store = FeedbackStore(s.database, clock=fixed_clock(), served_options=options)
+    return create_app(s, ruleset(), store)
+
+
+def test_http_feedback_right_after_an_answer_is_attributed(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    store = app.extensions["d3k2.store"]
+    try:
+        client = app.test_client()
+        cards = post(client, f"/cds-services/{SERVICE}", hook_request()).get_json()["cards"]
+        assert cards
+        assert store.served.queued == len(cards)  # the answer only queued them
+        item = {"card": cards[0]["uuid"], "outcome": "accepted"}
+        assert post(client, f"/cds-services/{SERVICE}/feedback", {"feedback": [item]}).status_code == 200
+        with store.engine.connect() as connection:
+            assert connection.scalar(select(feedback.c.rule_id)) == cards[0]["source"]["topic"]["code"]
+        assert sorted(served_uuids(store)) == sorted(c["uuid"] for c in cards)
+    finally:
+        store.close()
+
+
+def test_an_answer_writes_the_queue_after_its_response_when_due(tmp_path: Path) -> None:
+    probe = make_app(tmp_path / "probe")
+    try:  # how many cards one answer has, so that one answer is not due and two are
+        cards = len(post(probe.test_client(), f"/cds-services/{SERVICE}", hook_request()).get_json()["cards"])
+    finally:
+        probe.extensions["d3k2.store"].close()
+    assert cards >= 2
+    app = make_app(tmp_path, due_rows=cards + 1)
+    store = app.extensions["d3k2.store"]
+    try:
+        commits = Commits(store)
+        client = app.test_client()
+        first = post(client, f"/cds-services/{SERVICE}", hook_request())
+        uuids = [c["uuid"] for c in first.get_json()["cards"]]
+        first.close()  # what the server does once the body is sent
+        assert (commits.count, store.served.queued) == (0, cards)  # fewer than due_rows: not due yet
+        second = post(client, f"/cds-services/{SERVICE}", hook_request())
+        assert (commits.count, store.served.queued) == (0, 2 * cards)  # queued until the response closes
+        second.close()
+        assert (commits.count, store.served.queued) == (1, 0)  # due: one transaction, in this thread
+        assert sorted(served_uuids(store)) == sorted(uuids * 2)
+        assert store.served.stats.batches == 1
+    finally:
+        store.close()
+
+
+def test_old_rows_are_due_whatever_their_number(store: FeedbackStore) -> None:
+    writer = store.served
+    store.enqueue_cards(SERVICE, answer(0))
+    writer.write_due()
+    assert writer.queued == 2  # young, and fewer than due_rows
+    writer.due_age = 0.0
+    writer.write_due()
+    assert (writer.queued, served_uuids(store)) == (0, ["a-0", "b-0"])
+    writer.write_due()  # nothing queued: nothing to do
+    assert writer.stats.batches == 1
+
+
+def test_write_due_never_waits_for_the_thread(store: FeedbackStore) -> None:
+    writer = store.served
+    writer.due_rows = 1
+    store.enqueue_cards(SERVICE, answer(0))
+    with writer._write_lock:  # as while the thread writes a batch
+        done = threading.Event()
+        threading.Thread(target=lambda: (writer.write_due(), done.set()), daemon=True).start()
+        assert done.wait(WAIT)
+    assert writer.queued == 2  # left for the thread, or the next answer
+    writer.write_due()
+    assert writer.queued == 0
+
+
+def test_write_due_leaves_a_failed_batch_to_the_thread(store: FeedbackStore) -> None:
+    writer = store.served
+    writer.due_rows = 1
+    fail = FailInserts(store, 1)
+    store.enqueue_cards(SERVICE, answer(0))
+    writer.write_due()
+    assert fail.failed.is_set()
+    assert (writer.queued, writer.stats.write_errors) == (2, 1)
+    writer.write_due()  # a retry is the thread's, after its backoff: answers do not hammer a failing database
+    assert writer.stats.write_errors == 1
+    assert store.flush() is True
+    assert served_uuids(store) == ["a-0", "b-0"]
+
+
+def test_a_bug_in_write_due_is_logged_and_keeps_the_rows(
+    store: FeedbackStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = store.served
+    writer.due_rows = 1
+    store.enqueue_cards(SERVICE, answer(0))
+
+    def broken() -> tuple[int, bool]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(writer, "_write_batch", broken)
+    with caplog.at_level(logging.ERROR, logger="d3k2.store.feedback"):
+        writer.write_due()
+    assert "unexpected error writing after an answer" in caplog.text
+    assert not writer._write_lock.locked()
+    monkeypatch.undo()
+    assert store.flush() is True
+    assert served_uuids(store) == ["a-0", "b-0"]
+
+
+def test_the_thread_takes_only_old_rows_or_full_batches(store: FeedbackStore) -> None:
+    writer = store.served
+    with writer._cond:
+        assert not writer._due_for_thread()  # nothing queued
+    store.enqueue_cards(SERVICE, answer(0))
+    with writer._cond:
+        assert not writer._due_for_thread()  # young: the answers write it
+        writer.interval = 0.0
+        assert writer._due_for_thread()  # old
+        writer.interval, writer.batch_rows = 3600.0, 2
+        assert writer._due_for_thread()  # a full batch
+
+
+# ---------------------------------------------------------------- losses: counted, never the answer
+
+
+def test_a_full_queue_drops_rows_and_counts_them(
+    store: FeedbackStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = store.served
+    writer.capacity, writer._warn_every = 5, 3600.0
+    events = Events()
+    writer.listener = events
+    with caplog.at_level(logging.WARNING, logger="d3k2.store.feedback"):
+        assert store.enqueue_cards(SERVICE, answer(0) + answer(1)) == 4
+        assert store.enqueue_cards(SERVICE, answer(2)) == 0
+        assert store.enqueue_cards(SERVICE, answer(3)) == 0
+    assert (writer.stats.dropped_queue_full, writer.stats.enqueued, writer.queued) == (4, 8, 4)
+    assert events.seen == [(DROPPED_QUEUE_FULL, 2), (DROPPED_QUEUE_FULL, 2)]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["cards served: queue full (5 rows), dropped 2 rows since the last warning"]
+    store.flush()
+    assert len(served_uuids(store)) == 4
+
+
+def test_the_writer_survives_a_database_error_and_retries(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path), interval=0.001, backoff=0.001)
+    try:
+        failing = FailInserts(store, times=2)
+        commits = Commits(store)
+        events = Events()
+        store.served.listener = events
+        store.enqueue_cards(SERVICE, answer(0))
+        assert commits.written.wait(WAIT)
+        settled(store)
+        assert failing.left == 0
+        assert len(served_uuids(store)) == 2
+        stats = store.served.stats
+        assert (stats.write_errors, stats.written, stats.dropped) == (2, 2, 0)
+        assert events.seen == [(WRITE_ERROR, 2), (WRITE_ERROR, 2)]
+    finally:
+        store.close()
+
+
+def test_a_batch_is_dropped_after_its_last_attempt(
+    store: FeedbackStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    FailInserts(store, times=3)
+    writer = store.served
+    writer.max_attempts = 3
+    events = Events()
+    writer.listener = events
+    store.enqueue_cards(SERVICE, answer(0))
+    with caplog.at_level(logging.WARNING, logger="d3k2.store.feedback"):
+        assert [store.flush(), store.flush()] == [False, False]  # kept for a retry
+        assert writer.queued == 2
+        assert store.flush() is False  # the third failure: dropped
+    assert writer.queued == 0
+    assert (writer.stats.write_errors, writer.stats.dropped_after_retries) == (3, 2)
+    assert events.seen == [(WRITE_ERROR, 2)] * 3 + [(DROPPED_AFTER_RETRIES, 2)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1] == (
+        "cards served: dropped a batch of 2 rows after 3 failed attempts (Exception: disk I/O error)"
+    )
+    assert "a-0" not in " ".join(messages)  # counts only, no card ids
+    store.enqueue_cards(SERVICE, answer(1))
+    assert store.flush() is True  # the next batch goes through
+    assert served_uuids(store) == ["a-1", "b-1"]
+
+
+def test_close_drops_what_a_failing_database_cannot_take(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path), backoff=3600.0)
+    FailInserts(store, times=1000)
+    events = Events()
+    store.served.listener = events
+    store.enqueue_cards(SERVICE, answer(0))
+    store.close()
+    assert store.served.stats.dropped_at_close == 2
+    assert events.seen[-1] == (DROPPED_AT_CLOSE, 2)
+
+
+def test_close_does_not_wait_forever_for_a_hung_write(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path), batch_rows=2)
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO cards_served") and not release.is_set():
+            entered.set()
+            release.wait(WAIT)
+
+    event.listen(store.engine, "before_cursor_execute", hang)
+    store.enqueue_cards(SERVICE, answer(0))  # a full batch: the thread writes it, and hangs
+    assert entered.wait(WAIT)
+    store.enqueue_cards(SERVICE, answer(1))
+    assert store.served.flush(timeout=0.001) is False  # the thread holds the batch
+    thread = store.served._thread
+    assert thread is not None
+    store.served.close(timeout=0.001)
+    assert store.served.stats.dropped_at_close == 2  # what waited behind the hung batch
+    release.set()
+    thread.join(WAIT)
+    assert served_uuids(store) == ["a-0", "b-0"]
+    store.close()
+
+
+def test_an_unexpected_error_keeps_the_thread_alive(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = new_store(sqlite_url(tmp_path), interval=0.001, backoff=0.001)
+    writer = store.served
+    real = writer._write_all
+    calls = []
+
+    def broken_once(only_due: bool = False) -> float | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(only_due)
+
+    writer._write_all = broken_once  # type: ignore[method-assign]
+    commits = Commits(store)
+    try:
+        with caplog.at_level(logging.ERROR, logger="d3k2.store.feedback"):
+            store.enqueue_cards(SERVICE, answer(0))
+            assert commits.written.wait(WAIT)
+            settled(store)
+        assert "cards-served writer: unexpected error" in caplog.text
+        assert len(served_uuids(store)) == 2
+    finally:
+        store.close()
+
+
+def test_a_failing_listener_is_logged_not_raised(
+    store: FeedbackStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_kind: str, _rows: int) -> None:
+        raise RuntimeError("listener bug")
+
+    store.served.listener = broken
+    store.served.capacity = 1
+    with caplog.at_level(logging.ERROR, logger="d3k2.store.feedback"):
+        assert store.enqueue_cards(SERVICE, answer(0)) == 0
+    assert "the listener failed" in caplog.text
+
+
+def test_errors_are_described_without_sql_or_parameters() -> None:
+    wrapped = OperationalError("INSERT INTO cards_served VALUES (?)", ("secret",), Exception("locked\nmore"))
+    assert fb._describe(wrapped) == "Exception: locked"
+    assert fb._describe(RuntimeError()) == "RuntimeError"
+
+
+def test_http_answers_survive_a_full_queue_and_failures_reach_metrics(tmp_path: Path) -> None:
+    app = make_app(tmp_path, capacity=1)
+    store = app.extensions["d3k2.store"]
+    try:
+        client = app.test_client()
+        answer_ = post(client, f"/cds-services/{SERVICE}", hook_request())
+        assert answer_.status_code == 200
+        cards = answer_.get_json()["cards"]
+        assert len(cards) > 1  # more rows than the queue holds: all dropped, the answer unaffected
+        store.served.capacity = 100
+        assert post(client, f"/cds-services/{SERVICE}", hook_request()).status_code == 200
+        FailInserts(store, times=1)
+        assert store.flush() is False
+        found = samples(metrics_of(app).exposition().decode())
+        assert metric(found, "d3k2_store_errors_total", operation="record_cards_dropped") == len(cards)
+        assert metric(found, "d3k2_store_errors_total", operation="record_cards") == 1
+        assert metric(found, "d3k2_cards_record_seconds_count") == 2
+    finally:
+        store.close()
+
+
+def test_a_bug_in_recording_never_costs_the_answer(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    store = app.extensions["d3k2.store"]
+
+    def broken(*_args: Any) -> int:
+        raise RuntimeError("a bug")
+
+    store.enqueue_cards = broken
+    try:
+        assert post(app.test_client(), f"/cds-services/{SERVICE}", hook_request()).status_code == 200
+        found = samples(metrics_of(app).exposition().decode())
+        assert metric(found, "d3k2_store_errors_total", operation="record_cards") == 1
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- fork safety
+
+
+def test_a_writer_from_another_process_starts_afresh(store: FeedbackStore) -> None:
+    """As after a fork: the parent's thread and queue are not this process's."""
+    writer = store.served
+    store.enqueue_cards(SERVICE, answer(0))
+    parent_thread, parent_cond = writer._thread, writer._cond
+    assert parent_thread is not None
+    writer._pid = -1
+    store.enqueue_cards(SERVICE, answer(1))
+    assert writer._thread is not parent_thread
+    assert writer.queued == 2  # the parent's rows are the parent's to write
+    with parent_cond:  # here the "parent's" thread still runs: woken, it sees it is not the owner
+        parent_cond.notify_all()
+    parent_thread.join(WAIT)
+    assert not parent_thread.is_alive()
+    assert writer.queued == 2
+    writer._pid = -1
+    assert store.flush() is True  # flush adopts too, and writes only this process's rows
+    assert served_uuids(store) == []
+    store.enqueue_cards(SERVICE, answer(2))
+    store.flush()
+    assert served_uuids(store) == ["a-2", "b-2"]
+
+
+def test_the_fork_hook_renews_every_writer_and_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = new_store(sqlite_url(tmp_path))
+    old_pool = store.engine.pool
+    try:
+        store.enqueue_cards(SERVICE, answer(0))
+        store.flush()
+        old_lock = fb._start_lock
+        monkeypatch.setattr(fb, "_stores", weakref.WeakSet([store]))
+        monkeypatch.setattr(fb, "_writers", weakref.WeakSet([store.served]))
+        monkeypatch.setattr(fb, "_start_lock", old_lock)
+        store.enqueue_cards(SERVICE, answer(1))
+        fb._after_fork_in_child()
+        assert store.engine.pool is not old_pool
+        assert fb._start_lock is not old_lock
+        assert (store.served._thread, store.served.queued) == (None, 0)
+        store.enqueue_cards(SERVICE, answer(2))
+        store.flush()
+        assert served_uuids(store) == ["a-0", "b-0", "a-2", "b-2"]
+    finally:
+        store.close()
+        old_pool.dispose()  # a real child leaves these to its parent; here the parent is this process
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_writes_its_rows_and_not_its_parents(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path))
+    try:
+        store.enqueue_cards(SERVICE, [card("parent", "A")])
+        parent_thread = store.served._thread
+        assert parent_thread is not None
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code, never return into pytest
+            code = 1
+            try:
+                fresh = store.served.queued == 0 and store.served._thread is None
+                queued = store.enqueue_cards(SERVICE, [card("child", "B")]) == 1
+                started = store.served._thread not in (None, parent_thread)
+                store.close()
+                code = 0 if (fresh, queued, started) == (True, True, True) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert served_uuids(store) == ["child"]
+        store.flush()
+        assert served_uuids(store) == ["child", "parent"]
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- gunicorn: a graceful stop loses nothing
+
+GUNICORN_TEST_CONF = """
+exec(open({conf!r}).read())
+preload_app = True  # the app (and its store) is built in the master, before the workers fork
+
+
+def post_worker_init(worker):
+    # The writer would wait an hour: only the exit hooks can have written the rows.
+    worker.wsgi.extensions["d3k2.store"].served.interval = 3600.0
+"""
+
+
+def test_gunicorn_workers_write_their_queues_when_stopped(tmp_path: Path) -> None:
+    conf = tmp_path / "gunicorn.test.conf.py"
+    conf.write_text(GUNICORN_TEST_CONF.format(conf=str(REPO / "docker" / "gunicorn.conf.py")))
+    port = free_port()
+    env = gunicorn_env(tmp_path, port, workers=2)
+    (tmp_path / "metrics").mkdir()  # preloading builds the app (and its metrics) before on_starting
+    log_path = tmp_path / "gunicorn.log"
+    base = f"http://127.0.0.1:{port}"
+    served: list[str] = []
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", str(conf), "d3k2.http.wsgi:app"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            wait_until_up(base, process, log_path)
+            for _ in range(6):
+                body = post_json(f"{base}/cds-services/{SERVICE}", hook_request())
+                served += [c["uuid"] for c in body["cards"]]
+        finally:
+            stop(process, timeout=30)
+    assert process.returncode == 0, log_path.read_text(errors="replace")
+    assert served
+    check = FeedbackStore(f"sqlite:///{tmp_path / 'data' / 'd3k2.sqlite3'}")
+    try:
+        assert sorted(served_uuids(check)) == sorted(served)
+    finally:
+        check.close()
+
+
+def wait_until_up(base: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    up = threading.Event()
+    for _ in range(300):
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    up.set()
+                    break
+        except OSError:
+            up.wait(0.1)
+    if not up.is_set():
+        pytest.fail(f"gunicorn did not come up:\n{log_path.read_text(errors='replace')}")
+
+
+def post_json(url: str, body: Any) -> Any:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-D3K2-Today": TODAY.isoformat()},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_thread_leaves_young_rows_to_the_answers(store: FeedbackStore) -> None:
+    writer = store.served
+    store.enqueue_cards(SERVICE, answer(0))
+    assert writer._write_all(only_due=True) is None
+    assert writer.queued == 2  # young and not a full batch
+    writer.batch_rows = 2
+    store.enqueue_cards(SERVICE, answer(1))
+    assert writer._write_all(only_due=True) is None
+    assert served_uuids(store) == ["a-0", "b-0", "a-1", "b-1"]  # two full batches
