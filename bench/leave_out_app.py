@@ -61,7 +61,7 @@ elif PART == "metrics":
         def observe(self, *args: Any) -> None:
             return None
 
-    d3k2.http.metrics.RequestMetrics.count = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    d3k2.http.metrics.RequestMetrics.observe = lambda *args, **kwargs: None  # type: ignore[method-assign]
     d3k2.http.metrics.Metrics.count_cards = lambda *args, **kwargs: None  # type: ignore[method-assign]
     app.extensions["d3k2.http.metrics"].cards_record_seconds = _Nothing()
 

@@ -4,15 +4,20 @@ against a real local FHIR server (sekmet-fhir), with a bearer token and paging."
 from __future__ import annotations
 
 import copy
+import io
 import json
+import logging
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+import d3k2.http.api
 from builders import CARDS, SANDBOX, TODAY, ruleset, topics
 from d3k2.config import Settings
-from d3k2.http.app import create_app
+from d3k2.core.errors import BadRequest, PrefetchUnavailable, Unauthorized
+from d3k2.http.app import create_app, error_answer
 from fhir_server import FhirServer
 
 LOINC = "http://loinc.org"
@@ -402,43 +407,161 @@ def test_medication_reference_is_read_from_the_fhir_server(client, fhir_server: 
     assert "vka-k2" in topics(response.get_json())
 
 
-# ---------------------------------------------------------------- the cyclic collector
+# ---------------------------------------------------------------- how the body is read
 
 
-@pytest.mark.parametrize("body", ["ok", "malformed", "wrong-hook"])
-def test_collector_is_paused_while_answering_and_back_on_after(client, monkeypatch, body: str) -> None:
-    import gc
+class Unreadable(io.BytesIO):
+    """A request body whose connection is lost: every read fails, as gunicorn's NoMoreData does."""
 
-    import d3k2.http.api
+    def read(self, size: int | None = -1) -> bytes:
+        raise ConnectionResetError("connection lost")
 
-    seen: list[bool] = []
-    real = d3k2.http.api.call_service
+    readline = read  # type: ignore[assignment]
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(gc.isenabled())
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(d3k2.http.api, "call_service", spy)
-    request = sandbox("patient-view.request.json")
-    if body == "wrong-hook":
-        request["hook"] = "order-sign"
-    data = b"{not json" if body == "malformed" else json.dumps(request).encode()
-    assert gc.isenabled()
+def _call() -> bytes:
+    return (SANDBOX / "patient-view.request.json").read_bytes()
+
+
+def _chunked(body: bytes) -> dict[str, Any]:
+    return {
+        "input_stream": io.BytesIO(body),
+        "headers": {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        "environ_overrides": {"wsgi.input_terminated": True},
+    }
+
+
+def _declared(stream: io.BytesIO, length: str, **environ: Any) -> dict[str, Any]:
+    return {
+        "input_stream": stream,
+        "headers": {"Content-Type": "application/json"},
+        "environ_overrides": {"CONTENT_LENGTH": length, **environ},
+    }
+
+
+# What a client may send, and the status and error it gets: never a 500.
+BODIES: dict[str, tuple[Any, int, str | None]] = {
+    "chunked": (lambda: _chunked(_call()), 200, None),
+    "chunked, over the limit": (lambda: _chunked(b" " * 70_000 + _call()), 413, "payload-too-large"),
+    "declared, over the limit": (
+        lambda: {"data": b" " * 70_000 + _call(), "content_type": "application/json"},
+        413,
+        "payload-too-large",
+    ),
+    "shorter than its Content-Length": (
+        lambda: _declared(io.BytesIO(_call()[:100]), str(len(_call()))),
+        400,
+        "bad-request",
+    ),
+    "connection lost while it is read": (lambda: _declared(Unreadable(), "5000"), 400, "bad-request"),
+    "a Content-Length that is not a number": (
+        lambda: _declared(io.BytesIO(_call()), "12abc", **{"wsgi.input_terminated": True}),
+        200,
+        None,
+    ),
+    "a zero Content-Length": (lambda: _declared(io.BytesIO(_call()), "0"), 400, "bad-request"),
+    "a Content-Type with parameters, in mixed case": (
+        lambda: {"data": _call(), "headers": {"Content-Type": " Application/FHIR+JSON ; charset=utf-8"}},
+        200,
+        None,
+    ),
+    "a Content-Type that only starts like JSON": (
+        lambda: {"data": _call(), "headers": {"Content-Type": "application/jsonx"}},
+        415,
+        "unsupported-media-type",
+    ),
+    "nested too deep": (
+        lambda: {"data": b'{"x":' + b"[" * 200 + b"]" * 200 + b"}", "content_type": "application/json"},
+        400,
+        "bad-request",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BODIES), ids=str)
+def test_bodies_as_clients_send_them(tmp_path, case: str) -> None:
+    make, status, code = BODIES[case]
+    app = create_app(settings(tmp_path, max_body_bytes=64_000), ruleset())
+    with app.test_client() as c:
+        kwargs = make()
+        kwargs["headers"] = {**HEADERS, **kwargs.get("headers", {})}
+        response = c.post("/cds-services/d3k2-patient-view", **kwargs)
+        unknown = c.post("/cds-services/no-such-service", **{**make(), "headers": kwargs["headers"]})
+    assert response.status_code == status
+    body = response.get_json()
+    if code is None:
+        assert "granulomatous" in topics(body)
+    else:
+        assert body["error"] == code and body["detail"]
+    if status == 413:
+        assert body["detail"] == "the body is larger than 64000 bytes"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    # The service is looked up before the body is read.
+    assert unknown.status_code == 404 and unknown.get_json()["error"] == "unknown-service"
+
+
+def test_a_service_id_that_is_not_ascii_is_an_unknown_service(client) -> None:
     response = client.post(
-        "/cds-services/d3k2-patient-view", data=data, content_type="application/json", headers=HEADERS
+        "/cds-services/d3k2-\u00e9t\u00e9", data=_call(), content_type="application/json", headers=HEADERS
     )
-    assert response.status_code == {"ok": 200, "malformed": 400, "wrong-hook": 400}[body]
-    assert seen == ([] if body == "malformed" else [False])
-    assert gc.isenabled()
+    assert response.status_code == 404
+    assert response.get_json() == {
+        "error": "unknown-service",
+        "detail": "no CDS service with id 'd3k2-\u00e9t\u00e9'",
+        "service": "d3k2-\u00e9t\u00e9",
+    }
 
 
-def test_collector_left_off_by_someone_else_stays_off(client) -> None:
-    import gc
+def test_a_bug_is_a_logged_500_that_says_nothing_of_the_request(client, monkeypatch, caplog) -> None:
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
 
-    gc.disable()
-    try:
-        response = post(client, "/cds-services/d3k2-patient-view", sandbox("patient-view.request.json"))
-        assert response.status_code == 200
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
+    monkeypatch.setattr(d3k2.http.api, "call_service", broken)
+    with caplog.at_level(logging.INFO):
+        response = client.post(
+            "/cds-services/d3k2-patient-view", data=_call(), content_type="application/json", headers=HEADERS
+        )
+    assert response.status_code == 500
+    assert response.get_json() == {
+        "error": "internal-error",
+        "detail": "an internal error occurred; it has been logged",
+    }
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    bugs = [r for r in caplog.records if r.getMessage().startswith("unhandled error (a bug)")]
+    assert [r.getMessage() for r in bugs] == ["unhandled error (a bug) on POST /cds-services/<service_id>"]
+    assert bugs[0].exc_info
+    lines = [r for r in caplog.records if r.name == "d3k2.http"]
+    assert [getattr(r, "status", None) for r in lines] == [500]
+
+
+def test_each_call_is_counted_and_timed_once(client) -> None:
+    for _ in range(3):
+        post(client, "/cds-services/d3k2-patient-view", sandbox("patient-view.request.json"))
+    post(client, "/cds-services/no-such-service", sandbox("patient-view.request.json"))
+    registry = client.application.extensions["d3k2.http.metrics"].registry
+    service = {"service": "d3k2-patient-view", "endpoint": "service"}
+    count = registry.get_sample_value("d3k2_requests_total", {**service, "status": "200"})
+    timed = registry.get_sample_value("d3k2_request_seconds_count", service)
+    unknown = registry.get_sample_value(
+        "d3k2_requests_total", {"service": "unknown", "endpoint": "service", "status": "404"}
+    )
+    assert (count, timed, unknown) == (3.0, 3.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "headers"),
+    [
+        (BadRequest("x"), 400, {}),
+        (PrefetchUnavailable("x", keys=["vitd"]), 412, {}),
+        (Unauthorized("bad token"), 401, {"WWW-Authenticate": 'Bearer realm="d3k2", error="invalid_token"'}),
+        (RequestEntityTooLarge(), 413, {}),
+        (ClientDisconnected(), 400, {}),
+        (KeyError("x"), 500, {}),
+    ],
+)
+def test_error_answers(exc: Exception, status: int, headers: dict[str, str]) -> None:
+    got_status, body, got_headers = error_answer(exc, 100)
+    assert got_status == status and set(body) >= {"error", "detail"}
+    assert list(got_headers) == list(headers)
+    for name, value in headers.items():
+        assert got_headers[name].startswith(value)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -19,7 +17,7 @@ from d3k2.core.limits import json_too_deep, prefetch_entries
 from d3k2.http import logs
 from d3k2.http.metrics import InstrumentedFetcher, Metrics, metrics_of
 from d3k2.http.openapi import build_openapi
-from d3k2.http.web import Runtime, collector_paused, json_response, runtime
+from d3k2.http.web import json_response, runtime
 from d3k2.service import call_service, discovery, find_service
 from d3k2.store.feedback import FeedbackStore, StoreUnavailable
 
@@ -32,23 +30,15 @@ TODAY_HEADER = "X-D3K2-Today"
 
 def json_body(req: Request, settings: Settings) -> Any:
     """The request's JSON body, within the configured limits; a D3K2Error saying what was wrong."""
-    check_json_type(req.mimetype, req.content_type)
+    if req.mimetype not in _JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {req.content_type or 'none'!r}"
+        )
     raw = req.get_data(cache=False)
     limit = settings.max_body_bytes
     if raw and req.content_length is None and len(raw) >= limit:
         # A chunked body is cut at the limit by Werkzeug without an error: what reached it was too large.
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-    return parse_json(raw, settings)
-
-
-def check_json_type(mimetype: str, content_type: str | None) -> None:
-    """``mimetype``: the Content-Type without parameters, lower case (Werkzeug's ``Request.mimetype``)."""
-    if mimetype not in _JSON_TYPES:
-        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'!r}")
-
-
-def parse_json(raw: bytes, settings: Settings) -> Any:
-    """A request body read whole: not empty, not nested deeper than allowed, well-formed JSON."""
     if not raw:
         raise BadRequest("the body is empty; a JSON object is required")
     depth = settings.max_json_depth
@@ -78,41 +68,9 @@ def get_discovery() -> Response:
 
 @blueprint.post("/cds-services/<service_id>")
 def post_service(service_id: str) -> Response:
-    """Routed by Flask only when the app is used without d3k2.http.edge.ServiceCalls, which answers these
-    calls before Flask routes them (create_app installs it); the rule stays for OPTIONS and 405."""
-    store, rt = _store(), runtime()
-    call = Call(lambda: json_body(request, rt.settings), request.headers.get(TODAY_HEADER))
-    response = json_response(answer_call(call, rt, store, metrics_of(current_app), service_id))
-    response.call_on_close(store.served.write_due)
-    return response
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """What answering a service call reads of its HTTP request, whoever parsed that request (Flask's
-    route here, or d3k2.http.edge.ServiceCalls straight from the WSGI environ)."""
-
-    payload: Callable[[], Any]  # the parsed JSON body; a D3K2Error (or Werkzeug's 413) when unusable
-    today: str | None  # the X-D3K2-Today header
-
-
-def answer_call(
-    call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
-) -> dict[str, Any]:
-    """The CDS Hooks response to one service call; a D3K2Error for a call that cannot be answered.
-
-    The caller sends it, then calls ``store.served.write_due`` once it is on the wire."""
+    rt, store, metrics = runtime(), _store(), metrics_of(current_app)
     find_service(rt.ruleset, service_id)
-    with collector_paused():
-        # The parsed body is freed when _answer returns, while the collector is still paused: turned
-        # back on with it alive, the collector's first pass would scan all of it (14 ms for 7 MB).
-        return _answer(call, rt, store, metrics, service_id)
-
-
-def _answer(
-    call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
-) -> dict[str, Any]:
-    payload = call.payload()
+    payload = json_body(request, rt.settings)
     entries, bound = prefetch_entries(payload), rt.settings.max_prefetch_entries
     if entries > bound:
         raise PayloadTooLarge(f"prefetch holds {entries} resources; at most {bound} are accepted")
@@ -122,7 +80,7 @@ def _answer(
         rt.ruleset,
         service_id,
         payload,
-        today=_today(call.today, rt.settings),
+        today=_today(request.headers.get(TODAY_HEADER), rt.settings),
         profile=rt.profile,
         fetcher=InstrumentedFetcher(rt.fetcher, metrics),
     )
@@ -130,7 +88,9 @@ def _answer(
     # Said on the request's own log line (d3k2.http.logs), not on a second one.
     logs.bind(cards=len(cards), fetched=_fetched(outcome.resolved.fetched))
     _record_served(store, service_id, cards, metrics)
-    return outcome.response
+    response = json_response(outcome.response)
+    response.call_on_close(store.served.write_due)
+    return response
 
 
 def _fetched(fetched: dict[str, str]) -> str | None:
@@ -149,8 +109,8 @@ def _record_served(
     """Cards served are what feedback is measured against; losing them must never cost the answer.
 
     The answer only queues the rows (``cards_record_seconds`` is that time); they are written in
-    batches after responses are sent (d3k2.store.feedback.ServedWriter.write_due, called by whoever sends
-    the answer), and failed batches and dropped rows reach ``store_errors`` through
+    batches after responses are sent (d3k2.store.feedback.ServedWriter.write_due, called when the answer is
+    closed), and failed batches and dropped rows reach ``store_errors`` through
     ``Metrics.served_listener``."""
     metrics.count_cards(cards)
     started = time.perf_counter()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from d3k2.config import ConfigError, Settings, from_env
-from d3k2.core.errors import D3K2Error
+from d3k2.core.errors import D3K2Error, Unauthorized
 from d3k2.core.ruleset import RuleSet, load_ruleset
 from d3k2.fhir.client import FhirClient
 from d3k2.http import logs
 from d3k2.http.api import blueprint
-from d3k2.http.auth import Authenticator
-from d3k2.http.edge import ServiceCalls, error_answer
+from d3k2.http.auth import Authenticator, www_authenticate
 from d3k2.http.metrics import Metrics
 from d3k2.http.metrics import init_app as init_metrics
 from d3k2.http.preview import blueprint as preview_blueprint
@@ -82,11 +82,25 @@ def create_app(
         per_request.observe(response)
         return logs.end_request(response)
 
-    # Service calls are answered before Flask routes them (d3k2.http.edge), with the same steps as above.
-    app.wsgi_app = ServiceCalls(  # type: ignore[method-assign]
-        app.wsgi_app, app.extensions["d3k2"], opened, metrics, per_request, authenticator
-    )
     return app
+
+
+def error_answer(exc: BaseException, max_body_bytes: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and extra headers for an exception raised while answering a request."""
+    if isinstance(exc, Unauthorized):
+        return exc.status, exc.body(), {"WWW-Authenticate": www_authenticate(exc)}
+    if isinstance(exc, D3K2Error):
+        return exc.status, exc.body(), {}
+    if isinstance(exc, RequestEntityTooLarge):
+        return 413, _error("payload-too-large", f"the body is larger than {max_body_bytes} bytes"), {}
+    if isinstance(exc, HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "-")
+        return exc.code or 500, _error(code, exc.description or code), {}
+    return 500, _error("internal-error", "an internal error occurred; it has been logged"), {}
+
+
+def _error(code: str, detail: str) -> dict[str, Any]:
+    return {"error": code, "detail": detail}
 
 
 def _open_store(store: FeedbackStore) -> FeedbackStore:

@@ -146,18 +146,10 @@ class RequestMetrics:
         g.d3k2_metrics_started = time.perf_counter()
 
     def observe(self, response: Response) -> None:
-        """``count`` for a request routed by Flask (d3k2.http.app's after-request step)."""
+        """Count the request's answer and time it (d3k2.http.app's after-request step)."""
         service_id = (request.view_args or {}).get("service_id")
-        self.count(
-            service_id if isinstance(service_id, str) else None,
-            request.endpoint or "none",
-            response.status_code,
-            g.pop("d3k2_metrics_started", None),
-        )
-
-    def count(self, service_id: str | None, endpoint: str, status: int, started: float | None) -> None:
-        """Count one answer of ``endpoint`` (a Flask endpoint name) and time it from ``started``."""
         service = "-" if service_id is None else service_id if service_id in self._known else "unknown"
+        endpoint, status = request.endpoint or "none", response.status_code
         key = (service, endpoint, status)
         children = self._children.get(key)
         if children is None:
@@ -168,6 +160,7 @@ class RequestMetrics:
             )
             self._children[key] = children
         children[0].inc()
+        started = g.pop("d3k2_metrics_started", None)
         if started is not None:
             children[1].observe(time.perf_counter() - started)
 
