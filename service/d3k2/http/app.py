@@ -75,10 +75,9 @@ def create_app(
 
     @app.after_request
     def _after(response: Response) -> Response:
-        if response.headers.get("X-Content-Type-Options") != "nosniff":  # not built by json_response
-            for name, value in DEFAULT_HEADERS.items():
-                response.headers.setdefault(name, value)
-            response.headers.update(SECURITY_HEADERS)
+        for name, value in DEFAULT_HEADERS.items():
+            response.headers.setdefault(name, value)
+        response.headers.update(SECURITY_HEADERS)
         per_request.observe(response)
         return logs.end_request(response)
 

@@ -26,7 +26,7 @@ def runtime() -> Runtime:
     return rt
 
 
-# Every answer carries these (d3k2.http.app adds them to responses not built here). CORS: the sandbox and
+# Every answer carries these (d3k2.http.app adds them after each request). CORS: the sandbox and
 # other browser-based EHR clients call from another origin.
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -36,12 +36,7 @@ CORS_HEADERS = {
 }
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 DEFAULT_HEADERS = {**CORS_HEADERS, "Cache-Control": "no-store"}
-# Given whole at construction: werkzeug's setdefault scans the list once per header (15 µs an answer).
-JSON_HEADERS = list({**DEFAULT_HEADERS, **SECURITY_HEADERS}.items())
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    response = Response(orjson.dumps(body), status=status, mimetype="application/json", headers=JSON_HEADERS)
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
+    return Response(orjson.dumps(body), status=status, mimetype="application/json", headers=headers)
