@@ -211,6 +211,13 @@ def test_older_and_full_feedback_shapes_are_accepted(client, item) -> None:
     assert post(client, "/cds-services/d3k2-patient-view/feedback", {"feedback": [item]}).status_code == 200
 
 
+def test_a_single_feedback_item_without_its_list_is_accepted(client) -> None:
+    item = {"card": "c1", "outcome": "accepted"}
+    response = post(client, "/cds-services/d3k2-patient-view/feedback", item)
+    assert response.status_code == 200
+    assert response.get_json()["received"] == 1
+
+
 @pytest.mark.parametrize(
     "body",
     [
