@@ -149,7 +149,7 @@ def replay(
     import requests
 
     from d3k2.config import ConfigError
-    from d3k2.core.ruleset import load_ruleset
+    from d3k2.core.loader import load_ruleset
     from d3k2.fhir.client import FhirClient
     from d3k2.http.auth import TokenSigner
     from d3k2.tools import replay as engine
@@ -283,7 +283,7 @@ def explain(
     """Explain one FHIR Bundle or CDS Hooks request: the facts read (and from which resource), every
     rule's verdict with its reasons, and the cards."""
     from d3k2 import whatif
-    from d3k2.core.ruleset import load_ruleset
+    from d3k2.core.loader import load_ruleset
     from d3k2.fhir.client import FhirClient
     from d3k2.tools import replay as engine
 
