@@ -15,6 +15,7 @@ from d3k2.core.cards import medication_request
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import calcium_high, describe_limit
+from d3k2.core.hooks import parse_feedback
 from d3k2.core.loader import load_ruleset
 from d3k2.core.orders import IngredientDose, load_medication_catalog, medication_codeable, read_draft_orders
 from d3k2.core.quantities import Interval, format_interval
@@ -581,3 +582,10 @@ def test_a_missing_rule_set_directory_is_named(tmp_path: Path) -> None:
         f"rule set directory {missing} does not exist",
         {"file": str(missing)},
     )
+
+
+def test_a_single_feedback_item_without_the_list_is_read_as_a_list_of_one() -> None:
+    # Only the schemathesis run posted such bodies, so this branch was covered by chance.
+    item = {"card": "a39d008f-f98e-5d17-ad40-ef77def261c3", "outcome": "accepted"}
+    (read,) = parse_feedback(item).feedback
+    assert (read.card, read.outcome) == (item["card"], "accepted")
