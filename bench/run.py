@@ -182,7 +182,7 @@ def fhir_queries(fhir_base: str) -> dict[str, str]:
     """The queries d3k2 sends for a patient-view without prefetch (templates filled as d3k2 fills them)."""
     from d3k2.config import default_cards_dir
     from d3k2.core.hooks import parse_request
-    from d3k2.core.ruleset import load_ruleset
+    from d3k2.core.loader import load_ruleset
     from d3k2.fhir.prefetch import fill_template
 
     service = load_ruleset(default_cards_dir()).services[SERVICE["fallback"]]

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from d3k2.config import Settings
-from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.core.loader import load_ruleset
+from d3k2.core.ruleset import RuleSet
 from d3k2.http.app import create_app
 from d3k2.store.feedback import FeedbackStore
 

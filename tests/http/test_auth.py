@@ -19,7 +19,8 @@ from flask.testing import FlaskClient
 
 from d3k2.config import ConfigError, Settings, from_env
 from d3k2.core.errors import Unauthorized
-from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.core.loader import load_ruleset
+from d3k2.core.ruleset import RuleSet
 from d3k2.http.app import create_app
 from d3k2.http.auth import (
     Authenticator,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from d3k2.config import Settings
-from d3k2.core.ruleset import load_ruleset
+from d3k2.core.loader import load_ruleset
 from d3k2.http.app import create_app
 from d3k2.http.logs import JsonFormatter
 from jwt_keys import BASE_URL, ISSUER, NOW, SigningKey, es384, jwks

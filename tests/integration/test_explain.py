@@ -13,7 +13,8 @@ from click.testing import CliRunner, Result
 from builders import bundle_from_request
 from d3k2.config import default_cards_dir
 from d3k2.core.errors import BadRequest
-from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.core.loader import load_ruleset
+from d3k2.core.ruleset import RuleSet
 from d3k2.tools.cli import main
 from d3k2.whatif import OverrideError, apply_overrides, parse_override, request_from_bundle
 

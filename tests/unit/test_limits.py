@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from builders import assert_no_connection
 from d3k2.config import Settings
 from d3k2.core.limits import bracket_skeleton, json_too_deep, nests_deeper, prefetch_entries
-from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.core.loader import load_ruleset
+from d3k2.core.ruleset import RuleSet
 from d3k2.http.app import create_app
 
 TODAY = {"X-D3K2-Today": "2026-11-24"}

@@ -1,29 +1,24 @@
-"""Load and validate the rule set in cards/ once at startup (pure: no Flask, no requests).
-
-A broken file stops startup with a RuleSetError naming the file and the field.
+"""The rule set's model: conditions, rules, products, profiles, the vocabulary rules are written in, and
+the loaded `RuleSet` (pure: no Flask, no requests). `d3k2.core.loader` reads and checks it from cards/.
 """
 
 from __future__ import annotations
 
-import re
 import string
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import FactsConfig, LabConfig
-from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
-from d3k2.core.terminology import Terminology, load_terminology
+from d3k2.core.facts import FactsConfig
+from d3k2.core.orders import MedicationCatalog, MedicationReader
+from d3k2.core.terminology import Terminology
 
 Hook = Literal["patient-view", "order-select", "order-sign", "medication-prescribe"]
 Indicator = Literal["info", "warning", "critical"]
 ORDER_HOOKS: tuple[str, ...] = ("order-select", "order-sign", "medication-prescribe")
-_M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
 
 
@@ -116,7 +111,7 @@ class Source(_Strict):
 
 
 class Band(_Strict):
-    id: Literal["deficient", "insufficient", "target", "high", "very-high", "toxicity"]
+    id: str  # one of the vocabulary's band values (checked at load)
     label: str
     lower: float
     upper: float
@@ -177,6 +172,13 @@ class Topic(_Strict):
     display: str
 
 
+class RuleTests(_Strict):
+    """Golden fixtures (`<hook>/<case>` under fixtures/) where the rule fires and where it stays silent."""
+
+    fires: list[str] = []
+    silent: list[str] = []
+
+
 class Rule(_Strict):
     id: str
     title: str
@@ -194,6 +196,7 @@ class Rule(_Strict):
     suggestions: list[Suggestion] = []
     override_reasons: list[Coding] = []
     blocks: list[str] = []
+    tests: RuleTests = RuleTests()
 
     def indicator_for(self, hook: str) -> Indicator:
         for name, indicator in self.indicator_by_hook.items():
@@ -229,39 +232,12 @@ class Service:
     prefetch: Mapping[str, PrefetchKey]  # queries with {{codes:...}} already expanded
 
 
-_CODES_TOKEN = re.compile(r"\{\{codes:([a-z0-9,\-]+)\}\}")
+class SourcesDoc(_Strict):
+    sources: dict[str, Source] = {}
 
 
-def _expand_codes(query: str, terminology: Terminology, path: Path, key: str) -> str:
-    def replace(match: re.Match[str]) -> str:
-        pairs: list[str] = []
-        for vs in match.group(1).split(","):
-            if vs not in terminology.valuesets:
-                raise RuleSetError(
-                    f"{path.name}: prefetch.{key}.query: unknown value set {vs!r}", file=str(path)
-                )
-            pairs.extend(f"{system}|{code}" for system, code in terminology.codes_in(vs))
-        return ",".join(dict.fromkeys(pairs))
-
-    return _CODES_TOKEN.sub(replace, query)
-
-
-def _services(doc: ServicesDoc, terminology: Terminology, path: Path) -> dict[str, Service]:
-    expanded = {
-        key: PrefetchKey(
-            query=_expand_codes(p.query, terminology, path, key), required=p.required, label=p.label
-        )
-        for key, p in doc.prefetch.items()
-    }
-    services: dict[str, Service] = {}
-    for sid, svc in doc.services.items():
-        for key in svc.keys:
-            if key not in expanded:
-                raise RuleSetError(
-                    f"{path.name}: services.{sid}.keys: unknown prefetch key {key!r}", file=str(path)
-                )
-        services[sid] = Service(sid, svc.hook, svc.title, svc.description, {k: expanded[k] for k in svc.keys})
-    return services
+class ProductsDoc(_Strict):
+    products: dict[str, Product] = {}
 
 
 class ConditionsDoc(_Strict):
@@ -273,41 +249,43 @@ class ProfilesDoc(_Strict):
     profiles: dict[str, Profile]
 
 
-# ---------------------------------------------------------------- template fields
+# ---------------------------------------------------------------- vocabulary
 
-# Every field a summary or detail may use; checked at load so a typo stops startup.
-TEMPLATE_FIELDS: frozenset[str] = frozenset(
-    {
-        "profile.name",
-        "profile.title",
-        "vitd.shown",
-        "vitd.date",
-        "vitd.band",
-        "vitd.age",
-        "vitd.notes",
-        "vitd.status",
-        "egfr.shown",
-        "egfr.date",
-        "egfr.stale",
-        "egfr.notes",
-        "calcium.shown",
-        "calcium.date",
-        "calcium.limit",
-        "vka.names",
-        "vka.sources",
-        "k2.names",
-        "doac.names",
-        "evidence.ckd",
-        "evidence.granulomatous",
-        "evidence.pregnancy",
-        "evidence.hypercalcemia",
-        "data.issues",
-        "draft.name",
-        "draft.arithmetic",
-        "draft.daily",
-        "draft.basis",
-    }
-)
+FactType = Literal["bool", "number", "enum", "band"]
+Scope = Literal["patient", "draft"]
+
+
+class FactSpec(_Strict):
+    type: FactType
+    # "draft": only in draft-scope rules (one ingredient of one draft order); "patient": in every rule.
+    scope: Scope = "patient"
+    values: list[str] = []
+
+    @model_validator(mode="after")
+    def _values_fit_type(self) -> FactSpec:
+        if (self.type in ("enum", "band")) != bool(self.values):
+            raise ValueError("enum and band facts list their values; bool and number facts have none")
+        return self
+
+
+class FieldsDoc(_Strict):
+    patient: list[str]
+    draft: list[str]
+
+
+class Vocabulary(_Strict):
+    """cards/vocabulary.toml: every fact a condition may test and every field a template may show."""
+
+    facts: dict[str, FactSpec]
+    fields: FieldsDoc
+
+    def bands(self) -> frozenset[str]:
+        return frozenset(v for spec in self.facts.values() if spec.type == "band" for v in spec.values)
+
+    def field_scope(self, name: str) -> Scope | None:
+        if name in self.fields.patient:
+            return "patient"
+        return "draft" if name in self.fields.draft else None
 
 
 def template_fields(template: str) -> list[str]:
@@ -320,6 +298,7 @@ class RuleSet:
     terminology: Terminology
     catalog: MedicationCatalog
     facts: FactsConfig
+    vocabulary: Vocabulary
     sources: Mapping[str, Source]
     profiles: Mapping[str, Profile]
     default_profile: str
@@ -349,203 +328,3 @@ class RuleSet:
             made = build(self)
             self._derived[build] = made
             return made
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise RuleSetError(f"{path.name}: file missing", file=str(path)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
-
-
-def _validate(model: type[_M], data: Any, path: Path) -> _M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(document)"
-        raise RuleSetError(f"{path.name}: {where}: {first['msg']}", file=str(path), field=where) from exc
-
-
-def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
-    try:
-        labs = {
-            name: LabConfig(
-                name=name,
-                label=str(lab["label"]),
-                canonical_unit=str(lab["canonical_unit"]),
-                units={str(k): float(v) for k, v in lab["units"].items()},
-                stale_days=int(lab["stale_days"]),
-                primary=tuple(lab.get("primary", ())),
-                fallback=tuple(lab.get("fallback", ())),
-                total=tuple(lab.get("total", ())),
-                d3_fraction=tuple(lab.get("d3_fraction", ())),
-                d2_fraction=tuple(lab.get("d2_fraction", ())),
-                exclude=tuple(lab.get("exclude", ())),
-                never=tuple(lab.get("never", ())),
-                range_only=tuple(lab.get("range_only", ())),
-                default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
-                default_upper_limit=lab.get("default_upper_limit"),
-                source=str(lab.get("source", "")),
-                decimals=int(lab.get("decimals", 2)),
-            )
-            for name, lab in data["labs"].items()
-        }
-        conditions = data["conditions"]
-        return FactsConfig(
-            accepted_status=tuple(data["observation"]["accepted_status"]),
-            fallback_status=tuple(data["observation"]["fallback_status"]),
-            labs=labs,
-            pregnancy_observation=tuple(data["pregnancy"]["observation"]),
-            pregnant_answers=tuple(data["pregnancy"]["pregnant_answers"]),
-            pregnancy_conditions=tuple(data["pregnancy"]["conditions"]),
-            active_clinical_status=tuple(conditions["active_clinical_status"]),
-            ignored_verification_status=tuple(conditions["ignored_verification_status"]),
-            condition_facts={
-                k: tuple(v)
-                for k, v in conditions.items()
-                if k not in ("active_clinical_status", "ignored_verification_status")
-            },
-            statement_current=tuple(data["medications"]["statement_current"]),
-            request_current=tuple(data["medications"]["request_current"]),
-            notes={
-                key: str(data["notes"][key])
-                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
-            },
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
-
-
-def _check_refs(rules: list[Rule], ruleset_parts: dict[str, Any], cards: Path) -> None:
-    sources, products, conditions, profiles, valuesets = (
-        ruleset_parts["sources"],
-        ruleset_parts["products"],
-        ruleset_parts["conditions"],
-        ruleset_parts["profiles"],
-        ruleset_parts["valuesets"],
-    )
-    seen: dict[str, str] = {}
-    for rule in rules:
-        path = cards / "rules" / f"{rule.id}.toml"
-        if rule.topic.code in seen:
-            raise RuleSetError(
-                f"{path.name}: topic.code {rule.topic.code!r} already used by rule {seen[rule.topic.code]}",
-                file=str(path),
-                field="topic.code",
-            )
-        seen[rule.topic.code] = rule.id
-        for i, source in enumerate(rule.sources):
-            if source not in sources:
-                raise RuleSetError(f"{path.name}: sources[{i}]: unknown source {source!r}", file=str(path))
-        for i, suggestion in enumerate(rule.suggestions):
-            if suggestion.when is not None:
-                _check_condition(suggestion.when, conditions, path)
-            if suggestion.product is not None and suggestion.product not in products:
-                raise RuleSetError(
-                    f"{path.name}: suggestions[{i}].product: unknown product {suggestion.product!r}",
-                    file=str(path),
-                )
-            for profile in suggestion.profiles or []:
-                if profile not in profiles:
-                    raise RuleSetError(
-                        f"{path.name}: suggestions[{i}].profiles: unknown profile {profile!r}", file=str(path)
-                    )
-        for name, template in (("summary", rule.summary), ("detail", rule.detail)):
-            for fld in template_fields(template):
-                if fld not in TEMPLATE_FIELDS:
-                    raise RuleSetError(
-                        f"{path.name}: {name}: unknown template field {{{fld}}}", file=str(path)
-                    )
-        _check_condition(rule.when, conditions, path)
-        if rule.scope == "draft" and not set(rule.hooks) <= set(ORDER_HOOKS):
-            raise RuleSetError(f"{path.name}: scope: draft rules apply to order hooks only", file=str(path))
-    for name, product in products.items():
-        for category in product.categories:
-            if category not in valuesets:
-                raise RuleSetError(f"products.toml: {name}.categories: unknown category {category!r}")
-
-
-def _check_condition(condition: Condition, named: Mapping[str, Condition], path: Path) -> None:
-    if isinstance(condition, Ref):
-        if condition.ref not in named:
-            raise RuleSetError(
-                f"{path.name}: when: unknown named condition {condition.ref!r}", file=str(path)
-            )
-    elif isinstance(condition, AllOf):
-        for c in condition.all:
-            _check_condition(c, named, path)
-    elif isinstance(condition, AnyOf):
-        for c in condition.any:
-            _check_condition(c, named, path)
-    elif isinstance(condition, NotOf):
-        _check_condition(condition.not_, named, path)
-
-
-def load_ruleset(cards: Path) -> RuleSet:
-    """Read every file of the rule set; the first problem found stops startup."""
-    if not cards.is_dir():
-        raise RuleSetError(f"rule set directory {cards} does not exist", file=str(cards))
-    terminology = load_terminology(cards / "valuesets")
-    catalog = load_medication_catalog(cards / "medications.toml")
-    facts = _facts_config(_read_toml(cards / "facts.toml"), cards / "facts.toml")
-    sources_path = cards / "sources.toml"
-    sources = {
-        k: _validate(Source, v, sources_path) for k, v in _read_toml(sources_path).get("sources", {}).items()
-    }
-    profiles_path = cards / "profiles.toml"
-    profiles_doc = _validate(ProfilesDoc, _read_toml(profiles_path), profiles_path)
-    for name, profile in profiles_doc.profiles.items():
-        for source in profile.sources:
-            if source not in sources:
-                raise RuleSetError(f"profiles.toml: profiles.{name}.sources: unknown source {source!r}")
-    if profiles_doc.default not in profiles_doc.profiles:
-        raise RuleSetError(f"profiles.toml: default: unknown profile {profiles_doc.default!r}")
-    products_path = cards / "products.toml"
-    products = {
-        k: _validate(Product, v, products_path)
-        for k, v in _read_toml(products_path).get("products", {}).items()
-    }
-    conditions_path = cards / "conditions.toml"
-    conditions = _validate(ConditionsDoc, _read_toml(conditions_path), conditions_path).conditions
-    services_path = cards / "services.toml"
-    services = _services(
-        _validate(ServicesDoc, _read_toml(services_path), services_path), terminology, services_path
-    )
-    rules: list[Rule] = []
-    for path in sorted((cards / "rules").glob("*.toml")):
-        rule = _validate(Rule, _read_toml(path), path)
-        if rule.id != path.stem:
-            raise RuleSetError(
-                f"{path.name}: id: must equal the file name {path.stem!r}", file=str(path), field="id"
-            )
-        rules.append(rule)
-    if not rules:
-        raise RuleSetError(f"no rules in {cards / 'rules'}")
-    parts = {
-        "sources": sources,
-        "products": products,
-        "conditions": conditions,
-        "profiles": profiles_doc.profiles,
-        "valuesets": set(catalog.categories()),
-    }
-    _check_refs(rules, parts, cards)
-    return RuleSet(
-        directory=cards,
-        terminology=terminology,
-        catalog=catalog,
-        facts=facts,
-        sources=sources,
-        profiles=profiles_doc.profiles,
-        default_profile=profiles_doc.default,
-        products=products,
-        conditions=conditions,
-        services=services,
-        rules=tuple(sorted(rules, key=lambda r: (r.priority, r.id))),
-    )

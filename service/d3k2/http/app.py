@@ -10,7 +10,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from d3k2.config import ConfigError, Settings, from_env
 from d3k2.core.errors import D3K2Error, Unauthorized
-from d3k2.core.ruleset import RuleSet, load_ruleset
+from d3k2.core.loader import load_ruleset
+from d3k2.core.ruleset import RuleSet
 from d3k2.fhir.client import FhirClient
 from d3k2.http import logs
 from d3k2.http.api import blueprint

@@ -1,4 +1,4 @@
-"""The `d3k2` command: serve, replay, explain."""
+"""The `d3k2` command: serve, check-rules, replay, explain."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from d3k2.config import Settings, from_env
-from d3k2.core.errors import D3K2Error
+from d3k2.core.errors import D3K2Error, RuleSetError
 
 
 def _setup_logging(level: str) -> None:
@@ -61,6 +61,48 @@ def serve(host: str | None, port: int | None, profile: str | None) -> None:
 
 def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- check-rules
+
+
+@main.command("check-rules")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--fixtures",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Golden fixtures the rules' [tests] name (default: fixtures/ next to DIR, when there is one).",
+)
+def check_rules(directory: Path | None, fixtures: Path | None) -> None:
+    """Load and check the rule set in DIRECTORY (default: the configured cards/, D3K2_CARDS_DIR): print
+    one line per problem and exit 1, or one OK line."""
+    from d3k2.core.loader import load_ruleset
+
+    cards = directory if directory is not None else _settings().cards_dir
+    if fixtures is None and (cards.parent / "fixtures").is_dir():
+        fixtures = cards.parent / "fixtures"
+    try:
+        ruleset = load_ruleset(cards, fixtures)
+    except RuleSetError as exc:
+        for line in exc.extra.get("problems", [exc.detail]):
+            click.echo(line)
+        sys.exit(1)
+    vocabulary = ruleset.vocabulary
+    counts = {
+        "rules": len(ruleset.rules),
+        "named conditions": len(ruleset.conditions),
+        "facts": len(vocabulary.facts),
+        "template fields": len(vocabulary.fields.patient) + len(vocabulary.fields.draft),
+        "products": len(ruleset.products),
+        "sources": len(ruleset.sources),
+        "profiles": len(ruleset.profiles),
+        "services": len(ruleset.services),
+    }
+    checked = (
+        f"fixtures checked in {fixtures}" if fixtures is not None else "fixtures not checked (none found)"
+    )
+    click.echo(f"OK {cards}: " + ", ".join(f"{n} {what}" for what, n in counts.items()) + f"; {checked}")
 
 
 # ---------------------------------------------------------------- replay and explain
@@ -149,7 +191,7 @@ def replay(
     import requests
 
     from d3k2.config import ConfigError
-    from d3k2.core.ruleset import load_ruleset
+    from d3k2.core.loader import load_ruleset
     from d3k2.fhir.client import FhirClient
     from d3k2.http.auth import TokenSigner
     from d3k2.tools import replay as engine
@@ -283,7 +325,7 @@ def explain(
     """Explain one FHIR Bundle or CDS Hooks request: the facts read (and from which resource), every
     rule's verdict with its reasons, and the cards."""
     from d3k2 import whatif
-    from d3k2.core.ruleset import load_ruleset
+    from d3k2.core.loader import load_ruleset
     from d3k2.fhir.client import FhirClient
     from d3k2.tools import replay as engine
 

@@ -1,0 +1,247 @@
+"""Read the rule set in cards/ once at startup and check it (pure: no Flask, no requests).
+
+Every problem found is collected and raised together in one RuleSetError, one line per problem naming
+the file and the field, so that one start-up (or `d3k2 check-rules`) shows all of them. A shared file
+(value sets, medications, facts, vocabulary, sources, profiles, products, named conditions, services) that
+cannot be read stops before the cross-checks, which would all fail on it; a rule file that cannot be read
+is left out of them.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from d3k2.core.errors import RuleSetError
+from d3k2.core.facts import FactsConfig, LabConfig
+from d3k2.core.orders import load_medication_catalog
+from d3k2.core.rulecheck import (
+    Parts,
+    Problems,
+    check_named_conditions,
+    check_products,
+    check_profiles,
+    check_rules,
+)
+from d3k2.core.ruleset import (
+    ConditionsDoc,
+    PrefetchKey,
+    ProductsDoc,
+    ProfilesDoc,
+    Rule,
+    RuleSet,
+    Service,
+    ServicesDoc,
+    SourcesDoc,
+    Vocabulary,
+)
+from d3k2.core.terminology import Terminology, load_terminology
+
+_M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
+
+
+def _read_toml(path: Path, problems: Problems) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        problems.add(path, None, "file missing")
+    except tomllib.TOMLDecodeError as exc:
+        problems.add(path, None, f"not valid TOML: {exc}")
+    return None
+
+
+def _document(model: type[_M], path: Path, problems: Problems) -> _M | None:
+    data = _read_toml(path, problems)
+    if data is None:
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "(document)"
+            problems.add(path, where, error["msg"])
+        return None
+
+
+def _guard(read: Callable[[], _T], problems: Problems) -> _T | None:
+    """What `read` makes, or None with its RuleSetError kept as a problem."""
+    try:
+        return read()
+    except RuleSetError as exc:
+        problems.add_error(exc)
+        return None
+
+
+def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
+    try:
+        labs = {
+            name: LabConfig(
+                name=name,
+                label=str(lab["label"]),
+                canonical_unit=str(lab["canonical_unit"]),
+                units={str(k): float(v) for k, v in lab["units"].items()},
+                stale_days=int(lab["stale_days"]),
+                primary=tuple(lab.get("primary", ())),
+                fallback=tuple(lab.get("fallback", ())),
+                total=tuple(lab.get("total", ())),
+                d3_fraction=tuple(lab.get("d3_fraction", ())),
+                d2_fraction=tuple(lab.get("d2_fraction", ())),
+                exclude=tuple(lab.get("exclude", ())),
+                never=tuple(lab.get("never", ())),
+                range_only=tuple(lab.get("range_only", ())),
+                default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
+                default_upper_limit=lab.get("default_upper_limit"),
+                source=str(lab.get("source", "")),
+                decimals=int(lab.get("decimals", 2)),
+            )
+            for name, lab in data["labs"].items()
+        }
+        conditions = data["conditions"]
+        return FactsConfig(
+            accepted_status=tuple(data["observation"]["accepted_status"]),
+            fallback_status=tuple(data["observation"]["fallback_status"]),
+            labs=labs,
+            pregnancy_observation=tuple(data["pregnancy"]["observation"]),
+            pregnant_answers=tuple(data["pregnancy"]["pregnant_answers"]),
+            pregnancy_conditions=tuple(data["pregnancy"]["conditions"]),
+            active_clinical_status=tuple(conditions["active_clinical_status"]),
+            ignored_verification_status=tuple(conditions["ignored_verification_status"]),
+            condition_facts={
+                k: tuple(v)
+                for k, v in conditions.items()
+                if k not in ("active_clinical_status", "ignored_verification_status")
+            },
+            statement_current=tuple(data["medications"]["statement_current"]),
+            request_current=tuple(data["medications"]["request_current"]),
+            notes={
+                key: str(data["notes"][key])
+                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
+            },
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
+
+
+def _facts(path: Path, problems: Problems) -> FactsConfig | None:
+    data = _read_toml(path, problems)
+    return None if data is None else _guard(lambda: _facts_config(data, path), problems)
+
+
+_CODES_TOKEN = re.compile(r"\{\{codes:([a-z0-9,\-]+)\}\}")
+
+
+def _expand_codes(query: str, terminology: Terminology, where: tuple[Path, str], problems: Problems) -> str:
+    def replace(match: re.Match[str]) -> str:
+        pairs: list[str] = []
+        for vs in match.group(1).split(","):
+            if vs not in terminology.valuesets:
+                problems.add(*where, f"unknown value set {vs!r}")
+            pairs.extend(f"{system}|{code}" for system, code in terminology.codes_in(vs))
+        return ",".join(dict.fromkeys(pairs))
+
+    return _CODES_TOKEN.sub(replace, query)
+
+
+def _services(
+    doc: ServicesDoc, terminology: Terminology, path: Path, problems: Problems
+) -> dict[str, Service]:
+    expanded = {
+        key: PrefetchKey(
+            query=_expand_codes(p.query, terminology, (path, f"prefetch.{key}.query"), problems),
+            required=p.required,
+            label=p.label,
+        )
+        for key, p in doc.prefetch.items()
+    }
+    services: dict[str, Service] = {}
+    for sid, svc in doc.services.items():
+        for key in svc.keys:
+            if key not in expanded:
+                problems.add(path, f"services.{sid}.keys", f"unknown prefetch key {key!r}")
+        prefetch = {k: expanded[k] for k in svc.keys if k in expanded}
+        services[sid] = Service(sid, svc.hook, svc.title, svc.description, prefetch)
+    return services
+
+
+def _rules(cards: Path, problems: Problems) -> list[tuple[Path, Rule]]:
+    rules: list[tuple[Path, Rule]] = []
+    files = sorted((cards / "rules").glob("*.toml"))
+    if not files:
+        problems.add(cards / "rules", None, f"no rules in {cards / 'rules'}")
+    for path in files:
+        rule = _document(Rule, path, problems)
+        if rule is None:
+            continue
+        if rule.id != path.stem:
+            problems.add(path, "id", f"must equal the file name {path.stem!r}")
+            continue
+        rules.append((path, rule))
+    return rules
+
+
+def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
+    """Read and check every file of the rule set; any problem stops startup, all of them named.
+
+    `fixtures` (the repository's fixtures/, for `d3k2 check-rules` and the tests): also check that the
+    golden fixtures each rule names exist there. The packaged service has no fixtures.
+    """
+    if not cards.is_dir():
+        raise RuleSetError(f"rule set directory {cards} does not exist", file=str(cards))
+    problems = Problems(cards)
+    terminology = _guard(lambda: load_terminology(cards / "valuesets"), problems)
+    catalog = _guard(lambda: load_medication_catalog(cards / "medications.toml"), problems)
+    facts = _facts(cards / "facts.toml", problems)
+    vocabulary = _document(Vocabulary, cards / "vocabulary.toml", problems)
+    sources = _document(SourcesDoc, cards / "sources.toml", problems)
+    profiles = _document(ProfilesDoc, cards / "profiles.toml", problems)
+    products = _document(ProductsDoc, cards / "products.toml", problems)
+    conditions = _document(ConditionsDoc, cards / "conditions.toml", problems)
+    services_doc = _document(ServicesDoc, cards / "services.toml", problems)
+    rules = _rules(cards, problems)
+    if (
+        terminology is None
+        or catalog is None
+        or facts is None
+        or vocabulary is None
+        or sources is None
+        or profiles is None
+        or products is None
+        or conditions is None
+        or services_doc is None
+    ):
+        problems.stop()
+    parts = Parts(
+        vocabulary=vocabulary,
+        sources=sources.sources,
+        profiles=profiles.profiles,
+        products=products.products,
+        conditions=conditions.conditions,
+        categories=frozenset(catalog.categories()),
+    )
+    services = _services(services_doc, terminology, cards / "services.toml", problems)
+    check_profiles(cards / "profiles.toml", profiles.default, parts, problems)
+    check_products(cards / "products.toml", parts, problems)
+    drafts = check_named_conditions(cards / "conditions.toml", parts, problems)
+    check_rules(rules, parts, drafts, fixtures, problems)
+    problems.raise_any()
+    return RuleSet(
+        directory=cards,
+        terminology=terminology,
+        catalog=catalog,
+        facts=facts,
+        vocabulary=vocabulary,
+        sources=parts.sources,
+        profiles=parts.profiles,
+        default_profile=profiles.default,
+        products=parts.products,
+        conditions=parts.conditions,
+        services=services,
+        rules=tuple(sorted((rule for _, rule in rules), key=lambda r: (r.priority, r.id))),
+    )
