@@ -14,7 +14,7 @@ import orjson
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from d3k2.core.engine import Evaluation, Finding, program
+from d3k2.core.engine import Evaluation, Finding, evaluate_condition
 from d3k2.core.ruleset import Product, Rule, RuleSet, Suggestion
 from d3k2.core.terminology import UCUM
 
@@ -232,7 +232,7 @@ def _offered(
     ):
         return False
     if suggestion.when is not None:
-        return ruleset.derived(program).test(suggestion.when)(finding.values, {}) is True
+        return evaluate_condition(suggestion.when, finding.values, ruleset.conditions) is True
     return True
 
 

@@ -338,7 +338,7 @@ class RuleSet:
         return tuple(r for r in self.rules if hook in r.hooks)
 
     def derived(self, build: Callable[[RuleSet], _T]) -> _T:
-        """What `build` makes of this rule set (compiled conditions, fixed parts of cards), made once.
+        """What `build` makes of this rule set (the fixed parts of its cards), made once.
 
         `build` must depend on nothing but the rule set; it is the key, so pass a module-level function.
         Two threads may both build it the first time; either result is kept, and both are equal.
