@@ -205,6 +205,18 @@ def test_traced_and_untraced_evaluation_find_the_same(fixture: Any) -> None:
     assert len(fired) == len(traced.findings)
 
 
+def test_medication_facts_are_named_by_the_catalog() -> None:
+    rs = ruleset()
+    categories = dict(rs.catalog.by_category)
+    categories["vka"] = dataclasses.replace(categories["vka"], fact="antagonist.current")
+    categories["vitamin-k1"] = dataclasses.replace(categories["vitamin-k1"], fact="k1.active")
+    renamed = dataclasses.replace(rs, catalog=dataclasses.replace(rs.catalog, by_category=categories))
+    values = fact_values(renamed, _facts_with_everything(), "seed")
+    assert values["antagonist.current"] is True and "vka.active" not in values
+    assert values["k1.active"] is False
+    assert fact_values(rs, _facts_with_everything(), "seed")["vka.active"] is True
+
+
 # ---------------------------------------------------------------- template fields
 
 

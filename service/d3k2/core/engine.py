@@ -16,15 +16,6 @@ from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile,
 
 FactValue = bool | str | float | Interval | None
 
-# Medication categories (cards/medications.toml) → the fact that says one is current.
-_MED_FACTS = {
-    "vka": "vka.active",
-    "doac": "doac.active",
-    "vitamin-k2": "k2.active",
-    "vitamin-d": "vitamin_d.active",
-    "vitamin-d-analog": "vitamin_d_analog.active",
-}
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -87,8 +78,9 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["calcium.high"] = (
         calcium_high(facts.calcium, ruleset.facts.labs["calcium"]) if facts.calcium else False
     )
-    for category, name in _MED_FACTS.items():
-        values[name] = bool(facts.meds(category))
+    for category in ruleset.catalog.by_category.values():
+        if category.fact is not None:
+            values[category.fact] = bool(facts.meds(category.id))
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
