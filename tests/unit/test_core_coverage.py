@@ -67,7 +67,7 @@ def test_medication_request_without_dosage_or_patient_instruction() -> None:
         text="Cholecalciferol 1000 UNT Oral Tablet",
         dose_text="as directed",
     )
-    resource = medication_request(product, "p1")
+    resource = medication_request(product, "p1", {})
     assert resource["dosageInstruction"] == [{"text": "Cholecalciferol 1000 UNT Oral Tablet: as directed"}]
 
 
@@ -243,7 +243,7 @@ def test_calcium_without_any_limit_cannot_be_judged() -> None:
     assert calcium_high(None, lab) is None
     no_default = type(lab)(**{**lab.__dict__, "default_upper_limit": None})
     assert calcium_high(calcium, no_default) is None
-    assert describe_limit(calcium, lab) == "10.5 mg/dL (default limit)"
+    assert describe_limit(calcium, lab, "lab range", "default limit") == "10.5 mg/dL (default limit)"
 
 
 # ---------------------------------------------------------------- terminology

@@ -356,7 +356,9 @@ def test_suggested_resources_are_made_once_per_product_and_day() -> None:
     later = TODAY + timedelta(days=3)
     for name in medications:
         assert parts.suggested(name, TODAY) is parts.suggested(name, later)
-        assert medication_request(rs.products[name], "p1") == _patient(parts.suggested(name, TODAY), "p1")
+        assert medication_request(rs.products[name], "p1", rs.texts.units) == _patient(
+            parts.suggested(name, TODAY), "p1"
+        )
     for name in tests:
         assert parts.suggested(name, TODAY) != parts.suggested(name, later)
         for day in (TODAY, later):

@@ -21,7 +21,6 @@ from d3k2.core.terminology import UCUM
 TOPIC_SYSTEM = "https://d3k2.dev/fhir/CodeSystem/card-topic"
 SUMMARY_LIMIT = 140
 _INDICATOR_ORDER = {"critical": 0, "warning": 1, "info": 2}
-_UCUM_UNIT_NAMES = {"{tbl}": "tablet", "{capsule}": "capsule", "{drop}": "drop", "[iU]": "IU", "ug": "mcg"}
 # Suggested resources are validated with the patient reference set to this id, then given the real one:
 # any FHIR id (what hooks.HookContext admits) makes an equally valid reference string.
 _ANY_PATIENT = "d3k2-any-patient"
@@ -50,11 +49,12 @@ def _summary(text: str) -> str:
     return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2].rstrip() + "…"
 
 
-def medication_request(product: Product, patient_id: str) -> dict[str, Any]:
-    return _for_patient(_medication_resource(product), patient_id)
+def medication_request(product: Product, patient_id: str, units: Mapping[str, str]) -> dict[str, Any]:
+    """`units`: UCUM code → the unit word of the dose (cards/texts.toml [units])."""
+    return _for_patient(_medication_resource(product, units), patient_id)
 
 
-def _medication_resource(product: Product) -> bytes:
+def _medication_resource(product: Product, units: Mapping[str, str]) -> bytes:
     dosage = product.dosage
     instruction: dict[str, Any] = {"text": f"{product.text}: {product.dose_text}"}
     if product.patient_instruction:
@@ -77,7 +77,7 @@ def _medication_resource(product: Product) -> bytes:
             {
                 "doseQuantity": {
                     "value": dosage.dose_value,
-                    "unit": _UCUM_UNIT_NAMES.get(dosage.dose_unit, dosage.dose_unit),
+                    "unit": units.get(dosage.dose_unit, dosage.dose_unit),
                     "system": UCUM,
                     "code": dosage.dose_unit,
                 }
@@ -169,7 +169,7 @@ class _CardParts:
         def resource(name: str, today: date) -> bytes:
             product = products[name]
             if product.kind == "medication":
-                return _medication_resource(product)
+                return _medication_resource(product, ruleset.texts.units)
             return _service_resource(product, today)
 
         self.resource = lru_cache(maxsize=256)(resource)
@@ -262,7 +262,7 @@ def build_cards(
         detail = _render(rule.detail, finding.fields)
         if "vitd" in rule.reads:
             profile = ruleset.profiles[evaluation.profile]
-            detail += f"\n\nThresholds: profile `{evaluation.profile}` ({profile.title})."
+            detail += ruleset.texts.thresholds.format(name=evaluation.profile, title=profile.title)
         card: dict[str, Any] = {
             "uuid": card_id,
             "summary": _summary(_render(rule.summary, finding.fields)),

@@ -13,6 +13,7 @@ from d3k2.core.facts import Facts, Measurement, calcium_high, describe_limit
 from d3k2.core.orders import DraftOrder, DraftReading, IngredientDose
 from d3k2.core.quantities import Interval, format_number
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
+from d3k2.core.texts import Texts
 
 FactValue = bool | str | float | Interval | None
 
@@ -55,11 +56,11 @@ def band_of(value: Interval, profile: Profile) -> str | None:
     return None
 
 
-def _band_label(band: str | None, profile: Profile) -> str:
+def _band_label(band: str | None, profile: Profile, texts: Texts) -> str:
     for b in profile.bands:
         if b.id == band:
             return b.label
-    return "band uncertain (value given as a range)"
+    return texts.band_uncertain
 
 
 def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, FactValue]:
@@ -89,20 +90,22 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     return values
 
 
-def _names(facts: Facts, category: str) -> str:
+def _names(facts: Facts, category: str, texts: Texts) -> str:
     names = sorted({m.name for m in facts.meds(category)})
-    return ", ".join(names) if names else "none"
+    return ", ".join(names) if names else texts.none
 
 
-def _evidence(facts: Facts, *concepts: str) -> str:
+def _evidence(facts: Facts, texts: Texts, *concepts: str) -> str:
     items = [e for c in concepts for e in facts.conditions.get(c, ())]
-    return "; ".join(sorted({f"{e.text} ({e.source})" for e in items})) or "none"
+    return "; ".join(sorted({f"{e.text} ({e.source})" for e in items})) or texts.none
 
 
-def _measurement_fields(m: Measurement | None) -> SimpleNamespace:
+def _measurement_fields(m: Measurement | None, texts: Texts) -> SimpleNamespace:
     if m is None:
-        return SimpleNamespace(shown="not on record", date="no date", stale="", notes="", age="", status="")
-    stale = f" (stale: {m.age_days} days old)" if m.stale else ""
+        return SimpleNamespace(
+            shown=texts.not_on_record, date=texts.no_date, stale="", notes="", age="", status=""
+        )
+    stale = texts.stale.format(days=m.age_days) if m.stale else ""
     notes = f" ({'; '.join(m.notes)})" if m.notes else ""
     return SimpleNamespace(
         shown=m.shown, date=m.when.isoformat(), stale=stale, notes=notes, age=str(m.age_days), status=m.status
@@ -122,45 +125,52 @@ def _profile_fields(c: _FieldContext) -> SimpleNamespace:
 
 
 def _vitd_fields(c: _FieldContext) -> SimpleNamespace:
-    vitd = _measurement_fields(c.facts.vitd)
+    texts = c.ruleset.texts
+    vitd = _measurement_fields(c.facts.vitd, texts)
     band = c.values.get("vitd.band")
-    vitd.band = _band_label(band if isinstance(band, str) else None, c.ruleset.profiles[c.profile_name])
+    profile = c.ruleset.profiles[c.profile_name]
+    vitd.band = _band_label(band if isinstance(band, str) else None, profile, texts)
     return vitd
 
 
 def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
-    facts = c.facts
-    calcium = _measurement_fields(facts.calcium)
-    calcium.limit = describe_limit(facts.calcium, c.ruleset.facts.labs["calcium"]) if facts.calcium else ""
+    facts, texts = c.facts, c.ruleset.texts
+    calcium = _measurement_fields(facts.calcium, texts)
+    calcium.limit = (
+        describe_limit(facts.calcium, c.ruleset.facts.labs["calcium"], texts.lab_limit, texts.default_limit)
+        if facts.calcium
+        else ""
+    )
     return calcium
 
 
 def _evidence_fields(c: _FieldContext) -> SimpleNamespace:
-    facts = c.facts
+    facts, texts = c.facts, c.ruleset.texts
     return SimpleNamespace(
-        ckd=_evidence(facts, "ckd_advanced"),
-        granulomatous=_evidence(facts, "sarcoidosis", "granulomatous"),
-        pregnancy="; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or "none",
-        hypercalcemia=_evidence(facts, "hypercalcemia"),
+        ckd=_evidence(facts, texts, "ckd_advanced"),
+        granulomatous=_evidence(facts, texts, "sarcoidosis", "granulomatous"),
+        pregnancy="; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or texts.none,
+        hypercalcemia=_evidence(facts, texts, "hypercalcemia"),
     )
 
 
 def _data_fields(c: _FieldContext) -> SimpleNamespace:
     problems = list(c.facts.missing) + list(c.facts.issues)
-    return SimpleNamespace(issues="; ".join(problems) if problems else "none")
+    return SimpleNamespace(issues="; ".join(problems) if problems else c.ruleset.texts.none)
 
 
 # Each namespace of the template fields, in the order `template_fields` lists them.
 _FIELD_MAKERS: dict[str, Callable[[_FieldContext], SimpleNamespace]] = {
     "profile": _profile_fields,
     "vitd": _vitd_fields,
-    "egfr": lambda c: _measurement_fields(c.facts.egfr),
+    "egfr": lambda c: _measurement_fields(c.facts.egfr, c.ruleset.texts),
     "calcium": _calcium_fields,
     "vka": lambda c: SimpleNamespace(
-        names=_names(c.facts, "vka"), sources=", ".join(sorted({m.source for m in c.facts.meds("vka")}))
+        names=_names(c.facts, "vka", c.ruleset.texts),
+        sources=", ".join(sorted({m.source for m in c.facts.meds("vka")})),
     ),
-    "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2")),
-    "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac")),
+    "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2", c.ruleset.texts)),
+    "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac", c.ruleset.texts)),
     "evidence": _evidence_fields,
     "data": _data_fields,
 }
@@ -336,11 +346,11 @@ def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, Fa
     }
 
 
-def _draft_fields(draft: DraftOrder, ingredient: IngredientDose) -> SimpleNamespace:
+def _draft_fields(draft: DraftOrder, ingredient: IngredientDose, texts: Texts) -> SimpleNamespace:
     daily = (
-        f"{format_number(ingredient.daily)} {ingredient.unit}/day"
+        texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
         if ingredient.daily is not None and ingredient.unit
-        else "unknown dose"
+        else texts.unknown_dose
     )
     return SimpleNamespace(
         name=draft.medication_text or ingredient.name,
@@ -405,7 +415,7 @@ def evaluate(
                 traces.append(Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}"))
             if fired:
                 if scope.fields is None:
-                    scope.fields = _DraftFields(fields, _draft_fields(draft, ingredient))
+                    scope.fields = _DraftFields(fields, _draft_fields(draft, ingredient, ruleset.texts))
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
 

@@ -806,7 +806,8 @@ def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
     return calcium.value.gt(limit)
 
 
-def describe_limit(calcium: Measurement, lab: LabConfig) -> str:
+def describe_limit(calcium: Measurement, lab: LabConfig, lab_limit: str, default_limit: str) -> str:
+    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`)."""
     limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
-    origin = "lab range" if calcium.upper_limit is not None else "default limit"
+    origin = lab_limit if calcium.upper_limit is not None else default_limit
     return f"{format_number(limit or 0.0, 2)} {lab.canonical_unit} ({origin})"

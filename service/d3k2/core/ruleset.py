@@ -19,6 +19,7 @@ from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig, LabConfig
 from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
 from d3k2.core.terminology import Terminology, load_terminology
+from d3k2.core.texts import Texts, load_texts
 
 Hook = Literal["patient-view", "order-select", "order-sign", "medication-prescribe"]
 Indicator = Literal["info", "warning", "critical"]
@@ -327,6 +328,7 @@ class RuleSet:
     conditions: Mapping[str, Condition]
     services: Mapping[str, Service]
     rules: tuple[Rule, ...]
+    texts: Texts
     # Made from the fields above, per instance: a rule set changed with dataclasses.replace starts afresh.
     medications: MedicationReader = field(init=False, repr=False, compare=False)
     _derived: dict[object, object] = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -548,4 +550,5 @@ def load_ruleset(cards: Path) -> RuleSet:
         conditions=conditions,
         services=services,
         rules=tuple(sorted(rules, key=lambda r: (r.priority, r.id))),
+        texts=load_texts(cards / "texts.toml"),
     )

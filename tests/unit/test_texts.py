@@ -1,0 +1,144 @@
+"""The words around the data come from cards/texts.toml, checked at startup like the rest of the rule set."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from builders import CARDS, TODAY, fixtures, ruleset
+from d3k2.core.engine import fact_values, template_fields
+from d3k2.core.errors import RuleSetError
+from d3k2.core.facts import Facts, Measurement
+from d3k2.core.quantities import Interval
+from d3k2.core.ruleset import load_ruleset
+from d3k2.core.texts import _PLACEHOLDERS, Texts, load_texts
+from d3k2.service import call_service
+
+
+@pytest.fixture
+def texts_file(tmp_path: Path) -> Path:
+    target = tmp_path / "texts.toml"
+    shutil.copy(CARDS / "texts.toml", target)
+    return target
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_the_shipped_texts_keep_their_wording() -> None:
+    texts = ruleset().texts
+    assert texts.not_on_record == "not on record" and texts.no_date == "no date"
+    assert texts.stale.format(days=400) == " (stale: 400 days old)"
+    assert texts.band_uncertain == "band uncertain (value given as a range)"
+    assert texts.daily_dose.format(amount="8,000", unit="IU") == "8,000 IU/day"
+    assert texts.thresholds.format(name="seed", title="T") == "\n\nThresholds: profile `seed` (T)."
+    assert texts.units == {
+        "{tbl}": "tablet",
+        "{capsule}": "capsule",
+        "{drop}": "drop",
+        "[iU]": "IU",
+        "ug": "mcg",
+    }
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        ('no_date = "no date"\n', "", "cards.no_date", "missing"),
+        ('none = "none"', 'none = "none"\nnothing = "-"', "cards.nothing", "unknown key"),
+        ("{days} days old", "{day} days old", "cards.stale", "must use {days}, uses ['day']"),
+        ("{days} days old", "days old", "cards.stale", "must use {days}, uses []"),
+        ('unknown_dose = "unknown dose"', 'unknown_dose = "{x}"', "cards.unknown_dose", "no placeholders"),
+        ('unknown_dose = "unknown dose"', 'unknown_dose = "a { b"', "cards.unknown_dose", "not a valid"),
+        ('unknown_dose = "unknown dose"', "unknown_dose = 5", "cards.unknown_dose", "must be a string"),
+        ('ug = "mcg"', "ug = 1", "units.ug", "must be a string"),
+        ("[units]", "[unit]", "units", "missing"),
+        ('none = "none"', '[other]\nnone = "none"', "other", "unknown key"),
+    ],
+)
+def test_a_broken_text_stops_startup_naming_file_and_key(
+    texts_file: Path, old: str, new: str, field: str, message: str
+) -> None:
+    _edit(texts_file, old, new)
+    with pytest.raises(RuleSetError) as raised:
+        load_texts(texts_file)
+    assert raised.value.extra == {"file": str(texts_file), "field": field}
+    assert str(raised.value).startswith(f"texts.toml: {field}: ")
+    assert message in str(raised.value)
+
+
+def test_the_two_tables_must_be_tables(texts_file: Path) -> None:
+    texts_file.write_text('cards = 1\nunits = "x"\n', encoding="utf-8")
+    with pytest.raises(RuleSetError, match=r"texts\.toml: cards: missing or not a table"):
+        load_texts(texts_file)
+
+
+def test_a_missing_or_unreadable_texts_file_stops_startup(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(CARDS, cards)
+    (cards / "texts.toml").unlink()
+    with pytest.raises(RuleSetError, match=r"texts\.toml: file missing"):
+        load_ruleset(cards)
+    (cards / "texts.toml").write_text("[cards\n", encoding="utf-8")
+    with pytest.raises(RuleSetError, match=r"texts\.toml: not valid TOML"):
+        load_ruleset(cards)
+
+
+def test_every_text_reaches_the_cards_from_the_file() -> None:
+    """Each text marked, every fixture answered again: each mark shows on some card, in its place."""
+    rs = ruleset()
+    marked = {
+        key: f"«{key}»" + "".join(f"{{{name}}}" for name in sorted(names))
+        for key, names in _PLACEHOLDERS.items()
+    }
+    texts = Texts(**marked, units={**rs.texts.units, "{tbl}": "«tablet»"})
+    changed = dataclasses.replace(rs, texts=texts)
+    answers = []
+    for fixture in fixtures():
+        if fixture.expected.get("status", 200) != 200:
+            continue
+        outcome = call_service(
+            changed,
+            fixture.expected["service"],
+            fixture.request,
+            today=date.fromisoformat(fixture.expected["today"]),
+            profile=fixture.expected["profile"],
+            fetcher=None,
+        )
+        answers.append(json.dumps(outcome.response, ensure_ascii=False))
+    seen = "\n".join(answers)
+    assert [key for key in marked if f"«{key}»" not in seen] == ["stale", "band_uncertain"]  # next test
+    assert '"unit": "«tablet»"' in seen
+    assert "Thresholds: profile" not in seen and "not on record" not in seen
+
+
+def test_a_stale_value_given_as_a_range_is_worded_from_the_file() -> None:
+    """No fixture's card shows these two: a stale result, and a band a comparator leaves open."""
+    rs = ruleset()
+    texts = dataclasses.replace(rs.texts, stale=" [{days} d]", band_uncertain="«band?»")
+    vitd = Measurement(
+        "vitd",
+        Interval.from_comparator(40, "<"),
+        "ng/mL",
+        "<40 ng/mL",
+        TODAY,
+        "final",
+        "Observation/v",
+        "",
+        True,
+        900,
+    )
+    facts = Facts(today=TODAY, vitd=vitd)
+    changed = dataclasses.replace(rs, texts=texts)
+    fields = template_fields(changed, facts, "seed", fact_values(changed, facts, "seed"))
+    assert (fields["vitd"].stale, fields["vitd"].band) == (" [900 d]", "«band?»")
+    plain = template_fields(rs, facts, "seed", fact_values(rs, facts, "seed"))
+    assert (plain["vitd"].stale, plain["vitd"].band) == (" (stale: 900 days old)", rs.texts.band_uncertain)
