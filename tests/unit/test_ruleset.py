@@ -12,7 +12,7 @@ from builders import CARDS, ruleset
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import RuleSetError
 from d3k2.core.quantities import Interval
-from d3k2.core.ruleset import TEMPLATE_FIELDS, FactTest, load_ruleset, template_fields
+from d3k2.core.ruleset import FactTest, known_fields, load_ruleset, template_fields
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_missing_rules_directory_is_named(cards: Path) -> None:
 def test_every_template_field_is_one_the_engine_provides() -> None:
     for rule in ruleset().rules:
         for template in (rule.summary, rule.detail):
-            assert set(template_fields(template)) <= TEMPLATE_FIELDS
+            assert set(template_fields(template)) <= known_fields(ruleset().facts)
 
 
 def test_every_threshold_profile_names_a_known_source() -> None:

@@ -1,4 +1,5 @@
-"""The words around the data come from cards/texts.toml, checked at startup like the rest of the rule set."""
+"""Card wording and clinical vocabulary come from cards/, checked at startup like the rest of the rule set:
+the words around the data (texts.toml) and the condition facts each {evidence.<name>} lists (facts.toml)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from builders import CARDS, TODAY, fixtures, ruleset
 from d3k2.core.engine import fact_values, template_fields
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import Facts, Measurement
+from d3k2.core.hooks import parse_request
 from d3k2.core.quantities import Interval
-from d3k2.core.ruleset import load_ruleset
+from d3k2.core.ruleset import RuleSet, load_ruleset
 from d3k2.core.texts import _PLACEHOLDERS, Texts, load_texts
-from d3k2.service import call_service
+from d3k2.fhir.prefetch import resolve
+from d3k2.service import call_service, facts_for
 
 
 @pytest.fixture
@@ -142,3 +145,46 @@ def test_a_stale_value_given_as_a_range_is_worded_from_the_file() -> None:
     assert (fields["vitd"].stale, fields["vitd"].band) == (" [900 d]", "«band?»")
     plain = template_fields(rs, facts, "seed", fact_values(rs, facts, "seed"))
     assert (plain["vitd"].stale, plain["vitd"].band) == (" (stale: 900 days old)", rs.texts.band_uncertain)
+
+
+# ---------------------------------------------------------------- evidence groups (facts.toml [evidence])
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('granulomatous = ["sarcoidosis", "granulomatous"]\n', 'granulomatous = ["sarcoid"]\n', "'sarcoid'"),
+        ('ckd = ["ckd_advanced"]', 'ckd = ["ckd_advanced"]\npregnancy = ["hypercalcemia"]', "pregnancy"),
+        ('ckd = ["ckd_advanced"]', "ckd = []", "must list condition facts"),
+    ],
+)
+def test_a_broken_evidence_group_stops_startup(tmp_path: Path, old: str, new: str, message: str) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(CARDS, cards)
+    _edit(cards / "facts.toml", old, new)
+    with pytest.raises(RuleSetError) as raised:
+        load_ruleset(cards)
+    assert str(raised.value).startswith("facts.toml: evidence.")
+    assert message in str(raised.value)
+
+
+def test_a_rule_may_use_only_the_evidence_groups_there_are(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(CARDS, cards)
+    _edit(cards / "facts.toml", 'ckd = ["ckd_advanced"]', 'kidney = ["ckd_advanced"]')
+    with pytest.raises(RuleSetError, match=r"unknown template field \{evidence\.ckd\}"):
+        load_ruleset(cards)
+    for rule in (cards / "rules").glob("*.toml"):
+        rule.write_text(rule.read_text(encoding="utf-8").replace("{evidence.ckd}", "{evidence.kidney}"))
+    rs = load_ruleset(cards)
+    facts = _facts_of("ckd-stage4-condition", rs)
+    evidence = template_fields(rs, facts, "seed", fact_values(rs, facts, "seed"))["evidence"]
+    assert "Condition/" in evidence.kidney and not hasattr(evidence, "ckd")
+    assert evidence.granulomatous == evidence.hypercalcemia == evidence.pregnancy == "none"
+
+
+def _facts_of(name: str, rs: RuleSet) -> Facts:
+    fixture = next(f for f in fixtures() if f.name == name)
+    request = parse_request(fixture.request)
+    resolved = resolve(rs.services[fixture.expected["service"]].prefetch, request, None)
+    return facts_for(rs, resolved.resources, TODAY, resolved)

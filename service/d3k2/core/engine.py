@@ -146,12 +146,9 @@ def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
 
 def _evidence_fields(c: _FieldContext) -> SimpleNamespace:
     facts, texts = c.facts, c.ruleset.texts
-    return SimpleNamespace(
-        ckd=_evidence(facts, texts, "ckd_advanced"),
-        granulomatous=_evidence(facts, texts, "sarcoidosis", "granulomatous"),
-        pregnancy="; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or texts.none,
-        hypercalcemia=_evidence(facts, texts, "hypercalcemia"),
-    )
+    groups = {name: _evidence(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()}
+    pregnancy = "; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or texts.none
+    return SimpleNamespace(**groups, pregnancy=pregnancy)
 
 
 def _data_fields(c: _FieldContext) -> SimpleNamespace:

@@ -69,6 +69,8 @@ class FactsConfig:
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
     notes: Mapping[str, str]
+    # {evidence.<name>} → the condition facts whose evidence it lists.
+    evidence: Mapping[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)

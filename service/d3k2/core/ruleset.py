@@ -298,10 +298,7 @@ TEMPLATE_FIELDS: frozenset[str] = frozenset(
         "vka.sources",
         "k2.names",
         "doac.names",
-        "evidence.ckd",
-        "evidence.granulomatous",
-        "evidence.pregnancy",
-        "evidence.hypercalcemia",
+        "evidence.pregnancy",  # and one {evidence.<name>} per group of facts.toml [evidence]
         "data.issues",
         "draft.name",
         "draft.arithmetic",
@@ -309,6 +306,10 @@ TEMPLATE_FIELDS: frozenset[str] = frozenset(
         "draft.basis",
     }
 )
+
+
+def known_fields(facts: FactsConfig) -> frozenset[str]:
+    return TEMPLATE_FIELDS | {f"evidence.{name}" for name in facts.evidence}
 
 
 def template_fields(template: str) -> list[str]:
@@ -400,7 +401,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             for name, lab in data["labs"].items()
         }
         conditions = data["conditions"]
-        return FactsConfig(
+        config = FactsConfig(
             accepted_status=tuple(data["observation"]["accepted_status"]),
             fallback_status=tuple(data["observation"]["fallback_status"]),
             labs=labs,
@@ -420,9 +421,20 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 key: str(data["notes"][key])
                 for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
             },
+            evidence={str(k): tuple(str(c) for c in v) for k, v in data["evidence"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
+    for name, concepts in config.evidence.items():
+        where = f"evidence.{name}"
+        if name == "pregnancy" or not concepts:
+            problem = "must list condition facts, and {evidence.pregnancy} is the pregnancy evidence"
+            raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
+        for concept in concepts:
+            if concept not in config.condition_facts:
+                problem = f"unknown condition fact {concept!r}"
+                raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
+    return config
 
 
 def _check_refs(rules: list[Rule], ruleset_parts: dict[str, Any], cards: Path) -> None:
@@ -461,7 +473,7 @@ def _check_refs(rules: list[Rule], ruleset_parts: dict[str, Any], cards: Path) -
                     )
         for name, template in (("summary", rule.summary), ("detail", rule.detail)):
             for fld in template_fields(template):
-                if fld not in TEMPLATE_FIELDS:
+                if fld not in ruleset_parts["fields"]:
                     raise RuleSetError(
                         f"{path.name}: {name}: unknown template field {{{fld}}}", file=str(path)
                     )
@@ -536,6 +548,7 @@ def load_ruleset(cards: Path) -> RuleSet:
         "conditions": conditions,
         "profiles": profiles_doc.profiles,
         "valuesets": set(catalog.categories()),
+        "fields": known_fields(facts),
     }
     _check_refs(rules, parts, cards)
     return RuleSet(
