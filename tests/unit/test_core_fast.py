@@ -26,7 +26,6 @@ from d3k2.core.cards import _CardParts, build_cards, card_uuid, medication_reque
 from d3k2.core.engine import (
     _FIELD_MAKERS,
     FactValue,
-    _DraftFields,
     _FieldContext,
     _Fields,
     evaluate,
@@ -245,13 +244,20 @@ def test_fields_made_on_first_use_equal_the_fields_made_at_once(facts: Facts) ->
 
 def test_draft_fields_add_the_draft_to_the_answers_fields() -> None:
     rs = ruleset()
-    facts = Facts(today=TODAY)
-    base = _Fields(_FieldContext(rs, facts, "seed", fact_values(rs, facts, "seed")))
-    draft = template_fields(rs, facts, "seed", {})["k2"]
-    scoped = _DraftFields(base, draft)
-    assert scoped["draft"] is draft
-    assert scoped["vitd"] is base["vitd"]
-    assert "{draft.names} {egfr.shown}".format_map(scoped) == "none not on record"
+    fixture = next(f for f in fixtures() if f.request["hook"] == "order-sign" and "sandbox" in f.name)
+    request = parse_request(fixture.request)
+    resolved = resolve(rs.services["d3k2-order-sign"].prefetch, request, None)
+    facts = facts_for(rs, resolved.resources, TODAY, resolved)
+    found = evaluate(rs, facts, hook="order-sign", profile="seed", drafts=drafts_of(rs, request)).findings
+    scoped = [f for f in found if f.draft is not None]
+    assert len(scoped) >= 2
+    assert len({id(f.fields["egfr"]) for f in found}) == 1  # the answer's namespaces, made once
+    for finding in scoped:
+        assert finding.ingredient is not None
+        assert finding.fields["draft"].arithmetic == finding.ingredient.arithmetic
+        assert "{draft.daily} / {egfr.shown}".format_map(finding.fields).startswith(
+            finding.fields["draft"].daily + " / "
+        )
 
 
 # ---------------------------------------------------------------- medications

@@ -4,6 +4,7 @@ comparator (`<40`) that straddles a threshold answers "cannot tell", and a rule 
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -186,20 +187,6 @@ class _Fields(dict[str, SimpleNamespace]):
 
     def __missing__(self, key: str) -> SimpleNamespace:
         made = self[key] = _FIELD_MAKERS[key](self._context)
-        return made
-
-
-class _DraftFields(dict[str, SimpleNamespace]):
-    """The answer's template fields and `draft`, the order a draft-scoped card is about."""
-
-    __slots__ = ("_base",)
-
-    def __init__(self, base: Mapping[str, SimpleNamespace], draft: SimpleNamespace) -> None:
-        super().__init__(draft=draft)
-        self._base = base
-
-    def __missing__(self, key: str) -> SimpleNamespace:
-        made = self[key] = self._base[key]
         return made
 
 
@@ -412,7 +399,9 @@ def evaluate(
                 traces.append(Trace(rule.id, fired, tuple(reasons), f"{draft.reference} {ingredient.name}"))
             if fired:
                 if scope.fields is None:
-                    scope.fields = _DraftFields(fields, _draft_fields(draft, ingredient, ruleset.texts))
+                    scope.fields = ChainMap(
+                        {"draft": _draft_fields(draft, ingredient, ruleset.texts)}, fields
+                    )
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
 
