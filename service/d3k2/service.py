@@ -37,8 +37,7 @@ def classifier(ruleset: RuleSet) -> MedicationClassifier:
 
 
 def prepare(ruleset: RuleSet) -> RuleSet:
-    """Make the fixed card parts now (at startup), not on the first call. Optional: they are made when
-    first needed."""
+    """Validate the suggested resources now (at startup), not on the first call that suggests them."""
     prepare_cards(ruleset)
     return ruleset
 

@@ -4,7 +4,7 @@
   which is Kleene's logic over the fact tests;
 - template fields made on first use equal the ones `template_fields` makes all at once;
 - medication classification and draft doses remembered per rule set: equal results, bounded, not shared;
-- fixed card parts and suggested resources made once per rule set; card ids are still uuid5;
+- suggested resources validated once each (by value), and at startup; card ids are still uuid5;
 - prefetch reading in one pass keeps the four states of a key.
 """
 
@@ -18,11 +18,14 @@ from datetime import date, timedelta
 from typing import Any
 
 import pytest
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from builders import TODAY, fixtures, ruleset
-from d3k2.core.cards import _CardParts, build_cards, card_uuid, medication_request, service_request
+from d3k2.core.cards import _validated, build_cards, card_uuid, medication_request, service_request
 from d3k2.core.engine import (
     _FIELD_MAKERS,
     FactValue,
@@ -323,7 +326,6 @@ def test_rule_sets_do_not_share_what_they_remember() -> None:
     one.medications.concepts(WARFARIN)
     assert one.medications.cached()[0] == 1
     assert two.medications.cached()[0] == 0
-    assert one.derived(_CardParts) is not two.derived(_CardParts)
 
 
 def test_remembered_draft_doses_equal_fresh_ones() -> None:
@@ -353,42 +355,25 @@ def test_card_ids_are_uuid5(hook_instance: str, parts: list[str]) -> None:
     assert card_uuid(hook_instance, *parts) == expected
 
 
-def test_suggested_resources_are_made_once_per_product_and_day() -> None:
-    rs = _fresh()
-    parts = rs.derived(_CardParts)
-    tests = [name for name, p in rs.products.items() if p.kind == "test" and p.occurrence_weeks]
-    medications = [name for name, p in rs.products.items() if p.kind == "medication"]
-    assert tests and medications
-    later = TODAY + timedelta(days=3)
-    for name in medications:
-        assert parts.suggested(name, TODAY) is parts.suggested(name, later)
-        assert medication_request(rs.products[name], "p1", rs.texts.units) == _patient(
-            parts.suggested(name, TODAY), "p1"
-        )
-    for name in tests:
-        assert parts.suggested(name, TODAY) != parts.suggested(name, later)
-        for day in (TODAY, later):
-            assert service_request(rs.products[name], "p1", day) == _patient(parts.suggested(name, day), "p1")
-
-
-def _patient(resource: bytes, patient_id: str) -> dict[str, Any]:
-    import orjson
-
-    found: dict[str, Any] = orjson.loads(resource)
-    found["subject"]["reference"] = f"Patient/{patient_id}"
-    return found
-
-
-def test_a_rule_from_elsewhere_gets_its_own_card_parts() -> None:
+def test_suggested_resources_are_validated_once_each_and_equal_fresh_ones() -> None:
     rs = ruleset()
-    parts = rs.derived(_CardParts)
-    rule = rs.rules[0]
-    assert parts.rule(rule).rule is rule
-    changed = rule.model_copy(update={"sources": list(reversed(rule.sources)) or rule.sources})
-    assert parts.rule(changed).rule is changed
-    assert parts.rule(changed).links == tuple(
-        (rs.sources[s].label, rs.sources[s].url) for s in changed.sources
-    )
+    later = TODAY + timedelta(days=3)
+    for product in rs.products.values():
+        if product.kind == "medication":
+            made = medication_request(product, "p1", rs.texts.units)
+            assert made == medication_request(product, "p1", rs.texts.units)
+            assert MedicationRequest.model_validate(made).model_dump(mode="json", exclude_none=True) == made
+        else:
+            made = service_request(product, "p1", TODAY)
+            assert ServiceRequest.model_validate(made).model_dump(mode="json", exclude_none=True) == made
+            if product.occurrence_weeks:
+                assert service_request(product, "p1", later) != made
+    before = _validated.cache_info()
+    for product in rs.products.values():
+        if product.kind == "medication":
+            medication_request(product, "p2", rs.texts.units)
+    after = _validated.cache_info()
+    assert after.misses == before.misses and after.hits > before.hits  # by value: any patient, any call
 
 
 def test_answers_never_share_card_objects() -> None:
@@ -410,22 +395,6 @@ def test_answers_never_share_card_objects() -> None:
 
 
 # ---------------------------------------------------------------- rule set
-
-
-def test_derived_is_made_once_and_anew_for_a_changed_rule_set() -> None:
-    rs = _fresh()
-    made: list[RuleSet] = []
-
-    def build(r: RuleSet) -> int:
-        made.append(r)
-        return len(made)
-
-    assert rs.derived(build) == 1
-    assert rs.derived(build) == 1
-    changed = dataclasses.replace(rs, rules=rs.rules[:1])
-    assert changed.derived(build) == 2
-    assert made == [rs, changed]
-    assert changed.derived(_CardParts).rules.keys() == {rs.rules[0].id}
 
 
 # ---------------------------------------------------------------- prefetch
@@ -470,12 +439,18 @@ def test_medication_references_are_looked_for_only_when_there_are_some() -> None
 
 def test_prepare_makes_what_the_first_call_would() -> None:
     rs = prepare(_fresh())
-    made = rs.derived(_CardParts)
     assert prepare(rs) is rs
-    assert rs.derived(_CardParts) is made
     fixture = next(f for f in fixtures() if f.request["hook"] == "order-sign" and "sandbox" in f.name)
     prepared = call_service(rs, "d3k2-order-sign", fixture.request, today=TODAY, profile="seed", fetcher=None)
     plain = call_service(
         _fresh(), "d3k2-order-sign", fixture.request, today=TODAY, profile="seed", fetcher=None
     )
     assert prepared.response == plain.response
+
+
+def test_prepare_stops_on_a_product_that_is_not_valid_r4() -> None:
+    rs = ruleset()
+    product = next(p for p in rs.products.values() if p.kind == "medication")
+    bad = product.model_copy(update={"code": product.code.model_copy(update={"code": " spaced"})})
+    with pytest.raises(ValidationError, match=r"coding\.0\.code"):
+        prepare(dataclasses.replace(rs, products={**rs.products, "bad": bad}))
