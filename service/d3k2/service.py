@@ -10,7 +10,7 @@ from datetime import date
 from typing import Any
 
 from d3k2.core.cards import build_cards, prepare_cards
-from d3k2.core.engine import Evaluation, evaluate, program
+from d3k2.core.engine import Evaluation, evaluate
 from d3k2.core.errors import BadRequest, UnknownService
 from d3k2.core.facts import Facts, MedicationClassifier, extract_facts
 from d3k2.core.hooks import CdsRequest, parse_request
@@ -37,9 +37,7 @@ def classifier(ruleset: RuleSet) -> MedicationClassifier:
 
 
 def prepare(ruleset: RuleSet) -> RuleSet:
-    """Compile the conditions and make the fixed card parts now (at startup), not on the first call.
-    Optional: both are made when first needed."""
-    ruleset.derived(program)
+    """Validate the suggested resources now (at startup), not on the first call that suggests them."""
     prepare_cards(ruleset)
     return ruleset
 

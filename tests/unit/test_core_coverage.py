@@ -13,7 +13,7 @@ import pytest
 from builders import CARDS, TODAY, ruleset
 from d3k2.core.cards import medication_request
 from d3k2.core.engine import evaluate_condition
-from d3k2.core.errors import RuleSetError
+from d3k2.core.errors import BadRequest, RuleSetError
 from d3k2.core.facts import calcium_high, describe_limit
 from d3k2.core.hooks import parse_feedback
 from d3k2.core.loader import load_ruleset
@@ -69,8 +69,23 @@ def test_medication_request_without_dosage_or_patient_instruction() -> None:
         text="Cholecalciferol 1000 UNT Oral Tablet",
         dose_text="as directed",
     )
-    resource = medication_request(product, "p1")
+    resource = medication_request(product, "p1", {})
     assert resource["dosageInstruction"] == [{"text": "Cholecalciferol 1000 UNT Oral Tablet: as directed"}]
+
+
+# ---------------------------------------------------------------- feedback
+
+
+@pytest.mark.parametrize("payload", [[{"card": "x"}], "feedback", None])
+def test_feedback_that_is_not_an_object_is_a_bad_request(payload: Any) -> None:
+    with pytest.raises(BadRequest, match="must be a JSON object"):
+        parse_feedback(payload)
+
+
+def test_one_feedback_item_sent_bare_is_read_as_a_list_of_one() -> None:
+    item = {"card": "c1", "outcome": "accepted", "acceptedSuggestions": ["s1"]}
+    (read,) = parse_feedback(item).feedback
+    assert (read.card, read.outcome, [s.id for s in read.acceptedSuggestions]) == ("c1", "accepted", ["s1"])
 
 
 # ---------------------------------------------------------------- engine: the condition language
@@ -245,7 +260,7 @@ def test_calcium_without_any_limit_cannot_be_judged() -> None:
     assert calcium_high(None, lab) is None
     no_default = type(lab)(**{**lab.__dict__, "default_upper_limit": None})
     assert calcium_high(calcium, no_default) is None
-    assert describe_limit(calcium, lab) == "10.5 mg/dL (default limit)"
+    assert describe_limit(calcium, lab, "lab range", "default limit") == "10.5 mg/dL (default limit)"
 
 
 # ---------------------------------------------------------------- terminology

@@ -1,9 +1,10 @@
 """The pure core's speed-ups answer exactly what the plain code answers (issue 11).
 
-- compiled conditions agree with `evaluate_condition` on any condition and any fact values;
+- one evaluator: a trace or a memo of named conditions never changes a condition's three-valued answer,
+  which is Kleene's logic over the fact tests;
 - template fields made on first use equal the ones `template_fields` makes all at once;
 - medication classification and draft doses remembered per rule set: equal results, bounded, not shared;
-- fixed card parts and suggested resources made once per rule set; card ids are still uuid5;
+- suggested resources validated once each (by value), and at startup; card ids are still uuid5;
 - prefetch reading in one pass keeps the four states of a key.
 """
 
@@ -17,23 +18,22 @@ from datetime import date, timedelta
 from typing import Any
 
 import pytest
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from builders import TODAY, fixtures, ruleset
-from d3k2.core.cards import _CardParts, build_cards, card_uuid, medication_request, service_request
+from d3k2.core.cards import _validated, build_cards, card_uuid, medication_request, service_request
 from d3k2.core.engine import (
     _FIELD_MAKERS,
     FactValue,
-    Test,
-    _DraftFields,
     _FieldContext,
     _Fields,
-    compile_condition,
     evaluate,
     evaluate_condition,
     fact_values,
-    program,
     template_fields,
 )
 from d3k2.core.facts import Facts
@@ -110,76 +110,72 @@ NAMED = st.fixed_dictionaries(
 )
 
 
-def _compiled(named: Mapping[str, Condition]) -> dict[str, Test]:
-    tests: dict[str, Test] = {}
-    for name, condition in named.items():
-        tests[name] = compile_condition(condition, tests)
-    return tests
+def _kleene(
+    condition: Condition, values: Mapping[str, FactValue], named: Mapping[str, Condition]
+) -> bool | None:
+    """The answer by definition: all = the least of its parts and any = the greatest, with False < cannot
+    tell < True; a leaf is one fact test."""
+    order: list[bool | None] = [False, None, True]
+    if isinstance(condition, FactTest):
+        return evaluate_condition(condition, values, {})
+    if isinstance(condition, AllOf):
+        return min((_kleene(c, values, named) for c in condition.all), key=order.index, default=True)
+    if isinstance(condition, AnyOf):
+        return max((_kleene(c, values, named) for c in condition.any), key=order.index, default=False)
+    if isinstance(condition, NotOf):
+        inner = _kleene(condition.not_, values, named)
+        return None if inner is None else not inner
+    assert isinstance(condition, Ref)
+    return _kleene(named[condition.ref], values, named)
 
 
 @PROPERTY
 @given(CONDITIONS, NAMED, st.fixed_dictionaries(dict.fromkeys(FACTS, VALUES)))
-def test_a_compiled_condition_answers_as_evaluate_condition(
+def test_neither_a_trace_nor_a_memo_changes_the_answer(
     condition: Condition, named: dict[str, Condition], values: dict[str, FactValue]
 ) -> None:
-    expected = evaluate_condition(condition, values, named, None, {})
-    assert evaluate_condition(condition, values, named, []) is expected
-    assert evaluate_condition(condition, values, named, None) is expected  # without a memo
-    tests = _compiled(named)
+    expected = _kleene(condition, values, named)
+    assert evaluate_condition(condition, values, named) is expected
+    trace: list[str] = []
+    assert evaluate_condition(condition, values, named, trace) is expected
     memo: dict[str, bool | None] = {}
-    assert compile_condition(condition, tests)(values, memo) is expected
-    assert compile_condition(condition, tests)(values, memo) is expected  # again, from the memo
+    assert evaluate_condition(condition, values, named, None, memo) is expected
+    assert evaluate_condition(condition, values, named, [], memo) is expected  # again, from the memo
+    assert set(memo) <= set(NAMES)
+
+
+def test_a_trace_explains_every_leaf_and_names_a_named_condition_once() -> None:
+    named = {"n": AnyOf(any=[FactTest(fact="a", eq=True), FactTest(fact="b", eq=True)])}
+    condition = AnyOf(any=[FactTest(fact="a", eq=True), Ref(ref="n"), FactTest(fact="c", lt=3.0)])
+    trace: list[str] = []
+    assert evaluate_condition(condition, {"a": True, "c": 5.0}, named, trace) is True
+    assert trace == ["a eq True: True → true", "n → true", "c lt 3.0: 5.0 → false"]
+
+
+class _Counted(dict[str, Condition]):
+    def __init__(self, named: Mapping[str, Condition]) -> None:
+        super().__init__(named)
+        self.reads: list[str] = []
+
+    def __getitem__(self, key: str) -> Condition:
+        self.reads.append(key)
+        return super().__getitem__(key)
 
 
 def test_a_named_condition_is_computed_once_per_memo() -> None:
-    calls: list[str] = []
-
-    def counted(values: Mapping[str, FactValue], memo: dict[str, bool | None]) -> bool | None:
-        calls.append("n")
-        return True
-
-    test = compile_condition(AllOf(all=[Ref(ref="n"), Ref(ref="n")]), {"n": counted})
+    named = _Counted({"n": FactTest(fact="a", eq=True)})
     memo: dict[str, bool | None] = {}
-    assert test({}, memo) is True
-    assert test({}, memo) is True
-    assert calls == ["n"] and memo == {"n": True}
+    twice = AllOf(all=[Ref(ref="n"), Ref(ref="n")])
+    assert evaluate_condition(twice, {"a": True}, named, None, memo) is True
+    assert evaluate_condition(twice, {"a": True}, named, ["traced"], memo) is True
+    assert named.reads == ["n"] and memo == {"n": True}
+    assert evaluate_condition(twice, {"a": True}, named) is True  # without a memo: computed each time
+    assert named.reads == ["n", "n", "n"]
 
 
-def test_fact_tests_a_validated_model_cannot_hold_are_answered_as_evaluate_condition() -> None:
-    two = FactTest.model_construct(fact="a", eq=1.0, lt=2.0, _fields_set={"fact", "eq", "lt"})
-    no_bound = FactTest.model_construct(fact="a", lt=None, _fields_set={"fact", "lt"})
-    for test in (two, no_bound):
-        for value in (None, "x", False):
-            assert compile_condition(test, {})({"a": value}, {}) is evaluate_condition(
-                test, {"a": value}, {}, None
-            )
-
-
-def test_an_unknown_condition_type_cannot_be_compiled() -> None:
-    with pytest.raises(TypeError, match="unknown condition str"):
-        compile_condition("nope", {})  # type: ignore[arg-type]
-
-
-def test_the_program_is_made_once_per_rule_set_and_covers_every_hook() -> None:
-    rs = ruleset()
-    made = rs.derived(program)
-    assert rs.derived(program) is made
-    assert set(made.rules_by_hook) == {hook for rule in rs.rules for hook in rule.hooks}
-    for hook, entries in made.rules_by_hook.items():
-        assert [rule for rule, _test, _indicator in entries] == list(rs.rules_for(hook))
-        assert [indicator for rule, _test, indicator in entries] == [
-            r.indicator_for(hook) for r in rs.rules_for(hook)
-        ]
-
-
-def test_a_condition_from_elsewhere_is_compiled_when_asked_for() -> None:
-    made = ruleset().derived(program)
-    rule = ruleset().rules[0]
-    assert made.test(rule.when) is made.test(rule.when)
-    foreign = rule.when.model_copy()  # equal, but not the rule set's object
-    assert made.test(foreign) is not made.test(rule.when)
-    stranger = FactTest(fact="pregnant", eq=True)
-    assert made.test(stranger)({"pregnant": True}, {}) is True
+def test_a_fact_test_without_an_operator_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="without an operator"):
+        evaluate_condition(FactTest.model_construct(fact="a", _fields_set={"fact"}), {"a": 1.0}, {})
 
 
 def test_an_unknown_hook_has_no_rules() -> None:
@@ -191,7 +187,7 @@ ANSWERED = [f for f in fixtures() if "status" not in f.expected or f.expected["s
 
 
 @pytest.mark.parametrize("fixture", ANSWERED, ids=lambda f: f.id)
-def test_traced_and_compiled_evaluation_find_the_same(fixture: Any) -> None:
+def test_traced_and_untraced_evaluation_find_the_same(fixture: Any) -> None:
     rs = ruleset()
     request = parse_request(fixture.request)
     service = rs.services[fixture.expected["service"]]
@@ -209,6 +205,18 @@ def test_traced_and_compiled_evaluation_find_the_same(fixture: Any) -> None:
     assert seen(fast.findings) == seen(traced.findings)
     fired = {(t.rule, t.draft) for t in traced.traces if t.fired}
     assert len(fired) == len(traced.findings)
+
+
+def test_medication_facts_are_named_by_the_catalog() -> None:
+    rs = ruleset()
+    categories = dict(rs.catalog.by_category)
+    categories["vka"] = dataclasses.replace(categories["vka"], fact="antagonist.current")
+    categories["vitamin-k1"] = dataclasses.replace(categories["vitamin-k1"], fact="k1.active")
+    renamed = dataclasses.replace(rs, catalog=dataclasses.replace(rs.catalog, by_category=categories))
+    values = fact_values(renamed, _facts_with_everything(), "seed")
+    assert values["antagonist.current"] is True and "vka.active" not in values
+    assert values["k1.active"] is False
+    assert fact_values(rs, _facts_with_everything(), "seed")["vka.active"] is True
 
 
 # ---------------------------------------------------------------- template fields
@@ -239,13 +247,20 @@ def test_fields_made_on_first_use_equal_the_fields_made_at_once(facts: Facts) ->
 
 def test_draft_fields_add_the_draft_to_the_answers_fields() -> None:
     rs = ruleset()
-    facts = Facts(today=TODAY)
-    base = _Fields(_FieldContext(rs, facts, "seed", fact_values(rs, facts, "seed")))
-    draft = template_fields(rs, facts, "seed", {})["k2"]
-    scoped = _DraftFields(base, draft)
-    assert scoped["draft"] is draft
-    assert scoped["vitd"] is base["vitd"]
-    assert "{draft.names} {egfr.shown}".format_map(scoped) == "none not on record"
+    fixture = next(f for f in fixtures() if f.request["hook"] == "order-sign" and "sandbox" in f.name)
+    request = parse_request(fixture.request)
+    resolved = resolve(rs.services["d3k2-order-sign"].prefetch, request, None)
+    facts = facts_for(rs, resolved.resources, TODAY, resolved)
+    found = evaluate(rs, facts, hook="order-sign", profile="seed", drafts=drafts_of(rs, request)).findings
+    scoped = [f for f in found if f.draft is not None]
+    assert len(scoped) >= 2
+    assert len({id(f.fields["egfr"]) for f in found}) == 1  # the answer's namespaces, made once
+    for finding in scoped:
+        assert finding.ingredient is not None
+        assert finding.fields["draft"].arithmetic == finding.ingredient.arithmetic
+        assert "{draft.daily} / {egfr.shown}".format_map(finding.fields).startswith(
+            finding.fields["draft"].daily + " / "
+        )
 
 
 # ---------------------------------------------------------------- medications
@@ -311,8 +326,6 @@ def test_rule_sets_do_not_share_what_they_remember() -> None:
     one.medications.concepts(WARFARIN)
     assert one.medications.cached()[0] == 1
     assert two.medications.cached()[0] == 0
-    assert one.derived(program) is not two.derived(program)
-    assert one.derived(_CardParts) is not two.derived(_CardParts)
 
 
 def test_remembered_draft_doses_equal_fresh_ones() -> None:
@@ -342,40 +355,25 @@ def test_card_ids_are_uuid5(hook_instance: str, parts: list[str]) -> None:
     assert card_uuid(hook_instance, *parts) == expected
 
 
-def test_suggested_resources_are_made_once_per_product_and_day() -> None:
-    rs = _fresh()
-    parts = rs.derived(_CardParts)
-    tests = [name for name, p in rs.products.items() if p.kind == "test" and p.occurrence_weeks]
-    medications = [name for name, p in rs.products.items() if p.kind == "medication"]
-    assert tests and medications
-    later = TODAY + timedelta(days=3)
-    for name in medications:
-        assert parts.suggested(name, TODAY) is parts.suggested(name, later)
-        assert medication_request(rs.products[name], "p1") == _patient(parts.suggested(name, TODAY), "p1")
-    for name in tests:
-        assert parts.suggested(name, TODAY) != parts.suggested(name, later)
-        for day in (TODAY, later):
-            assert service_request(rs.products[name], "p1", day) == _patient(parts.suggested(name, day), "p1")
-
-
-def _patient(resource: bytes, patient_id: str) -> dict[str, Any]:
-    import orjson
-
-    found: dict[str, Any] = orjson.loads(resource)
-    found["subject"]["reference"] = f"Patient/{patient_id}"
-    return found
-
-
-def test_a_rule_from_elsewhere_gets_its_own_card_parts() -> None:
+def test_suggested_resources_are_validated_once_each_and_equal_fresh_ones() -> None:
     rs = ruleset()
-    parts = rs.derived(_CardParts)
-    rule = rs.rules[0]
-    assert parts.rule(rule).rule is rule
-    changed = rule.model_copy(update={"sources": list(reversed(rule.sources)) or rule.sources})
-    assert parts.rule(changed).rule is changed
-    assert parts.rule(changed).links == tuple(
-        (rs.sources[s].label, rs.sources[s].url) for s in changed.sources
-    )
+    later = TODAY + timedelta(days=3)
+    for product in rs.products.values():
+        if product.kind == "medication":
+            made = medication_request(product, "p1", rs.texts.units)
+            assert made == medication_request(product, "p1", rs.texts.units)
+            assert MedicationRequest.model_validate(made).model_dump(mode="json", exclude_none=True) == made
+        else:
+            made = service_request(product, "p1", TODAY)
+            assert ServiceRequest.model_validate(made).model_dump(mode="json", exclude_none=True) == made
+            if product.occurrence_weeks:
+                assert service_request(product, "p1", later) != made
+    before = _validated.cache_info()
+    for product in rs.products.values():
+        if product.kind == "medication":
+            medication_request(product, "p2", rs.texts.units)
+    after = _validated.cache_info()
+    assert after.misses == before.misses and after.hits > before.hits  # by value: any patient, any call
 
 
 def test_answers_never_share_card_objects() -> None:
@@ -397,22 +395,6 @@ def test_answers_never_share_card_objects() -> None:
 
 
 # ---------------------------------------------------------------- rule set
-
-
-def test_derived_is_made_once_and_anew_for_a_changed_rule_set() -> None:
-    rs = _fresh()
-    made: list[RuleSet] = []
-
-    def build(r: RuleSet) -> int:
-        made.append(r)
-        return len(made)
-
-    assert rs.derived(build) == 1
-    assert rs.derived(build) == 1
-    changed = dataclasses.replace(rs, rules=rs.rules[:1])
-    assert changed.derived(build) == 2
-    assert made == [rs, changed]
-    assert changed.derived(program).rules_by_hook.keys() <= set(rs.rules[0].hooks)
 
 
 # ---------------------------------------------------------------- prefetch
@@ -457,12 +439,18 @@ def test_medication_references_are_looked_for_only_when_there_are_some() -> None
 
 def test_prepare_makes_what_the_first_call_would() -> None:
     rs = prepare(_fresh())
-    made = rs.derived(program), rs.derived(_CardParts)
     assert prepare(rs) is rs
-    assert (rs.derived(program), rs.derived(_CardParts)) == made
     fixture = next(f for f in fixtures() if f.request["hook"] == "order-sign" and "sandbox" in f.name)
     prepared = call_service(rs, "d3k2-order-sign", fixture.request, today=TODAY, profile="seed", fetcher=None)
     plain = call_service(
         _fresh(), "d3k2-order-sign", fixture.request, today=TODAY, profile="seed", fetcher=None
     )
     assert prepared.response == plain.response
+
+
+def test_prepare_stops_on_a_product_that_is_not_valid_r4() -> None:
+    rs = ruleset()
+    product = next(p for p in rs.products.values() if p.kind == "medication")
+    bad = product.model_copy(update={"code": product.code.model_copy(update={"code": " spaced"})})
+    with pytest.raises(ValidationError, match=r"coding\.0\.code"):
+        prepare(dataclasses.replace(rs, products={**rs.products, "bad": bad}))

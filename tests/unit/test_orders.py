@@ -721,6 +721,8 @@ def test_catalog_contents(catalog: MedicationCatalog) -> None:
     }
     conversion = catalog.by_category["vitamin-d"].convert["mcg"]
     assert conversion.factor == 40
+    assert catalog.by_category["vka"].fact == "vka.active"
+    assert catalog.by_category["vitamin-k1"].fact is None  # no rule reads it
     assert "https://ods.od.nih.gov/factsheets/VitaminD-HealthProfessional/" in conversion.source
 
 
@@ -757,6 +759,8 @@ def _broken(tmp_path: Path, old: str, new: str) -> Path:
         ("QD = { frequency = 1,", "QD = { frequency = 0,", "timing_codes.QD.frequency"),
         ("[period_units]", "[period_unit]", "(top level).period_unit"),
         ("[valuesets]", "[valuesets", "(file)"),
+        ('fact = "vka.active"', 'fact = ""', "categories.vka.fact"),
+        ('fact = "doac.active"', 'fact = "vka.active"', "categories.doac.fact"),
     ],
 )
 def test_catalog_errors_name_file_and_field(tmp_path: Path, old: str, new: str, field: str) -> None:

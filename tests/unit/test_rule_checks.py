@@ -323,3 +323,14 @@ def test_the_shipped_rule_set_passes_every_check() -> None:
     ruleset = load_ruleset(CARDS, FIXTURES)
     assert len(ruleset.rules) == len(list((CARDS / "rules").glob("*.toml")))
     assert ruleset.vocabulary.bands() == set(BANDS.split(", "))
+
+
+def test_a_medication_fact_must_be_declared(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(CARDS, cards)
+    path = cards / "medications.toml"
+    path.write_text(path.read_text(encoding="utf-8").replace('fact = "k2.active"', 'fact = "k2.actve"'))
+    with pytest.raises(
+        RuleSetError, match=r"medications.toml: categories\.vitamin-k2\.fact: 'k2.actve' is not declared"
+    ):
+        load_ruleset(cards)

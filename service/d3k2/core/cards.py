@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
@@ -14,14 +13,13 @@ import orjson
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from d3k2.core.engine import Evaluation, Finding, program
-from d3k2.core.ruleset import Product, Rule, RuleSet, Suggestion
+from d3k2.core.engine import Evaluation, Finding, evaluate_condition
+from d3k2.core.ruleset import Product, RuleSet, Suggestion
 from d3k2.core.terminology import UCUM
 
 TOPIC_SYSTEM = "https://d3k2.dev/fhir/CodeSystem/card-topic"
 SUMMARY_LIMIT = 140
 _INDICATOR_ORDER = {"critical": 0, "warning": 1, "info": 2}
-_UCUM_UNIT_NAMES = {"{tbl}": "tablet", "{capsule}": "capsule", "{drop}": "drop", "[iU]": "IU", "ug": "mcg"}
 # Suggested resources are validated with the patient reference set to this id, then given the real one:
 # any FHIR id (what hooks.HookContext admits) makes an equally valid reference string.
 _ANY_PATIENT = "d3k2-any-patient"
@@ -50,11 +48,12 @@ def _summary(text: str) -> str:
     return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2].rstrip() + "…"
 
 
-def medication_request(product: Product, patient_id: str) -> dict[str, Any]:
-    return _for_patient(_medication_resource(product), patient_id)
+def medication_request(product: Product, patient_id: str, units: Mapping[str, str]) -> dict[str, Any]:
+    """`units`: UCUM code → the unit word of the dose (cards/texts.toml [units])."""
+    return _for_patient(_medication_resource(product, units), patient_id)
 
 
-def _medication_resource(product: Product) -> bytes:
+def _medication_resource(product: Product, units: Mapping[str, str]) -> bytes:
     dosage = product.dosage
     instruction: dict[str, Any] = {"text": f"{product.text}: {product.dose_text}"}
     if product.patient_instruction:
@@ -77,7 +76,7 @@ def _medication_resource(product: Product) -> bytes:
             {
                 "doseQuantity": {
                     "value": dosage.dose_value,
-                    "unit": _UCUM_UNIT_NAMES.get(dosage.dose_unit, dosage.dose_unit),
+                    "unit": units.get(dosage.dose_unit, dosage.dose_unit),
                     "system": UCUM,
                     "code": dosage.dose_unit,
                 }
@@ -137,67 +136,24 @@ def _for_patient(validated: bytes, patient_id: str) -> dict[str, Any]:
     return resource
 
 
-@dataclass(frozen=True)
-class _RuleParts:
-    """What a rule's card says whatever the patient, read from the rule set once."""
-
-    rule: Rule
-    source: tuple[str, str]  # label, url of the first source
-    links: tuple[tuple[str, str], ...]
-    override_reasons: tuple[dict[str, Any], ...]  # copied into each card: answers never share objects
-
-    @classmethod
-    def of(cls, rule: Rule, ruleset: RuleSet) -> _RuleParts:
-        sources = [ruleset.sources[s] for s in rule.sources]
-        return cls(
-            rule,
-            (sources[0].label, sources[0].url),
-            tuple((s.label, s.url) for s in sources),
-            tuple(c.model_dump() for c in rule.override_reasons),
-        )
-
-
-class _CardParts:
-    """Per rule set (`RuleSet.derived(_CardParts)`): each rule's fixed parts, and each suggested
-    resource validated and serialised once (by product, and by day for tests scheduled from today)."""
-
-    def __init__(self, ruleset: RuleSet) -> None:
-        self.ruleset = ruleset
-        self.rules = {rule.id: _RuleParts.of(rule, ruleset) for rule in ruleset.rules}
-        products = ruleset.products
-
-        def resource(name: str, today: date) -> bytes:
-            product = products[name]
-            if product.kind == "medication":
-                return _medication_resource(product)
-            return _service_resource(product, today)
-
-        self.resource = lru_cache(maxsize=256)(resource)
-        for name, product in products.items():  # validated now, not on the first answer that suggests it
-            if product.kind == "medication":
-                self.resource(name, _NO_DAY)
-
-    def rule(self, rule: Rule) -> _RuleParts:
-        parts = self.rules.get(rule.id)
-        return parts if parts is not None and parts.rule is rule else _RuleParts.of(rule, self.ruleset)
-
-    def suggested(self, name: str, today: date) -> bytes:
-        product = self.ruleset.products[name]
-        return self.resource(name, today if product.kind == "test" and product.occurrence_weeks else _NO_DAY)
-
-
-_NO_DAY = date.min  # the key of resources that do not depend on the day
+def _resource(ruleset: RuleSet, name: str, today: date) -> bytes:
+    product = ruleset.products[name]
+    if product.kind == "medication":
+        return _medication_resource(product, ruleset.texts.units)
+    return _service_resource(product, today)
 
 
 def prepare_cards(ruleset: RuleSet) -> None:
-    """Make the rule set's fixed card parts now rather than on the first answer."""
-    ruleset.derived(_CardParts)
+    """Validate every product a suggestion may create now: one that is not valid R4 stops startup rather
+    than the first answer suggesting it (and the first answers need not validate them)."""
+    for name in ruleset.products:
+        _resource(ruleset, name, date.min)
 
 
 def _suggestion(
     suggestion: Suggestion,
     finding: Finding,
-    parts: _CardParts,
+    ruleset: RuleSet,
     *,
     card_id: str,
     patient_id: str,
@@ -214,7 +170,7 @@ def _suggestion(
         ]
         return result
     assert suggestion.product is not None
-    resource = _for_patient(parts.suggested(suggestion.product, today), patient_id)
+    resource = _for_patient(_resource(ruleset, suggestion.product, today), patient_id)
     result["actions"] = [{"type": "create", "description": label, "resource": resource}]
     return result
 
@@ -232,7 +188,7 @@ def _offered(
     ):
         return False
     if suggestion.when is not None:
-        return ruleset.derived(program).test(suggestion.when)(finding.values, {}) is True
+        return evaluate_condition(suggestion.when, finding.values, ruleset.conditions) is True
     return True
 
 
@@ -243,43 +199,42 @@ def build_cards(
     hook_instance: str,
     patient_id: str,
 ) -> list[dict[str, Any]]:
-    parts = ruleset.derived(_CardParts)
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
     today = evaluation.facts.today
     cards: list[dict[str, Any]] = []
     for finding in evaluation.findings:
         rule = finding.rule
-        fixed = parts.rule(rule)
+        sources = [ruleset.sources[s] for s in rule.sources]
         ids = [rule.id] if finding.draft is None else [rule.id, finding.draft.reference]
         if finding.ingredient is not None:
             ids.append(finding.ingredient.concept)
         card_id = card_uuid(hook_instance, *ids)
         suggestions = [
-            _suggestion(s, finding, parts, card_id=card_id, patient_id=patient_id, today=today)
+            _suggestion(s, finding, ruleset, card_id=card_id, patient_id=patient_id, today=today)
             for s in rule.suggestions
             if _offered(s, finding, ruleset, evaluation.profile, blocked)
         ]
         detail = _render(rule.detail, finding.fields)
         if "vitd" in rule.reads:
             profile = ruleset.profiles[evaluation.profile]
-            detail += f"\n\nThresholds: profile `{evaluation.profile}` ({profile.title})."
+            detail += ruleset.texts.thresholds.format(name=evaluation.profile, title=profile.title)
         card: dict[str, Any] = {
             "uuid": card_id,
             "summary": _summary(_render(rule.summary, finding.fields)),
             "indicator": finding.indicator,
             "detail": detail,
             "source": {
-                "label": fixed.source[0],
-                "url": fixed.source[1],
+                "label": sources[0].label,
+                "url": sources[0].url,
                 "topic": {"system": TOPIC_SYSTEM, "code": rule.topic.code, "display": rule.topic.display},
             },
-            "links": [{"label": label, "url": url, "type": "absolute"} for label, url in fixed.links],
+            "links": [{"label": s.label, "url": s.url, "type": "absolute"} for s in sources],
         }
         if suggestions:
             card["suggestions"] = suggestions
             card["selectionBehavior"] = "at-most-one"
-        if fixed.override_reasons:
-            card["overrideReasons"] = [dict(reason) for reason in fixed.override_reasons]
+        if rule.override_reasons:
+            card["overrideReasons"] = [reason.model_dump() for reason in rule.override_reasons]
         cards.append(card)
     cards.sort(key=lambda c: (_INDICATOR_ORDER[c["indicator"]], c["source"]["topic"]["code"], c["uuid"]))
     return cards

@@ -69,6 +69,8 @@ class FactsConfig:
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
     notes: Mapping[str, str]
+    # {evidence.<name>} → the condition facts whose evidence it lists.
+    evidence: Mapping[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -806,7 +808,8 @@ def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
     return calcium.value.gt(limit)
 
 
-def describe_limit(calcium: Measurement, lab: LabConfig) -> str:
+def describe_limit(calcium: Measurement, lab: LabConfig, lab_limit: str, default_limit: str) -> str:
+    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`)."""
     limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
-    origin = "lab range" if calcium.upper_limit is not None else "default limit"
+    origin = lab_limit if calcium.upper_limit is not None else default_limit
     return f"{format_number(limit or 0.0, 2)} {lab.canonical_unit} ({origin})"

@@ -41,6 +41,7 @@ from d3k2.core.ruleset import (
     Vocabulary,
 )
 from d3k2.core.terminology import Terminology, load_terminology
+from d3k2.core.texts import load_texts
 
 _M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
@@ -104,7 +105,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             for name, lab in data["labs"].items()
         }
         conditions = data["conditions"]
-        return FactsConfig(
+        config = FactsConfig(
             accepted_status=tuple(data["observation"]["accepted_status"]),
             fallback_status=tuple(data["observation"]["fallback_status"]),
             labs=labs,
@@ -124,9 +125,20 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 key: str(data["notes"][key])
                 for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
             },
+            evidence={str(k): tuple(str(c) for c in v) for k, v in data["evidence"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
+    for name, concepts in config.evidence.items():
+        where = f"evidence.{name}"
+        if name == "pregnancy" or not concepts:
+            problem = "must list condition facts, and {evidence.pregnancy} is the pregnancy evidence"
+            raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
+        for concept in concepts:
+            if concept not in config.condition_facts:
+                problem = f"unknown condition fact {concept!r}"
+                raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
+    return config
 
 
 def _facts(path: Path, problems: Problems) -> FactsConfig | None:
@@ -186,6 +198,22 @@ def _rules(cards: Path, problems: Problems) -> list[tuple[Path, Rule]]:
     return rules
 
 
+def _check_evidence_fields(
+    cards: Path, facts: FactsConfig, vocabulary: Vocabulary, problems: Problems
+) -> None:
+    """Each {evidence.<group>} template field is one group of facts.toml [evidence] (pregnancy apart)."""
+    declared = {f.removeprefix("evidence.") for f in vocabulary.fields.patient if f.startswith("evidence.")}
+    declared.discard("pregnancy")
+    for group in sorted(declared - set(facts.evidence)):
+        problems.add(
+            cards / "vocabulary.toml",
+            "fields.patient",
+            f"evidence.{group}: no such group in facts.toml [evidence]",
+        )
+    for group in sorted(set(facts.evidence) - declared):
+        problems.add(cards / "facts.toml", f"evidence.{group}", "not declared as a field in vocabulary.toml")
+
+
 def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
     """Read and check every file of the rule set; any problem stops startup, all of them named.
 
@@ -205,8 +233,10 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
     conditions = _document(ConditionsDoc, cards / "conditions.toml", problems)
     services_doc = _document(ServicesDoc, cards / "services.toml", problems)
     rules = _rules(cards, problems)
+    texts = _guard(lambda: load_texts(cards / "texts.toml"), problems)
     if (
-        terminology is None
+        texts is None
+        or terminology is None
         or catalog is None
         or facts is None
         or vocabulary is None
@@ -226,6 +256,13 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
         categories=frozenset(catalog.categories()),
     )
     services = _services(services_doc, terminology, cards / "services.toml", problems)
+    _check_evidence_fields(cards, facts, vocabulary, problems)
+    for name, category in catalog.by_category.items():
+        if category.fact is not None and vocabulary.facts.get(category.fact, None) is None:
+            where = f"categories.{name}.fact"
+            problems.add(
+                cards / "medications.toml", where, f"{category.fact!r} is not declared in vocabulary.toml"
+            )
     check_profiles(cards / "profiles.toml", profiles.default, parts, problems)
     check_products(cards / "products.toml", parts, problems)
     drafts = check_named_conditions(cards / "conditions.toml", parts, problems)
@@ -244,4 +281,5 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
         conditions=parts.conditions,
         services=services,
         rules=tuple(sorted((rule for _, rule in rules), key=lambda r: (r.priority, r.id))),
+        texts=texts,
     )

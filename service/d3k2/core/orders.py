@@ -83,6 +83,7 @@ class Category:
     unit: str
     names: Mapping[str, tuple[str, ...]]
     convert: Mapping[str, Conversion]
+    fact: str | None = None  # the rules' fact that is true while one is current ("vka.active")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class MedicationCatalog:
 
 _TOP_KEYS = {"valuesets", "categories", "units", "count_units", "period_units", "timing_codes"}
 _CATEGORY_KEYS = {"label", "unit", "names", "convert"}
+_CATEGORY_OPTIONAL = {"fact"}
 _CONVERSION_KEYS = {"factor", "source"}
 _TIMING_KEYS = {"frequency", "period", "period_unit"}
 
@@ -143,11 +145,13 @@ class _Loader:
     def fail(self, where: str, message: str) -> RuleSetError:
         return RuleSetError(f"{self.path.name}: {where}: {message}", file=str(self.path), field=where)
 
-    def table(self, value: object, where: str, keys: set[str] | None = None) -> dict[str, Any]:
+    def table(
+        self, value: object, where: str, keys: set[str] | None = None, optional: set[str] | None = None
+    ) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(where, "must be a table")
         if keys is not None:
-            unknown = sorted(set(value) - keys)
+            unknown = sorted(set(value) - keys - (optional or set()))
             if unknown:
                 raise self.fail(f"{where}.{unknown[0]}", "unknown key")
             missing = sorted(keys - set(value))
@@ -220,9 +224,15 @@ class _Loader:
         categories: dict[str, Category] = {}
         patterns: list[tuple[str, str, str]] = []
         seen_patterns: dict[str, str] = {}
+        seen_facts: dict[str, str] = {}
         for cat_id, raw in self.table(doc["categories"], "categories").items():
             where = f"categories.{cat_id}"
-            entry = self.table(raw, where, _CATEGORY_KEYS)
+            entry = self.table(raw, where, _CATEGORY_KEYS, _CATEGORY_OPTIONAL)
+            fact = self.text(entry["fact"], f"{where}.fact") if "fact" in entry else None
+            if fact is not None:
+                if fact in seen_facts:
+                    raise self.fail(f"{where}.fact", f"also the fact of {seen_facts[fact]}")
+                seen_facts[fact] = where
             unit = self.text(entry["unit"], f"{where}.unit")
             if unit not in unit_values:
                 raise self.fail(f"{where}.unit", "must be one of the values of [units]")
@@ -250,7 +260,7 @@ class _Loader:
                     self.text(conv["source"], f"{conv_where}.source"),
                 )
             categories[cat_id] = Category(
-                cat_id, self.text(entry["label"], f"{where}.label"), unit, names, convert
+                cat_id, self.text(entry["label"], f"{where}.label"), unit, names, convert, fact
             )
 
         valuesets: dict[str, tuple[str, ...]] = {}

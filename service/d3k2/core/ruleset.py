@@ -5,21 +5,21 @@ the loaded `RuleSet` (pure: no Flask, no requests). `d3k2.core.loader` reads and
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from d3k2.core.facts import FactsConfig
 from d3k2.core.orders import MedicationCatalog, MedicationReader
 from d3k2.core.terminology import Terminology
+from d3k2.core.texts import Texts
 
 Hook = Literal["patient-view", "order-select", "order-sign", "medication-prescribe"]
 Indicator = Literal["info", "warning", "critical"]
 ORDER_HOOKS: tuple[str, ...] = ("order-select", "order-sign", "medication-prescribe")
-_T = TypeVar("_T")
 
 
 class _Strict(BaseModel):
@@ -306,25 +306,12 @@ class RuleSet:
     conditions: Mapping[str, Condition]
     services: Mapping[str, Service]
     rules: tuple[Rule, ...]
+    texts: Texts
     # Made from the fields above, per instance: a rule set changed with dataclasses.replace starts afresh.
     medications: MedicationReader = field(init=False, repr=False, compare=False)
-    _derived: dict[object, object] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "medications", MedicationReader(self.terminology, self.catalog))
 
     def rules_for(self, hook: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if hook in r.hooks)
-
-    def derived(self, build: Callable[[RuleSet], _T]) -> _T:
-        """What `build` makes of this rule set (compiled conditions, fixed parts of cards), made once.
-
-        `build` must depend on nothing but the rule set; it is the key, so pass a module-level function.
-        Two threads may both build it the first time; either result is kept, and both are equal.
-        """
-        try:
-            return cast(_T, self._derived[build])
-        except KeyError:
-            made = build(self)
-            self._derived[build] = made
-            return made

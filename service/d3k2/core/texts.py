@@ -1,0 +1,93 @@
+"""The words cards put around the data (cards/texts.toml), read and checked once at startup (pure).
+
+Every key is required and no other is allowed, and a text may use only the {placeholders} named here: a
+missing key or a stray placeholder stops startup naming the file and the key, not the first card using it.
+"""
+
+from __future__ import annotations
+
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from d3k2.core.errors import RuleSetError
+
+
+@dataclass(frozen=True)
+class Texts:
+    none: str  # an empty list of names, evidence or data problems
+    not_on_record: str  # a measurement's value when there is none
+    no_date: str  # ... and its date
+    stale: str  # after a stale measurement's date; {days}
+    band_uncertain: str  # a value given as a range that straddles two bands
+    daily_dose: str  # a draft's daily dose; {amount} {unit}
+    unknown_dose: str
+    lab_limit: str  # where the calcium upper limit came from: the lab's range
+    default_limit: str  # ... or the default
+    thresholds: str  # appended to the detail of a card that reads 25(OH)D; {name} {title} of the profile
+    # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
+    units: Mapping[str, str]
+
+
+# [cards] key → the placeholders its text must use.
+_PLACEHOLDERS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "not_on_record": frozenset(),
+    "no_date": frozenset(),
+    "stale": frozenset({"days"}),
+    "band_uncertain": frozenset(),
+    "daily_dose": frozenset({"amount", "unit"}),
+    "unknown_dose": frozenset(),
+    "lab_limit": frozenset(),
+    "default_limit": frozenset(),
+    "thresholds": frozenset({"name", "title"}),
+}
+
+
+def _fail(path: Path, key: str, message: str) -> RuleSetError:
+    return RuleSetError(f"{path.name}: {key}: {message}", file=str(path), field=key)
+
+
+def _table(value: object, path: Path, key: str, keys: set[str] | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, key, "missing or not a table")
+    if keys is not None:
+        for name in sorted(keys - set(value)):
+            raise _fail(path, f"{key}.{name}" if key else name, "missing")
+        for name in sorted(set(value) - keys):
+            raise _fail(path, f"{key}.{name}" if key else name, "unknown key")
+    return value
+
+
+def _text(value: object, path: Path, key: str, placeholders: frozenset[str]) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, key, "must be a string")
+    try:
+        used = {name for _lit, name, _spec, _conv in string.Formatter().parse(value) if name is not None}
+    except ValueError as exc:
+        raise _fail(path, key, f"not a valid text template: {exc}") from exc
+    if used != placeholders:
+        wanted = ", ".join(f"{{{p}}}" for p in sorted(placeholders)) or "no placeholders"
+        raise _fail(path, key, f"must use {wanted}, uses {sorted(used)}")
+    return value
+
+
+def load_texts(path: Path) -> Texts:
+    try:
+        with path.open("rb") as handle:
+            doc = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise RuleSetError(f"{path.name}: file missing", file=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
+    _table(doc, path, "", {"cards", "units"})
+    cards = _table(doc["cards"], path, "cards", set(_PLACEHOLDERS))
+    units = {
+        str(code): _text(word, path, f"units.{code}", frozenset())
+        for code, word in _table(doc["units"], path, "units").items()
+    }
+    texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in _PLACEHOLDERS.items()}
+    return Texts(**texts, units=units)
