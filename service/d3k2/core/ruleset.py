@@ -15,9 +15,10 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from d3k2.core.catalog import MedicationCatalog, load_medication_catalog
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig, LabConfig
-from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
+from d3k2.core.medication_reader import MedicationReader
 from d3k2.core.terminology import Terminology, load_terminology
 
 Hook = Literal["patient-view", "order-select", "order-sign", "medication-prescribe"]
