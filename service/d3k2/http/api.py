@@ -21,7 +21,8 @@ from d3k2.http.metrics import InstrumentedFetcher, Metrics, metrics_of
 from d3k2.http.openapi import build_openapi
 from d3k2.http.web import Runtime, collector_paused, json_response, runtime
 from d3k2.service import call_service, discovery, find_service
-from d3k2.store.feedback import FeedbackStore, StoreUnavailable
+from d3k2.store.feedback import FeedbackStore
+from d3k2.store.schema import StoreUnavailable
 
 blueprint = Blueprint("cds", __name__)
 log = logging.getLogger("d3k2.http.api")
@@ -82,9 +83,7 @@ def post_service(service_id: str) -> Response:
     calls before Flask routes them (create_app installs it); the rule stays for OPTIONS and 405."""
     store, rt = _store(), runtime()
     call = Call(lambda: json_body(request, rt.settings), request.headers.get(TODAY_HEADER))
-    response = json_response(answer_call(call, rt, store, metrics_of(current_app), service_id))
-    response.call_on_close(store.served.write_due)
-    return response
+    return json_response(answer_call(call, rt, store, metrics_of(current_app), service_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +98,7 @@ class Call:
 def answer_call(
     call: Call, rt: Runtime, store: FeedbackStore, metrics: Metrics, service_id: str
 ) -> dict[str, Any]:
-    """The CDS Hooks response to one service call; a D3K2Error for a call that cannot be answered.
-
-    The caller sends it, then calls ``store.served.write_due`` once it is on the wire."""
+    """The CDS Hooks response to one service call; a D3K2Error for a call that cannot be answered."""
     find_service(rt.ruleset, service_id)
     with collector_paused():
         # The parsed body is freed when _answer returns, while the collector is still paused: turned
@@ -148,10 +145,9 @@ def _record_served(
 ) -> None:
     """Cards served are what feedback is measured against; losing them must never cost the answer.
 
-    The answer only queues the rows (``cards_record_seconds`` is that time); they are written in
-    batches after responses are sent (d3k2.store.feedback.ServedWriter.write_due, called by whoever sends
-    the answer), and failed batches and dropped rows reach ``store_errors`` through
-    ``Metrics.served_listener``."""
+    The answer only queues the rows (``cards_record_seconds`` is that time): the writer thread
+    (d3k2.store.served) writes them in batches, and failed batches and dropped rows reach
+    ``store_errors`` through ``Metrics.served_listener``."""
     metrics.count_cards(cards)
     started = time.perf_counter()
     try:

@@ -105,7 +105,6 @@ class ServiceCalls:
             call = Call(lambda: payload(environ, settings), environ.get(_TODAY_KEY))
             body = orjson.dumps(answer_call(call, self._rt, self._store, self._metrics, service_id))
             status = 200
-            after_send = self._store.served.write_due
         except Exception as exc:  # every failure is an answer, as Flask's error handlers make them
             status, error, extra = error_answer(exc, settings.max_body_bytes)
             if status == 500:
