@@ -18,6 +18,7 @@ from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import calcium_high, describe_limit
+from d3k2.core.hooks import parse_feedback
 from d3k2.core.medications import medication_codeable
 from d3k2.core.quantities import Interval, format_interval
 from d3k2.core.ruleset import AllOf, Coding, FactTest, NotOf, Product, load_ruleset
@@ -583,3 +584,9 @@ def test_a_missing_rule_set_directory_is_named(tmp_path: Path) -> None:
         f"rule set directory {missing} does not exist",
         {"file": str(missing)},
     )
+
+
+def test_a_single_feedback_item_without_its_list_is_read_as_a_list_of_one() -> None:
+    item = {"card": "c1", "outcome": "accepted"}
+    (parsed,) = parse_feedback(item).feedback
+    assert (parsed.card, parsed.outcome) == ("c1", "accepted")
