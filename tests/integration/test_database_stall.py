@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +47,21 @@ def server_pids(server: PostgresServer) -> list[int]:
 
 @contextmanager
 def frozen(server: PostgresServer) -> Iterator[None]:
+    """The postmaster is stopped first, so that it starts no process meanwhile, and continued last, so
+    that it reaps no child (whose pid could then be gone) before each is continued."""
     pids = server_pids(server)
     for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+        signal_if_running(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        for pid in reversed(pids):
+            signal_if_running(pid, signal.SIGCONT)
+
+
+def signal_if_running(pid: int, signum: int) -> None:
+    with suppress(ProcessLookupError):  # a backend that ended since it was listed
+        os.kill(pid, signum)
 
 
 def timed(call: Any) -> tuple[Any, float]:
