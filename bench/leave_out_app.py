@@ -49,7 +49,6 @@ elif PART == "depth":
     d3k2.http.api.json_too_deep = lambda raw, limit: False  # type: ignore[assignment]
 elif PART == "record":
     d3k2.http.api._record_served = lambda *args: None  # type: ignore[assignment]
-    app.extensions["d3k2.store"].served.write_due = lambda: None
 elif PART == "log":
     logging.getLogger("d3k2.http").setLevel(logging.WARNING)
 elif PART == "ids":

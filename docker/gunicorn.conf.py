@@ -42,7 +42,8 @@ def on_starting(server: Any) -> None:
             entry.unlink()
 
     from d3k2.config import from_env
-    from d3k2.store.feedback import FeedbackStore, StoreUnavailable
+    from d3k2.store.feedback import FeedbackStore
+    from d3k2.store.schema import StoreUnavailable
 
     store = FeedbackStore(from_env().database)
     try:
@@ -62,9 +63,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """In the exiting worker: write the cards served it still has queued (d3k2.store.feedback.ServedWriter
+    """In the exiting worker: write the cards served it still has queued (d3k2.store.served.ServedWriter
     batches them off the request path). atexit would do it too; this runs on every graceful exit, also
     when the worker is stopped after a timeout (SIGABRT). SIGKILL / OOM loses the last batch interval."""
-    from d3k2.store.feedback import close_served_writers
+    from d3k2.store.served import close_served_writers
 
     close_served_writers(timeout=float(graceful_timeout) / 2)

@@ -24,7 +24,8 @@ from builders import (
     sandbox_feedback,
 )
 from d3k2.core.hooks import parse_feedback
-from d3k2.store.feedback import FeedbackStore, StoreUnavailable, cards_served, feedback
+from d3k2.store.feedback import FeedbackStore
+from d3k2.store.schema import StoreUnavailable, cards_served, feedback
 from d3k2.tools.cli import main
 from fhir_server import free_port
 from postgres import running_postgres

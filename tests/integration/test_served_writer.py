@@ -1,6 +1,7 @@
-"""Cards served are written off the request path (d3k2.store.feedback.ServedWriter): queued by the answer,
-inserted in batches by a thread, flushed before feedback and the report, on close and at exit; a full
-queue and a failing database drop rows with counts, never the answer; a forked child starts afresh.
+"""Cards served are written off the request path (d3k2.store.served.ServedWriter): queued by the answer,
+inserted in batches by the writer thread alone, flushed (by that thread) before feedback and the report,
+on close and at exit; a full queue and a failing database drop rows with counts, never the answer; a
+forked child starts afresh.
 
 No test waits for time to pass: writes are made visible with flush() / close(), and the thread's own
 writes are awaited through Events set by SQLAlchemy event listeners (their timeouts only bound a hang).
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -47,25 +47,18 @@ from builders import value as metric
 from d3k2.core.hooks import parse_feedback
 from d3k2.http.app import create_app
 from d3k2.http.metrics import metrics_of
-from d3k2.store import feedback as fb
-from d3k2.store.feedback import (
-    DROPPED_AFTER_RETRIES,
-    DROPPED_AT_CLOSE,
-    DROPPED_QUEUE_FULL,
-    WRITE_ERROR,
-    FeedbackStore,
-    cards_served,
-    feedback,
-)
+from d3k2.store import served as sv
+from d3k2.store.feedback import FeedbackStore
+from d3k2.store.schema import cards_served, feedback
+from d3k2.store.served import DROPPED_AFTER_RETRIES, DROPPED_AT_CLOSE, DROPPED_QUEUE_FULL, WRITE_ERROR
 from fhir_server import free_port
 
 WAIT = 30.0  # bounds a hang only; every wait below ends on an Event
 
 
 def new_store(url: str, **options: Any) -> FeedbackStore:
-    """A store whose writer thread does not write on its own unless a test asks (interval: an hour), and
-    whose answers write after their response only when a test asks (due_age: an hour)."""
-    options = {"interval": 3600.0, "due_age": 3600.0, **options}
+    """A store whose writer thread does not write on its own unless a test asks (interval: an hour)."""
+    options = {"interval": 3600.0, **options}
     store = FeedbackStore(url, clock=fixed_clock(), served_options=options)
     store.migrate()
     return store
@@ -114,8 +107,7 @@ class Commits:
 
 def settled(store: FeedbackStore) -> None:
     """Wait for the batch the writer thread is committing ("commit" events fire before the commit)."""
-    with store.served._write_lock:
-        pass
+    assert store.served.flush(WAIT) is True
 
 
 class FailInserts:
@@ -169,7 +161,7 @@ def test_answers_are_written_in_few_transactions(store: FeedbackStore) -> None:
 
 
 def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> None:
-    """The writer hands its rows to the driver's executemany (fb._insert_served); what lands must be
+    """The writer hands its rows to the driver's executemany (sv._insert_served); what lands must be
     what SQLAlchemy's insert(cards_served) writes: the same values read back, whatever the backend."""
     from sqlalchemy import insert
 
@@ -181,9 +173,9 @@ def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> N
         {"uuid": "x" * 300, "source": {"topic": {"code": "r" * 300}}, "indicator": "warning" * 5},
         {"uuid": 7, "source": {"topic": {"code": "not a row: its uuid is not a string"}}},
     ]
-    rows = [row for i, at in enumerate(served) for row in fb.served_rows(SERVICE, [*answer(i), *odd], at)]
+    rows = [row for i, at in enumerate(served) for row in sv.served_rows(SERVICE, [*answer(i), *odd], at)]
     with store.engine.begin() as connection:
-        fb._insert_served(connection, rows)
+        sv._insert_served(connection, rows)
     columns = [c for c in cards_served.c if c.name != "id"]
     # The text in the database too: SQLite keeps served_at as text, which report --since compares as text.
     as_text = "SELECT CAST(served_at AS TEXT) FROM cards_served ORDER BY id"
@@ -263,18 +255,6 @@ def test_close_writes_the_queue_and_later_rows_are_dropped(tmp_path: Path) -> No
         again.close()
 
 
-def test_close_without_a_thread_writes_in_the_caller(tmp_path: Path) -> None:
-    store = new_store(sqlite_url(tmp_path))
-    writer = store.served
-    writer.enqueue(fb.served_rows(SERVICE, answer(0), T0))
-    writer._thread = None  # as in a process where the writer never started
-    store.close()
-    assert writer.stats.written == 2
-    assert writer.enqueue([]) is True
-    assert store.enqueue_cards(SERVICE, answer(1)) == 0  # closed: no thread is started for it
-    assert (writer._thread, writer.stats.dropped_at_close) == (None, 2)
-
-
 def test_close_writes_every_writer_of_the_process(tmp_path: Path) -> None:
     first = new_store(f"sqlite:///{tmp_path / 'one.sqlite3'}")
     second = new_store(f"sqlite:///{tmp_path / 'two.sqlite3'}")
@@ -283,31 +263,40 @@ def test_close_writes_every_writer_of_the_process(tmp_path: Path) -> None:
     second.enqueue_cards(SERVICE, answer(2))
     inherited.enqueue_cards(SERVICE, answer(3))
     inherited.served._pid = -1  # another process's writer (as inherited by a fork): not this one's
-    fb.close_served_writers()  # what atexit and gunicorn's worker_exit hook call
+    inherited_cond = inherited.served._cond
+    sv.close_served_writers()  # what atexit and gunicorn's worker_exit hook call
     assert (len(served_uuids(first)), len(served_uuids(second))) == (2, 2)
     assert served_uuids(inherited) == []
     for store in (first, second, inherited):
         store.close()
+    with inherited_cond:  # the "other process's" thread, here in this one: woken, it sees it is not the owner
+        inherited_cond.notify_all()
 
 
-def test_a_store_dropped_without_close_has_its_rows_written(tmp_path: Path) -> None:
+def test_a_store_closed_by_nobody_has_its_rows_written_at_exit(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
-    store = new_store(url, interval=0.001, idle_check=0.001)
+    store = new_store(url)
     store.enqueue_cards(SERVICE, answer(0))
     writer = store.served
-    thread = writer._thread
-    assert thread is not None
-    gone = weakref.ref(store)
     del store
     gc.collect()
-    assert gone() is None  # the writer thread does not keep the store alive
-    thread.join(WAIT)
-    assert not thread.is_alive()
+    sv.close_served_writers()  # atexit
+    assert writer._thread is not None and not writer._thread.is_alive()
     check = FeedbackStore(url)
     try:
         assert len(served_uuids(check)) == 2
     finally:
         check.close()
+
+
+def test_close_of_a_writer_that_never_started_starts_nothing(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path))
+    writer = store.served
+    assert writer.flush() is True  # nothing queued: nothing to wait for, no thread
+    store.close()
+    assert writer.enqueue([]) is True
+    assert store.enqueue_cards(SERVICE, answer(1)) == 0  # closed: no thread is started for it
+    assert (writer._thread, writer.stats.dropped_at_close) == (None, 2)
 
 
 # ---------------------------------------------------------------- feedback and the report
@@ -364,7 +353,7 @@ def test_report_keeps_the_top_reasons_of_late_attributed_feedback(store: Feedbac
 
 def make_app(tmp_path: Path, **options: Any) -> Flask:
     s = settings(tmp_path)
-    options = {"interval": 3600.0, "due_age": 3600.0, **options}
+    options = {"interval": 3600.0, **options}
     store = FeedbackStore(s.database, clock=fixed_clock(), served_options=options)
     return create_app(s, ruleset(), store)
 
@@ -386,102 +375,104 @@ def test_http_feedback_right_after_an_answer_is_attributed(tmp_path: Path) -> No
         store.close()
 
 
-def test_an_answer_writes_the_queue_after_its_response_when_due(tmp_path: Path) -> None:
-    probe = make_app(tmp_path / "probe")
-    try:  # how many cards one answer has, so that one answer is not due and two are
-        cards = len(post(probe.test_client(), f"/cds-services/{SERVICE}", hook_request()).get_json()["cards"])
-    finally:
-        probe.extensions["d3k2.store"].close()
-    assert cards >= 2
-    app = make_app(tmp_path, due_rows=cards + 1)
+class Writers:
+    """The threads that run INSERT INTO cards_served."""
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.names: set[str] = set()
+        event.listen(store.engine, "before_cursor_execute", self._before)
+
+    def _before(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO cards_served"):
+            self.names.add(threading.current_thread().name)
+
+
+def test_only_the_writer_thread_writes_cards_served(tmp_path: Path) -> None:
+    app = make_app(tmp_path, batch_rows=2)
     store = app.extensions["d3k2.store"]
+    writers = Writers(store)
     try:
-        commits = Commits(store)
         client = app.test_client()
-        first = post(client, f"/cds-services/{SERVICE}", hook_request())
-        uuids = [c["uuid"] for c in first.get_json()["cards"]]
-        first.close()  # what the server does once the body is sent
-        assert (commits.count, store.served.queued) == (0, cards)  # fewer than due_rows: not due yet
-        second = post(client, f"/cds-services/{SERVICE}", hook_request())
-        assert (commits.count, store.served.queued) == (0, 2 * cards)  # queued until the response closes
-        second.close()
-        assert (commits.count, store.served.queued) == (1, 0)  # due: one transaction, in this thread
-        assert sorted(served_uuids(store)) == sorted(uuids * 2)
-        assert store.served.stats.batches == 1
+        for _ in range(3):  # full batches: the thread is woken while answers are sent
+            answer_ = post(client, f"/cds-services/{SERVICE}", hook_request())
+            assert answer_.status_code == 200
+            answer_.close()
+        item = {"card": answer_.get_json()["cards"][0]["uuid"], "outcome": "accepted"}
+        assert post(client, f"/cds-services/{SERVICE}/feedback", {"feedback": [item]}).status_code == 200
+        store.enqueue_cards(SERVICE, answer(0))
+        store.close()  # the last rows, at close
+        assert writers.names == {"d3k2-cards-served-writer"}
+        assert store.served.stats.written == store.served.stats.enqueued
     finally:
         store.close()
 
 
-def test_old_rows_are_due_whatever_their_number(store: FeedbackStore) -> None:
+def test_an_answer_never_waits_for_a_hung_write(tmp_path: Path) -> None:
+    app = make_app(tmp_path, batch_rows=1)
+    store = app.extensions["d3k2.store"]
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO cards_served") and not release.is_set():
+            entered.set()
+            release.wait(WAIT)
+
+    event.listen(store.engine, "before_cursor_execute", hang)
+    try:
+        client = app.test_client()
+        first = post(client, f"/cds-services/{SERVICE}", hook_request())  # a full batch: the thread hangs
+        assert entered.wait(WAIT)
+        uuids = [c["uuid"] for c in first.get_json()["cards"]]
+        for _ in range(3):  # answered while the writer hangs (a bound on a hang, not a speed)
+            again = post(client, f"/cds-services/{SERVICE}", hook_request())
+            assert again.status_code == 200
+            uuids += [c["uuid"] for c in again.get_json()["cards"]]
+        assert store.served.flush(timeout=0.001) is False  # the thread is still in its write
+        release.set()
+        assert store.flush() is True
+        assert sorted(served_uuids(store)) == sorted(uuids)
+    finally:
+        release.set()
+        store.close()
+
+
+def test_a_flush_cuts_the_backoff_short(store: FeedbackStore) -> None:
     writer = store.served
+    writer.backoff = 3600.0
+    FailInserts(store, times=1)
     store.enqueue_cards(SERVICE, answer(0))
-    writer.write_due()
-    assert writer.queued == 2  # young, and fewer than due_rows
-    writer.due_age = 0.0
-    writer.write_due()
-    assert (writer.queued, served_uuids(store)) == (0, ["a-0", "b-0"])
-    writer.write_due()  # nothing queued: nothing to do
-    assert writer.stats.batches == 1
-
-
-def test_write_due_never_waits_for_the_thread(store: FeedbackStore) -> None:
-    writer = store.served
-    writer.due_rows = 1
-    store.enqueue_cards(SERVICE, answer(0))
-    with writer._write_lock:  # as while the thread writes a batch
-        done = threading.Event()
-        threading.Thread(target=lambda: (writer.write_due(), done.set()), daemon=True).start()
-        assert done.wait(WAIT)
-    assert writer.queued == 2  # left for the thread, or the next answer
-    writer.write_due()
-    assert writer.queued == 0
-
-
-def test_write_due_leaves_a_failed_batch_to_the_thread(store: FeedbackStore) -> None:
-    writer = store.served
-    writer.due_rows = 1
-    fail = FailInserts(store, 1)
-    store.enqueue_cards(SERVICE, answer(0))
-    writer.write_due()
-    assert fail.failed.is_set()
-    assert (writer.queued, writer.stats.write_errors) == (2, 1)
-    writer.write_due()  # a retry is the thread's, after its backoff: answers do not hammer a failing database
-    assert writer.stats.write_errors == 1
-    assert store.flush() is True
+    assert store.flush() is False
+    assert (writer.queued, writer.stats.write_errors) == (2, 1)  # kept for the retry, an hour away
+    assert store.flush() is True  # retried now
     assert served_uuids(store) == ["a-0", "b-0"]
 
 
-def test_a_bug_in_write_due_is_logged_and_keeps_the_rows(
-    store: FeedbackStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_while_answers_flow_the_thread_writes_only_full_batches(tmp_path: Path) -> None:
+    store = new_store(sqlite_url(tmp_path), batch_rows=4)
+    entered, release = threading.Event(), threading.Event()
+
+    def hang_once(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO cards_served") and not entered.is_set():
+            entered.set()
+            release.wait(WAIT)
+
+    event.listen(store.engine, "before_cursor_execute", hang_once)
     writer = store.served
-    writer.due_rows = 1
-    store.enqueue_cards(SERVICE, answer(0))
-
-    def broken() -> tuple[int, bool]:
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(writer, "_write_batch", broken)
-    with caplog.at_level(logging.ERROR, logger="d3k2.store.feedback"):
-        writer.write_due()
-    assert "unexpected error writing after an answer" in caplog.text
-    assert not writer._write_lock.locked()
-    monkeypatch.undo()
-    assert store.flush() is True
-    assert served_uuids(store) == ["a-0", "b-0"]
-
-
-def test_the_thread_takes_only_old_rows_or_full_batches(store: FeedbackStore) -> None:
-    writer = store.served
-    with writer._cond:
-        assert not writer._due_for_thread()  # nothing queued
-    store.enqueue_cards(SERVICE, answer(0))
-    with writer._cond:
-        assert not writer._due_for_thread()  # young: the answers write it
-        writer.interval = 0.0
-        assert writer._due_for_thread()  # old
-        writer.interval, writer.batch_rows = 3600.0, 2
-        assert writer._due_for_thread()  # a full batch
+    try:
+        store.enqueue_cards(SERVICE, answer(0))
+        store.enqueue_cards(SERVICE, answer(1))  # 4 rows: a batch, which the thread starts writing
+        assert entered.wait(WAIT)
+        for i in range(2, 5):  # 6 more while it writes
+            store.enqueue_cards(SERVICE, answer(i))
+        release.set()
+        with writer._cond:
+            assert writer._cond.wait_for(lambda: writer.stats.batches == 2, WAIT)
+            assert len(writer._pending) == 2  # one more full batch; the other 2 rows gather on
+        assert store.flush() is True
+        assert (writer.stats.batches, len(served_uuids(store))) == (3, 10)
+    finally:
+        release.set()
+        store.close()
 
 
 # ---------------------------------------------------------------- losses: counted, never the answer
@@ -494,7 +485,7 @@ def test_a_full_queue_drops_rows_and_counts_them(
     writer.capacity, writer._warn_every = 5, 3600.0
     events = Events()
     writer.listener = events
-    with caplog.at_level(logging.WARNING, logger="d3k2.store.feedback"):
+    with caplog.at_level(logging.WARNING, logger="d3k2.store.served"):
         assert store.enqueue_cards(SERVICE, answer(0) + answer(1)) == 4
         assert store.enqueue_cards(SERVICE, answer(2)) == 0
         assert store.enqueue_cards(SERVICE, answer(3)) == 0
@@ -530,11 +521,11 @@ def test_a_batch_is_dropped_after_its_last_attempt(
 ) -> None:
     FailInserts(store, times=3)
     writer = store.served
-    writer.max_attempts = 3
+    writer.max_attempts, writer.backoff = 3, 3600.0  # only the flushes retry
     events = Events()
     writer.listener = events
     store.enqueue_cards(SERVICE, answer(0))
-    with caplog.at_level(logging.WARNING, logger="d3k2.store.feedback"):
+    with caplog.at_level(logging.WARNING, logger="d3k2.store.served"):
         assert [store.flush(), store.flush()] == [False, False]  # kept for a retry
         assert writer.queued == 2
         assert store.flush() is False  # the third failure: dropped
@@ -589,19 +580,19 @@ def test_close_does_not_wait_forever_for_a_hung_write(tmp_path: Path) -> None:
 def test_an_unexpected_error_keeps_the_thread_alive(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = new_store(sqlite_url(tmp_path), interval=0.001, backoff=0.001)
     writer = store.served
-    real = writer._write_all
+    real = writer._write_queued
     calls = []
 
-    def broken_once(only_due: bool = False) -> float | None:
+    def broken_once(full_only: bool = False) -> float | None:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("a bug")
-        return real(only_due)
+        return real(full_only)
 
-    writer._write_all = broken_once  # type: ignore[method-assign]
+    writer._write_queued = broken_once  # type: ignore[method-assign]
     commits = Commits(store)
     try:
-        with caplog.at_level(logging.ERROR, logger="d3k2.store.feedback"):
+        with caplog.at_level(logging.ERROR, logger="d3k2.store.served"):
             store.enqueue_cards(SERVICE, answer(0))
             assert commits.written.wait(WAIT)
             settled(store)
@@ -619,15 +610,15 @@ def test_a_failing_listener_is_logged_not_raised(
 
     store.served.listener = broken
     store.served.capacity = 1
-    with caplog.at_level(logging.ERROR, logger="d3k2.store.feedback"):
+    with caplog.at_level(logging.ERROR, logger="d3k2.store.served"):
         assert store.enqueue_cards(SERVICE, answer(0)) == 0
     assert "the listener failed" in caplog.text
 
 
 def test_errors_are_described_without_sql_or_parameters() -> None:
     wrapped = OperationalError("INSERT INTO cards_served VALUES (?)", ("secret",), Exception("locked\nmore"))
-    assert fb._describe(wrapped) == "Exception: locked"
-    assert fb._describe(RuntimeError()) == "RuntimeError"
+    assert sv._describe(wrapped) == "Exception: locked"
+    assert sv._describe(RuntimeError()) == "RuntimeError"
 
 
 def test_http_answers_survive_a_full_queue_and_failures_reach_metrics(tmp_path: Path) -> None:
@@ -685,35 +676,32 @@ def test_a_writer_from_another_process_starts_afresh(store: FeedbackStore) -> No
     parent_thread.join(WAIT)
     assert not parent_thread.is_alive()
     assert writer.queued == 2
+    second_cond = writer._cond
     writer._pid = -1
     assert store.flush() is True  # flush adopts too, and writes only this process's rows
     assert served_uuids(store) == []
+    with second_cond:
+        second_cond.notify_all()
     store.enqueue_cards(SERVICE, answer(2))
     store.flush()
     assert served_uuids(store) == ["a-2", "b-2"]
 
 
-def test_the_fork_hook_renews_every_writer_and_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pooled_connection_of_another_process_is_not_used(tmp_path: Path) -> None:
     store = new_store(sqlite_url(tmp_path))
-    old_pool = store.engine.pool
     try:
-        store.enqueue_cards(SERVICE, answer(0))
-        store.flush()
-        old_lock = fb._start_lock
-        monkeypatch.setattr(fb, "_stores", weakref.WeakSet([store]))
-        monkeypatch.setattr(fb, "_writers", weakref.WeakSet([store.served]))
-        monkeypatch.setattr(fb, "_start_lock", old_lock)
-        store.enqueue_cards(SERVICE, answer(1))
-        fb._after_fork_in_child()
-        assert store.engine.pool is not old_pool
-        assert fb._start_lock is not old_lock
-        assert (store.served._thread, store.served.queued) == (None, 0)
-        store.enqueue_cards(SERVICE, answer(2))
-        store.flush()
-        assert served_uuids(store) == ["a-0", "b-0", "a-2", "b-2"]
+        with store.engine.connect() as connection:
+            inherited = connection.connection.dbapi_connection
+            connection.connection._connection_record.info["pid"] = -1  # as if opened before a fork
+        with store.engine.connect() as connection:
+            assert connection.connection.dbapi_connection is not inherited
+        with store.engine.connect() as connection:  # the new one is this process's: kept
+            fresh = connection.connection.dbapi_connection
+        with store.engine.connect() as connection:
+            assert connection.connection.dbapi_connection is fresh
     finally:
         store.close()
-        old_pool.dispose()  # a real child leaves these to its parent; here the parent is this process
+        inherited.close()  # a real child leaves it to its parent; here the parent is this process
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -727,8 +715,8 @@ def test_a_forked_child_writes_its_rows_and_not_its_parents(tmp_path: Path) -> N
         if pid == 0:  # the child: report through the exit code, never return into pytest
             code = 1
             try:
-                fresh = store.served.queued == 0 and store.served._thread is None
                 queued = store.enqueue_cards(SERVICE, [card("child", "B")]) == 1
+                fresh = store.served.queued == 1  # its own row only: the parent's is the parent's
                 started = store.served._thread not in (None, parent_thread)
                 store.close()
                 code = 0 if (fresh, queued, started) == (True, True, True) else 2
@@ -815,14 +803,3 @@ def post_json(url: str, body: Any) -> Any:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
-
-
-def test_the_thread_leaves_young_rows_to_the_answers(store: FeedbackStore) -> None:
-    writer = store.served
-    store.enqueue_cards(SERVICE, answer(0))
-    assert writer._write_all(only_due=True) is None
-    assert writer.queued == 2  # young and not a full batch
-    writer.batch_rows = 2
-    store.enqueue_cards(SERVICE, answer(1))
-    assert writer._write_all(only_due=True) is None
-    assert served_uuids(store) == ["a-0", "b-0", "a-1", "b-1"]  # two full batches

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from builders import TODAY, fixtures, ruleset
 from d3k2.core.cards import _validated, build_cards, card_uuid, medication_request, service_request
+from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import (
     _FIELD_MAKERS,
     FactValue,
@@ -38,7 +39,8 @@ from d3k2.core.engine import (
 )
 from d3k2.core.facts import Facts
 from d3k2.core.hooks import parse_request
-from d3k2.core.orders import MedicationReader, classify_medication, read_draft_orders
+from d3k2.core.medication_reader import MedicationReader
+from d3k2.core.medications import classify_medication
 from d3k2.core.quantities import Interval
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Ref, RuleSet
 from d3k2.core.terminology import RXNORM

@@ -1,4 +1,5 @@
-"""d3k2.core.orders: lenient reading of draftOrders and the daily-dose arithmetic, against the real cards/."""
+"""d3k2.core.drafts, dosage, medications, catalog: lenient reading of draftOrders and the daily-dose
+arithmetic, against the real cards/."""
 
 from __future__ import annotations
 
@@ -12,17 +13,11 @@ import pytest
 
 from builders import SANDBOX
 from d3k2.config import default_cards_dir
+from d3k2.core.catalog import MedicationCatalog, load_medication_catalog
+from d3k2.core.dosage import IngredientDose
+from d3k2.core.drafts import DraftOrder, DraftReading, read_draft_orders
 from d3k2.core.errors import RuleSetError
-from d3k2.core.orders import (
-    DraftOrder,
-    DraftReading,
-    IngredientDose,
-    MedicationCatalog,
-    classify_medication,
-    load_medication_catalog,
-    medication_codeable,
-    read_draft_orders,
-)
+from d3k2.core.medications import classify_medication, medication_codeable
 from d3k2.core.terminology import RXNORM, UCUM, Terminology, load_terminology
 
 CARDS = default_cards_dir()

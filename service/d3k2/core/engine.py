@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from d3k2.core.dosage import IngredientDose
+from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts, Measurement, calcium_high, describe_limit
-from d3k2.core.orders import DraftOrder, DraftReading, IngredientDose
 from d3k2.core.quantities import Interval, format_number
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts

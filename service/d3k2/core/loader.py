@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig, LabConfig
-from d3k2.core.orders import load_medication_catalog
 from d3k2.core.rulecheck import (
     Parts,
     Problems,

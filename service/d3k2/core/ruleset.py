@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from d3k2.core.catalog import MedicationCatalog
 from d3k2.core.facts import FactsConfig
-from d3k2.core.orders import MedicationCatalog, MedicationReader
+from d3k2.core.medication_reader import MedicationReader
 from d3k2.core.terminology import Terminology
 from d3k2.core.texts import Texts
 

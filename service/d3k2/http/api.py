@@ -19,7 +19,8 @@ from d3k2.http.metrics import InstrumentedFetcher, Metrics, metrics_of
 from d3k2.http.openapi import build_openapi
 from d3k2.http.web import json_response, runtime
 from d3k2.service import call_service, discovery, find_service
-from d3k2.store.feedback import FeedbackStore, StoreUnavailable
+from d3k2.store.feedback import FeedbackStore
+from d3k2.store.schema import StoreUnavailable
 
 blueprint = Blueprint("cds", __name__)
 log = logging.getLogger("d3k2.http.api")
@@ -88,9 +89,7 @@ def post_service(service_id: str) -> Response:
     # Said on the request's own log line (d3k2.http.logs), not on a second one.
     logs.bind(cards=len(cards), fetched=_fetched(outcome.resolved.fetched))
     _record_served(store, service_id, cards, metrics)
-    response = json_response(outcome.response)
-    response.call_on_close(store.served.write_due)
-    return response
+    return json_response(outcome.response)
 
 
 def _fetched(fetched: dict[str, str]) -> str | None:
@@ -108,10 +107,9 @@ def _record_served(
 ) -> None:
     """Cards served are what feedback is measured against; losing them must never cost the answer.
 
-    The answer only queues the rows (``cards_record_seconds`` is that time); they are written in
-    batches after responses are sent (d3k2.store.feedback.ServedWriter.write_due, called when the answer is
-    closed), and failed batches and dropped rows reach ``store_errors`` through
-    ``Metrics.served_listener``."""
+    The answer only queues the rows (``cards_record_seconds`` is that time): the writer thread
+    (d3k2.store.served) writes them in batches, and failed batches and dropped rows reach
+    ``store_errors`` through ``Metrics.served_listener``."""
     metrics.count_cards(cards)
     started = time.perf_counter()
     try:

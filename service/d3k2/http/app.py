@@ -21,7 +21,8 @@ from d3k2.http.metrics import init_app as init_metrics
 from d3k2.http.preview import blueprint as preview_blueprint
 from d3k2.http.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, json_response
 from d3k2.service import prepare
-from d3k2.store.feedback import FeedbackStore, StoreUnavailable
+from d3k2.store.feedback import FeedbackStore
+from d3k2.store.schema import StoreUnavailable
 
 log = logging.getLogger("d3k2")
 

@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from d3k2.fhir.client import FetchOutcome
 from d3k2.fhir.prefetch import Fetcher
-from d3k2.store.feedback import WRITE_ERROR, Listener
+from d3k2.store.served import WRITE_ERROR, Listener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -81,7 +81,7 @@ class Metrics:
             child.inc()
 
     def served_listener(self) -> Listener:
-        """The cards-served writer's events (d3k2.store.feedback.ServedWriter) as metrics: a failed batch
+        """The cards-served writer's events (d3k2.store.served.ServedWriter) as metrics: a failed batch
         write (retried) counts once under ``record_cards``; dropped rows count one each under
         ``record_cards_dropped``."""
         failed = self.store_errors.labels("record_cards")

@@ -445,7 +445,8 @@ def feedback() -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def feedback_report(since: date | None, fmt: str) -> None:
     """Per rule: cards shown, accepted, overridden, and the top override reasons."""
-    from d3k2.store.feedback import FeedbackStore, database_url
+    from d3k2.store.feedback import FeedbackStore
+    from d3k2.store.schema import database_url
 
     settings = _settings()
     url = database_url(settings.database)

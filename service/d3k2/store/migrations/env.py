@@ -1,7 +1,8 @@
 """Alembic environment for d3k2's feedback store.
 
-Migrations run through ``d3k2.store.feedback.FeedbackStore.migrate``, which hands its own connection over in
-``config.attributes["connection"]``: no alembic.ini and no second way to spell the database URL.
+Migrations run through ``d3k2.store.schema.upgrade`` (``FeedbackStore.migrate``), which hands its
+connection over in ``config.attributes["connection"]``: no alembic.ini and no second way to spell the
+database URL.
 """
 
 from __future__ import annotations

@@ -1,0 +1,363 @@
+"""How much: the dose grammar (structured dose and timing, or the dosage text) and the daily-dose
+arithmetic of each ingredient, with the line that shows it.
+
+Pure: no Flask, no requests. Every reader accepts any JSON-shaped value and says, instead of raising, why a
+dose is unknown. Units, conversions and timing codes are the catalog's (cards/medications.toml).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+from d3k2.core.catalog import MedicationCatalog
+from d3k2.core.lenient import dicts, fmt, is_map, nonblank, positive_number, quote
+from d3k2.core.medications import Product, ProductIngredient
+
+
+@dataclass(frozen=True)
+class IngredientDose:
+    concept: str
+    name: str
+    strength: float | None
+    unit: str | None
+    daily: float | None
+    weekly: float | None
+    arithmetic: str
+    basis: str
+    matched_by: str
+
+
+@dataclass(frozen=True)
+class _Dose:
+    kind: Literal["count", "amount"]
+    value: Decimal
+    unit: str  # count: noun ("tablet"); amount: normalised unit ("IU", "mcg", "mg")
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    frequency: Decimal
+    period: Decimal
+    unit: str  # a key of period_units
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Dosage:
+    dose: _Dose
+    schedule: _Schedule
+    basis: str
+
+
+_ADVERBS = {"h": "hourly", "d": "daily", "wk": "weekly", "mo": "monthly", "a": "yearly"}
+_NOUNS = {"h": "hour", "d": "day", "wk": "week", "mo": "month", "a": "year"}
+_TIMES = {1: "once", 2: "twice", 3: "three times", 4: "four times"}
+
+
+def _times(frequency: Decimal) -> str:
+    if frequency == frequency.to_integral_value() and int(frequency) in _TIMES:
+        return _TIMES[int(frequency)]
+    return f"{fmt(frequency)} times"
+
+
+def _schedule_words(schedule: _Schedule) -> str:
+    noun = _NOUNS.get(schedule.unit, schedule.unit)
+    if schedule.period == 1:
+        words = f"{_times(schedule.frequency)} {_ADVERBS.get(schedule.unit, 'per ' + noun)}"
+    elif schedule.frequency == 1:
+        words = f"every {fmt(schedule.period)} {noun}s"
+    else:
+        words = f"{_times(schedule.frequency)} every {fmt(schedule.period)} {noun}s"
+    return f"{words} {schedule.note}" if schedule.note else words
+
+
+def _read_dose(quantity: object, catalog: MedicationCatalog) -> _Dose | str:
+    if not is_map(quantity):
+        return "dose quantity not readable"
+    value = positive_number(quantity.get("value"))
+    if value is None:
+        return f"dose value {quote(quantity.get('value'))} not understood"
+    spellings = [s for s in (nonblank(quantity.get("code")), nonblank(quantity.get("unit"))) if s]
+    if not spellings:
+        return "dose quantity has no unit"
+    for spelling in spellings:
+        noun = catalog.count_noun(spelling)
+        if noun is not None:
+            return _Dose("count", value, noun)
+        unit = catalog.unit_of(spelling)
+        if unit is not None:
+            return _Dose("amount", value, unit)
+    return f"unit {quote(spellings[0])} not understood"
+
+
+def _structured_dose(dosage: Mapping[str, Any], catalog: MedicationCatalog) -> _Dose | str | None:
+    """R4 doseAndRate[].dose[x]; STU3/DSTU2 put dose[x] on the dosage itself."""
+    holders = [*dicts(dosage.get("doseAndRate")), dosage]
+    for holder in holders:
+        if "doseQuantity" in holder:
+            return _read_dose(holder["doseQuantity"], catalog)
+        if "doseRange" in holder:
+            dose_range = holder["doseRange"]
+            high = dose_range.get("high") if is_map(dose_range) else None
+            if not is_map(high):
+                return "dose range has no upper value"
+            dose = _read_dose(high, catalog)
+            if isinstance(dose, str):
+                return dose
+            low_quantity = dose_range.get("low")
+            low = positive_number(low_quantity.get("value")) if is_map(low_quantity) else None
+            shown = f"{fmt(low)}–{fmt(dose.value)}" if low is not None else f"up to {fmt(dose.value)}"
+            return _Dose(dose.kind, dose.value, dose.unit, f"(upper end of dose range {shown} used)")
+    return None
+
+
+def _schedule_from_code(code: str, catalog: MedicationCatalog) -> _Schedule | None:
+    entry = catalog.timing_codes.get(code.strip().upper())
+    return _Schedule(entry.frequency, entry.period, entry.period_unit) if entry else None
+
+
+def _structured_schedule(dosage: Mapping[str, Any], catalog: MedicationCatalog) -> _Schedule | str | None:
+    timing = dosage.get("timing")
+    if not is_map(timing):
+        return None
+    repeat = timing.get("repeat")
+    repeat = repeat if is_map(repeat) else {}
+    period_unit = repeat.get("periodUnit", repeat.get("periodUnits"))  # periodUnits: DSTU2
+    if period_unit is not None:
+        if not isinstance(period_unit, str) or period_unit not in catalog.period_hours:
+            return f"period unit {quote(period_unit)} not understood"
+        frequency = positive_number(repeat.get("frequency", 1))
+        if frequency is None:
+            return f"timing frequency {quote(repeat.get('frequency'))} not understood"
+        period = positive_number(repeat.get("period", 1))
+        if period is None:
+            return f"timing period {quote(repeat.get('period'))} not understood"
+        note = None
+        frequency_max = positive_number(repeat.get("frequencyMax"))
+        # An "up to N times" order is judged at its maximum: a high-dose card must not be missed.
+        if frequency_max is not None and frequency_max > frequency:
+            note = f"(upper end: up to {fmt(frequency_max)} times)"
+            frequency = frequency_max
+        return _Schedule(frequency, period, period_unit, note)
+    code = timing.get("code")
+    if is_map(code):
+        for coding in dicts(code.get("coding")):
+            found = nonblank(coding.get("code"))
+            schedule = _schedule_from_code(found, catalog) if found else None
+            if schedule:
+                return schedule
+        text = nonblank(code.get("text"))
+        schedule = _schedule_from_code(text, catalog) if text else None
+        return schedule or "timing code not understood"
+    if "frequency" in repeat or "period" in repeat:
+        return "timing has no period unit"
+    return None
+
+
+# Timing codes that are also ordinary words or abbreviations in free text ("1 tablet am and pm" is twice
+# daily, not AM): honoured in Timing.code only.
+_PLAIN_WORD_CODES = {"AM", "PM", "BED", "WK", "MO"}
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|(?:" + "|".join(_NUMBER_WORDS) + r")\b"
+_TEXT_AMOUNT = re.compile(rf"(?<![\w.,])({_NUM})\s*([a-zµμ\[{{][^\s,;:()]*)")
+_TIME_WORDS = re.compile(r"(times?|x|hours?|hrs?|h|days?|weeks?|wks?|months?|years?)\.?$")
+_UNIT_WORDS = {
+    "hour": "h", "hours": "h", "hr": "h", "hrs": "h", "h": "h",
+    "day": "d", "days": "d", "daily": "d",
+    "week": "wk", "weeks": "wk", "wk": "wk", "wks": "wk", "weekly": "wk",
+    "month": "mo", "months": "mo", "monthly": "mo",
+}  # fmt: skip
+_UNIT_ALT = "|".join(sorted(_UNIT_WORDS, key=len, reverse=True))
+_TEXT_EVERY_N = re.compile(rf"\bevery\s+({_NUM})\s+({_UNIT_ALT})\b")
+_TEXT_TIMES = re.compile(
+    rf"\b(once|twice|thrice|(?:{_NUM})\s*(?:times|x))\s*(?:a|per|each|every|/|in\s+a)?\s*({_UNIT_ALT})\b"
+)
+# Daily is tried first: when a text names both ("daily for 8 weeks, then weekly"), the higher reading is the
+# one a high-dose card must see. "a week" alone is left out: it is usually a duration ("for a week").
+_TEXT_ONCE_PER = [
+    (re.compile(r"\bevery\s+other\s+day\b"), ("1", "2", "d")),
+    (
+        re.compile(
+            r"\b(daily|every\s+day|each\s+day|a\s+day|per\s+day|nightly|at\s+bedtime|every\s+(morning|evening))\b"
+        ),
+        ("1", "1", "d"),
+    ),
+    (re.compile(r"\b(weekly|every\s+week|per\s+week)\b"), ("1", "1", "wk")),
+    (re.compile(r"\b(monthly|every\s+month|per\s+month)\b"), ("1", "1", "mo")),
+]
+
+
+def _text_number(text: str) -> Decimal:
+    return Decimal(_NUMBER_WORDS[text]) if text in _NUMBER_WORDS else Decimal(text.replace(",", ""))
+
+
+def _text_dose(text: str, catalog: MedicationCatalog) -> _Dose | str:
+    for match in _TEXT_AMOUNT.finditer(text):
+        spelling = match.group(2).rstrip(".")
+        if _TIME_WORDS.match(spelling):
+            continue
+        value = _text_number(match.group(1))
+        if value <= 0:
+            return "dose of zero in dosage text"
+        noun = catalog.count_noun(spelling)
+        if noun is not None:
+            return _Dose("count", value, noun)
+        unit = catalog.unit_of(spelling)
+        if unit is not None:
+            return _Dose("amount", value, unit)
+        return f"unit {quote(spelling)} not understood"
+    return "no dose found in dosage text"
+
+
+def _text_schedule(text: str, catalog: MedicationCatalog) -> _Schedule | str:
+    # A zero in the frequency is a mistyped order, not a cue to read the rest ("0 times a day" is not
+    # "a day"): the dose is unknown, as it is for "0 tablets daily".
+    match = _TEXT_EVERY_N.search(text)
+    if match:
+        period = _text_number(match.group(1))
+        if period <= 0:
+            return "interval of zero in dosage text"
+        return _Schedule(Decimal(1), period, _UNIT_WORDS[match.group(2)])
+    match = _TEXT_TIMES.search(text)
+    if match:
+        count = match.group(1)
+        words = {"once": "1", "twice": "2", "thrice": "3"}
+        raw = words.get(count) or re.sub(r"\s*(times|x)$", "", count)
+        frequency = _text_number(raw)
+        if frequency <= 0:
+            return "frequency of zero in dosage text"
+        return _Schedule(frequency, Decimal(1), _UNIT_WORDS[match.group(2)])
+    for word in re.findall(r"[a-z0-9]+", text.replace(".", "")):  # "q.d." is QD
+        schedule = _schedule_from_code(word, catalog) if word.upper() not in _PLAIN_WORD_CODES else None
+        if schedule:
+            return schedule
+    for pattern, (times, every, unit) in _TEXT_ONCE_PER:
+        if pattern.search(text):
+            return _Schedule(Decimal(times), Decimal(every), unit)
+    return "frequency not understood in dosage text"
+
+
+def read_dosage(dosage: object, catalog: MedicationCatalog) -> Dosage | str:
+    if not is_map(dosage):
+        return "dosage instruction not readable"
+    dose = _structured_dose(dosage, catalog)
+    schedule = _structured_schedule(dosage, catalog)
+    if isinstance(dose, _Dose) and isinstance(schedule, _Schedule):
+        return Dosage(dose, schedule, "structured")
+    text = nonblank(dosage.get("text"))
+    if text:
+        # Whatever the structured fields lack is read from the text (a coded dose with "twice daily").
+        lowered = text.lower()
+        final_dose = dose if isinstance(dose, _Dose) else _text_dose(lowered, catalog)
+        final_schedule = schedule if isinstance(schedule, _Schedule) else _text_schedule(lowered, catalog)
+        if isinstance(final_dose, _Dose) and isinstance(final_schedule, _Schedule):
+            return Dosage(final_dose, final_schedule, "parsed from text")
+        # The structured reason is the more precise one when both fail. One of the final pair is a reason
+        # (a text reading is a _Dose/_Schedule or a reason), so there is always one to return.
+        return next(r for r in (dose, schedule, final_dose, final_schedule) if isinstance(r, str))
+    if isinstance(dose, str):
+        return dose
+    if isinstance(schedule, str):
+        return schedule
+    if dose is None:
+        return "no dose quantity"
+    return "no timing"
+
+
+@dataclass(frozen=True)
+class _Amount:
+    per_period: Decimal
+    daily: Decimal
+    lead: str  # "IU/day", "IU/week", ...
+    detail: str
+
+
+def _amount(
+    ingredient: ProductIngredient, product: Product, dosage: Dosage, catalog: MedicationCatalog
+) -> _Amount | str:
+    category = catalog.by_category[ingredient.category]
+    dose, schedule = dosage.dose, dosage.schedule
+    if dose.kind == "count":
+        if ingredient.strength is None:
+            return f"strength of {ingredient.name} not known"
+        # EHRs say "capsule" or "{pill}" for any solid unit, so the product's own dose form names it; a
+        # drop is a different kind of unit, and a per-tablet strength says nothing about a drop.
+        if product.form and "drop" in (dose.unit, product.form) and dose.unit != product.form:
+            return f"a dose in {dose.unit}s does not fit a {product.form} product"
+        noun = product.form or dose.unit
+        per_dose = dose.value * ingredient.strength
+        detail = (
+            f"{fmt(dose.value)} {noun}{'' if dose.value == 1 else 's'} of "
+            f"{fmt(ingredient.strength)} {category.unit}"
+        )
+    else:
+        factor = catalog.factor(ingredient.category, dose.unit)
+        if factor is None:
+            return f"unit {quote(dose.unit)} not understood for {category.label}"
+        # A dose in an amount unit names one ingredient only; for a combination it is that ingredient's
+        # dose only if no other ingredient could also be measured in it (IU: vitamin D; mcg: ambiguous).
+        others = [i for i in product.ingredients if i is not ingredient]
+        if any(catalog.factor(o.category, dose.unit) is not None for o in others):
+            return f"a dose in {dose.unit} cannot be split among the ingredients of a combination product"
+        per_dose = dose.value * factor
+        detail = f"{fmt(dose.value)} {dose.unit}"
+        if dose.unit != category.unit:
+            detail += f" ({fmt(per_dose)} {category.unit})"
+    if dose.note:
+        detail += f" {dose.note}"
+    detail += f" {_schedule_words(schedule)}"
+    per_period = per_dose * schedule.frequency
+    daily = per_period * 24 / (schedule.period * catalog.period_hours[schedule.unit])
+    if schedule.period == 1 and schedule.unit in ("wk", "mo", "a"):
+        lead = f"{category.unit}/{_NOUNS[schedule.unit]}"
+    else:
+        per_period, lead = daily, f"{category.unit}/day"
+    return _Amount(per_period, daily, lead, detail)
+
+
+def ingredient_dose(
+    ingredient: ProductIngredient,
+    product: Product,
+    dosages: Sequence[Dosage | str],
+    catalog: MedicationCatalog,
+) -> IngredientDose:
+    unit = catalog.by_category[ingredient.category].unit
+    strength = float(ingredient.strength) if ingredient.strength is not None else None
+
+    def result(daily: Decimal | None, arithmetic: str, basis: str) -> IngredientDose:
+        return IngredientDose(
+            concept=ingredient.category,
+            name=ingredient.name,
+            strength=strength,
+            unit=unit,
+            daily=float(daily) if daily is not None else None,
+            weekly=float(daily * 7) if daily is not None else None,
+            arithmetic=arithmetic,
+            basis=basis,
+            matched_by=ingredient.matched_by,
+        )
+
+    if not dosages:
+        return result(None, "dose unknown: no dosage instruction", "unknown")
+    amounts: list[_Amount] = []
+    for i, dosage in enumerate(dosages):
+        found = dosage if isinstance(dosage, str) else _amount(ingredient, product, dosage, catalog)
+        if isinstance(found, str):
+            where = f"dosage {i + 1}: " if len(dosages) > 1 else ""
+            return result(None, f"dose unknown: {where}{found}", "unknown")
+        amounts.append(found)
+    bases = {d.basis for d in dosages if isinstance(d, Dosage)}
+    basis = "parsed from text" if "parsed from text" in bases else "structured"
+    if len(amounts) == 1:
+        only = amounts[0]
+        return result(only.daily, f"{fmt(only.per_period)} {only.lead}: {only.detail}", basis)
+    # Several dosage instructions are summed. FHIR may mean them in sequence (a loading course, then
+    # maintenance); the sum is the highest possible daily intake, so a high-dose card errs on the safe side.
+    daily = sum((a.daily for a in amounts), Decimal(0))
+    parts = " + ".join(f"{fmt(a.daily)} {unit}/day ({a.detail})" for a in amounts)
+    return result(daily, f"{fmt(daily)} {unit}/day: {parts}", basis)
