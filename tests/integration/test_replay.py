@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from builders import bundle_from_request, stop
-from d3k2.http.auth import Issuer, JtiStore, JwksCache, Key, TokenSigner, Verifier
+from d3k2.http.auth import Issuer, JwksCache, Key, Verifier
+from d3k2.http.jti import JtiStore
+from d3k2.http.signing import TokenSigner
 from d3k2.tools.cli import main
 from jwt_keys import ISSUER, NOW, SigningKey, es384, jwks, rs384
 

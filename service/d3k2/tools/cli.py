@@ -151,7 +151,7 @@ def replay(
     from d3k2.config import ConfigError
     from d3k2.core.ruleset import load_ruleset
     from d3k2.fhir.client import FhirClient
-    from d3k2.http.auth import TokenSigner
+    from d3k2.http.signing import TokenSigner
     from d3k2.tools import replay as engine
 
     if update and engine.in_ci():

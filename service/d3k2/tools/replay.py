@@ -34,7 +34,7 @@ from d3k2.service import call_service
 from d3k2.whatif import request_from_bundle
 
 if TYPE_CHECKING:
-    from d3k2.http.auth import TokenSigner
+    from d3k2.http.signing import TokenSigner
 
 _INDICATORS = {"critical": 0, "warning": 1, "info": 2}
 _CLIP = 72
