@@ -153,6 +153,7 @@ def replay(
     from d3k2.fhir.client import FhirClient
     from d3k2.http.signing import TokenSigner
     from d3k2.tools import replay as engine
+    from d3k2.tools import replay_report as reports
 
     if update and engine.in_ci():
         raise click.ClickException("--update rewrites golden files and is refused when CI is set")
@@ -190,10 +191,10 @@ def replay(
         except D3K2Error as exc:
             raise click.ClickException(exc.detail) from exc
     if fmt == "json":
-        click.echo(json.dumps(engine.json_report(results), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(reports.json_report(results), indent=2, ensure_ascii=False))
     elif fmt == "junit":
-        click.echo(engine.junit_report(results))
-    click.echo(engine.summary_line(results), err=fmt != "text")
+        click.echo(reports.junit_report(results))
+    click.echo(reports.summary_line(results), err=fmt != "text")
     if any(r.status in ("failed", "error") for r in results):
         sys.exit(1)
 
@@ -234,7 +235,7 @@ class _Progress:
             self._bar.stop()
 
     def report(self, result: Any) -> None:
-        from d3k2.tools.replay import text_report
+        from d3k2.tools.replay_report import text_report
 
         if self._bar is not None:
             self._bar.update(self._task, advance=1, description=result.name)
