@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -82,6 +83,15 @@ def _date_option(_ctx: click.Context, _param: click.Parameter, value: str | None
         raise click.BadParameter(f"must be a date (YYYY-MM-DD), got {value!r}") from exc
 
 
+def _url_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"must be an http(s) URL, got {value!r}")
+    return value
+
+
 @contextmanager
 def _quiet_logs(verbose: bool) -> Iterator[None]:
     """Failed fallback fetches are expected in recorded fixtures (their fhirServer is gone): the cards
@@ -102,6 +112,13 @@ _HOOKS = click.Choice(["patient-view", "order-select", "order-sign", "medication
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--url", default=None, help="Replay against a running d3k2 (D3K2_ENV dev or test) at this base URL."
+)
+@click.option(
+    "--fhir-server",
+    callback=_url_option,
+    default=None,
+    help="Replace the fhirServer of every request that records one with this FHIR base URL (the keys the "
+    "request lacks are fetched there; its recorded fhirAuthorization is not sent).",
 )
 @click.option("--update", is_flag=True, help="Rewrite the goldens' 'response' (refused when CI is set).")
 @click.option(
@@ -133,6 +150,7 @@ _HOOKS = click.Choice(["patient-view", "order-select", "order-sign", "medication
 def replay(
     paths: tuple[Path, ...],
     url: str | None,
+    fhir_server: str | None,
     update: bool,
     fmt: str,
     today: date | None,
@@ -171,7 +189,7 @@ def replay(
             raise click.ClickException(str(exc)) from exc
     settings = _settings()
     options = engine.Options(
-        today, profile or settings.profile, hook, patient, update, remote=url is not None
+        today, profile or settings.profile, hook, patient, update, url is not None, fhir_server
     )
     with _quiet_logs(verbose), _Progress(fmt) as progress:
         try:

@@ -164,6 +164,7 @@ class Options:
     patient: str | None = None
     update: bool = False
     remote: bool = False
+    fhir_server: str | None = None  # replaces every recorded fhirServer
 
 
 def golden_for(path: Path) -> Path:
@@ -273,7 +274,7 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
             raise ReplayError(f"{_rel(path)}: {exc.detail}") from exc
         case.fixture, case.bundle = False, True
     elif isinstance(data.get("hook"), str):
-        case.payload = data
+        case.payload = _with_fhir_server(data, options.fhir_server)
         service = str(expected["service"]) if expected and expected.get("service") else f"d3k2-{data['hook']}"
         if service not in services:
             raise ReplayError(
@@ -295,6 +296,16 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
         raise ReplayError(f"{_rel(path)}: no 'today' in {case.golden.name}: pass --today YYYY-MM-DD")
     case.profile = str((expected or {}).get("profile") or options.profile or default_profile)
     return case
+
+
+def _with_fhir_server(request: dict[str, Any], fhir_server: str | None) -> dict[str, Any]:
+    """The request with ``fhir_server`` for the fhirServer it recorded (a copy; files are never changed).
+    Its fhirAuthorization goes too: that token was issued for the recorded server, not for this one."""
+    if fhir_server is None or request.get("fhirServer") is None:
+        return request
+    changed = {key: value for key, value in request.items() if key != "fhirAuthorization"}
+    changed["fhirServer"] = fhir_server
+    return changed
 
 
 def _hook_of(service: Any, services: Mapping[str, tuple[str, list[str]]]) -> str | None:
