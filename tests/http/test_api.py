@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from builders import CARDS, SANDBOX, TODAY, ruleset, topics
+from builders import CARDS, TODAY, ruleset, sandbox_request, topics
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 from fhir_server import FhirServer
@@ -41,7 +41,7 @@ def post(client, path: str, body: Any, **kwargs: Any):
 
 
 def sandbox(name: str) -> dict[str, Any]:
-    return json.loads((SANDBOX / name).read_text())
+    return sandbox_request(name)
 
 
 # ---------------------------------------------------------------- discovery and errors

@@ -17,7 +17,7 @@ from flask import Flask, Request
 from werkzeug.test import Client, TestResponse
 
 import d3k2.http.api
-from builders import CARDS, SANDBOX, TODAY, fixtures, ruleset
+from builders import CARDS, TODAY, fixtures, ruleset, sandbox_request
 from d3k2.config import Settings
 from d3k2.core.errors import BadRequest, PrefetchUnavailable, Unauthorized
 from d3k2.http.app import create_app
@@ -28,7 +28,7 @@ HEADERS = {"X-D3K2-Today": TODAY.isoformat(), "X-Request-ID": "edge-test"}
 
 
 def sandbox_call() -> bytes:
-    return (SANDBOX / "patient-view.request.json").read_bytes()
+    return orjson.dumps(sandbox_request("patient-view.request.json"))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from builders import CARDS, FIXTURES, TODAY, ruleset
+from builders import CARDS, FIXTURES, TODAY, off_the_network, ruleset
 from d3k2.config import ConfigError, Settings, from_env
 from d3k2.http.app import create_app
 from d3k2.http.logs import JsonFormatter
@@ -149,7 +149,7 @@ def test_preview_needs_no_jwt_when_hooks_do(tmp_path: Path) -> None:
     client = make_client(tmp_path, auth="required", trust_file=trust, preview=True)
     assert client.post("/cds-services/d3k2-patient-view", json=fixture_request()).status_code == 401
     assert client.get("/preview").status_code == 200
-    assert explain(client, request=fixture_request()).status_code == 200
+    assert explain(client, request=off_the_network(fixture_request())).status_code == 200
 
 
 # ---------------------------------------------------------------- fixtures
