@@ -33,9 +33,13 @@ def client(tmp_path: Path):
     return make_client(tmp_path)
 
 
-def fixture_request(case: str = SANDBOX_CASE) -> dict[str, Any]:
+def recorded_request(case: str = SANDBOX_CASE) -> dict[str, Any]:
     request: dict[str, Any] = json.loads((FIXTURES / case / "request.json").read_text(encoding="utf-8"))
     return request
+
+
+def fixture_request(case: str = SANDBOX_CASE) -> dict[str, Any]:
+    return off_the_network(recorded_request(case))
 
 
 def explain(client, **body: Any):
@@ -149,7 +153,7 @@ def test_preview_needs_no_jwt_when_hooks_do(tmp_path: Path) -> None:
     client = make_client(tmp_path, auth="required", trust_file=trust, preview=True)
     assert client.post("/cds-services/d3k2-patient-view", json=fixture_request()).status_code == 401
     assert client.get("/preview").status_code == 200
-    assert explain(client, request=off_the_network(fixture_request())).status_code == 200
+    assert explain(client, request=fixture_request()).status_code == 200
 
 
 # ---------------------------------------------------------------- fixtures
@@ -167,7 +171,7 @@ def test_fixture_listing_and_one_fixture(client) -> None:
     assert one.status_code == 200
     data = one.get_json()
     expected = json.loads((FIXTURES / SANDBOX_CASE / "expected.json").read_text(encoding="utf-8"))
-    assert data["request"] == fixture_request()
+    assert data["request"] == recorded_request()
     assert (data["today"], data["profile"]) == (expected["today"], expected["profile"])
     assert data["hook"] == "patient-view"
 
