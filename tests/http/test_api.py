@@ -206,6 +206,12 @@ def test_older_and_full_feedback_shapes_are_accepted(client, item) -> None:
     assert post(client, "/cds-services/d3k2-patient-view/feedback", {"feedback": [item]}).status_code == 200
 
 
+def test_one_feedback_item_without_the_list_is_taken_as_one(client) -> None:
+    response = post(client, "/cds-services/d3k2-patient-view/feedback", {"card": "c1", "outcome": "accepted"})
+    assert response.status_code == 200
+    assert response.get_json()["received"] == 1
+
+
 @pytest.mark.parametrize(
     "body",
     [
