@@ -51,6 +51,7 @@ class Fixture:
 
 
 def fixtures() -> list[Fixture]:
+    """Every golden fixture, its request off the network (``off_the_network``)."""
     found = []
     for request in sorted(FIXTURES.glob("*/*/request.json")):
         folder = request.parent
@@ -59,7 +60,7 @@ def fixtures() -> list[Fixture]:
                 folder,
                 folder.parent.name,
                 folder.name,
-                json.loads(request.read_text(encoding="utf-8")),
+                off_the_network(json.loads(request.read_text(encoding="utf-8"))),
                 json.loads((folder / "expected.json").read_text(encoding="utf-8")),
             )
         )
@@ -161,10 +162,21 @@ def settings(tmp_path: Path, **changes: Any) -> Settings:
 
 def hook_request() -> dict[str, Any]:
     """The sandbox's patient-view call, its fhirServer moved to a port where nothing listens."""
-    body: dict[str, Any] = json.loads((SANDBOX / "patient-view.request.json").read_text())
-    body = copy.deepcopy(body)
-    body["fhirServer"] = refused_url()
-    return body
+    return sandbox_request("patient-view.request.json")
+
+
+def sandbox_request(name: str) -> dict[str, Any]:
+    """A recorded sandbox call from tests/data/sandbox, off the network (``off_the_network``)."""
+    return off_the_network(json.loads((SANDBOX / name).read_text(encoding="utf-8")))
+
+
+def off_the_network(request: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a recorded request whose fhirServer, when it names one, is ``refused_url()``. The recordings
+    name http://127.0.0.1:8090/fhir and the goldens record "could not be fetched: connection refused" for
+    the keys they lack: true only while nothing on this machine listens there."""
+    if request.get("fhirServer") is None:
+        return request
+    return {**copy.deepcopy(request), "fhirServer": refused_url()}
 
 
 def post(client: Any, path: str, body: Any) -> Any:

@@ -20,8 +20,8 @@ MODELS = {"MedicationRequest": MedicationRequest, "ServiceRequest": ServiceReque
 
 @pytest.fixture(scope="module")
 def client():
-    # The recorded sandbox requests name a fhirServer on loopback where nothing listens: fetches of the
-    # keys they lack fail fast with "connection refused", which the goldens record.
+    # fixtures() moves the recorded sandbox requests' fhirServer to refused_url(): fetches of the keys they
+    # lack fail fast with "connection refused", which the goldens record, whatever listens on this machine.
     with FhirClient(Settings(fhir_budget=2.0)) as c:
         yield c
 

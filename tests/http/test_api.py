@@ -14,7 +14,7 @@ import pytest
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 import d3k2.http.api
-from builders import CARDS, SANDBOX, TODAY, ruleset, topics
+from builders import CARDS, TODAY, ruleset, sandbox_request, topics
 from d3k2.config import Settings
 from d3k2.core.errors import BadRequest, PrefetchUnavailable, Unauthorized
 from d3k2.http.app import create_app, error_answer
@@ -46,7 +46,7 @@ def post(client, path: str, body: Any, **kwargs: Any):
 
 
 def sandbox(name: str) -> dict[str, Any]:
-    return json.loads((SANDBOX / name).read_text())
+    return sandbox_request(name)
 
 
 # ---------------------------------------------------------------- discovery and errors
@@ -427,7 +427,7 @@ class Unreadable(io.BytesIO):
 
 
 def _call() -> bytes:
-    return (SANDBOX / "patient-view.request.json").read_bytes()
+    return json.dumps(sandbox_request("patient-view.request.json")).encode()
 
 
 def _chunked(body: bytes) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from d3k2.http.app import create_app
 from d3k2.http.auth import (
     Authenticator,
     Issuer,
-    JtiStore,
     JwksCache,
     KeysUnavailable,
     Verifier,
@@ -33,6 +32,7 @@ from d3k2.http.auth import (
     load_trust,
     parse_jwks,
 )
+from d3k2.http.jti import JtiStore
 from jwt_keys import (
     BASE_URL,
     ISSUER,

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from builders import CARDS, SANDBOX, TODAY, fixtures, ruleset
+from builders import CARDS, TODAY, fixtures, ruleset, sandbox_request
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 from d3k2.http.openapi import ERRORS, build_openapi
@@ -98,7 +98,7 @@ def post(client, path: str, body: Any, **kwargs: Any):
 
 
 def sandbox(name: str) -> dict[str, Any]:
-    return json.loads((SANDBOX / name).read_text())
+    return sandbox_request(name)
 
 
 # ---------------------------------------------------------------- the document itself

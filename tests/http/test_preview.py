@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from builders import CARDS, FIXTURES, TODAY, ruleset
+from builders import CARDS, FIXTURES, TODAY, off_the_network, ruleset
 from d3k2.config import ConfigError, Settings, from_env
 from d3k2.http.app import create_app
 from d3k2.http.logs import JsonFormatter
@@ -33,9 +33,13 @@ def client(tmp_path: Path):
     return make_client(tmp_path)
 
 
-def fixture_request(case: str = SANDBOX_CASE) -> dict[str, Any]:
+def recorded_request(case: str = SANDBOX_CASE) -> dict[str, Any]:
     request: dict[str, Any] = json.loads((FIXTURES / case / "request.json").read_text(encoding="utf-8"))
     return request
+
+
+def fixture_request(case: str = SANDBOX_CASE) -> dict[str, Any]:
+    return off_the_network(recorded_request(case))
 
 
 def explain(client, **body: Any):
@@ -167,7 +171,7 @@ def test_fixture_listing_and_one_fixture(client) -> None:
     assert one.status_code == 200
     data = one.get_json()
     expected = json.loads((FIXTURES / SANDBOX_CASE / "expected.json").read_text(encoding="utf-8"))
-    assert data["request"] == fixture_request()
+    assert data["request"] == recorded_request()
     assert (data["today"], data["profile"]) == (expected["today"], expected["profile"])
     assert data["hook"] == "patient-view"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from builders import bundle_from_request
+from builders import bundle_from_request, off_the_network
 from d3k2.config import default_cards_dir
 from d3k2.core.errors import BadRequest
 from d3k2.core.loader import load_ruleset
@@ -128,15 +129,25 @@ def test_what_if_vitd_in_nmol_pregnancy_and_calcium(bundle_file: Path) -> None:
     assert verdicts(data)["hypercalcemia"] == "fired"
 
 
+def off_the_network_copy(request: Path, tmp_path: Path) -> Path:
+    """A recorded fixture copied with its request off the network and its golden beside it."""
+    folder = tmp_path / request.parent.name
+    folder.mkdir()
+    shutil.copy(request.parent / "expected.json", folder / "expected.json")
+    recorded = json.loads(request.read_text(encoding="utf-8"))
+    (folder / "request.json").write_text(json.dumps(off_the_network(recorded)), encoding="utf-8")
+    return folder / "request.json"
+
+
 def test_explain_a_fixture_uses_its_golden_today(tmp_path: Path) -> None:
-    data = report(str(SANDBOX_VIEW))
+    data = report(str(off_the_network_copy(SANDBOX_VIEW, tmp_path)))
     assert data["today"] == json.loads((SANDBOX_VIEW.parent / "expected.json").read_text())["today"]
     assert data["service"] == "d3k2-patient-view"
 
 
-def test_order_hook_rules_are_listed_per_draft() -> None:
+def test_order_hook_rules_are_listed_per_draft(tmp_path: Path) -> None:
     request = REPO / "fixtures" / "order-select" / "sandbox-order-select" / "request.json"
-    data = report(str(request), "--today", TODAY)
+    data = report(str(off_the_network_copy(request, tmp_path)), "--today", TODAY)
     drafts = [r for r in data["rules"] if r["draft"]]
     assert drafts
     assert any(r["rule"] == "order-k2-vka" and r["verdict"] == "fired" for r in drafts)

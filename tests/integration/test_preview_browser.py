@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from werkzeug.serving import make_server
 
-from builders import CARDS, FIXTURES, REPO, ruleset
+from builders import CARDS, FIXTURES, REPO, off_the_network, ruleset
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 
@@ -125,6 +125,7 @@ class Page:
         self.errors: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
         self.page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
+        self.page.route("**/preview/fixtures/*/*", _off_the_network)
         self.page.goto(f"{base_url}/preview")
         self.page.wait_for_selector("body[data-state=ready]")
 
@@ -147,6 +148,15 @@ class Page:
                 c.dataset.topic, c.className, c.querySelector('.card-summary').textContent])""",
         )
         return [(topic, classes, summary) for topic, classes, summary in found]
+
+
+def _off_the_network(route: Any) -> None:
+    """The fixture as served, its recorded fhirServer moved off the network as builders.fixtures() does,
+    so that its golden cards hold whatever listens on this machine."""
+    served = route.fetch()
+    fixture = served.json()
+    fixture["request"] = off_the_network(fixture["request"])
+    route.fulfill(response=served, json=fixture)
 
 
 @pytest.fixture

@@ -24,19 +24,27 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from builders import bundle_from_request, stop
-from d3k2.http.auth import Issuer, JtiStore, JwksCache, Key, TokenSigner, Verifier
+from builders import bundle_from_request, refused_url, stop
+from d3k2.http.auth import Issuer, JwksCache, Key, Verifier
+from d3k2.http.jti import JtiStore
+from d3k2.http.signing import TokenSigner
 from d3k2.tools.cli import main
+from fhir_server import FhirServer
 from jwt_keys import ISSUER, NOW, SigningKey, es384, jwks, rs384
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "fixtures"
 TODAY = "2026-11-24"
 SANDBOX_VIEW = FIXTURES / "patient-view" / "sandbox-patient-view"
+SANDBOX_SIGN = FIXTURES / "order-sign" / "sandbox-order-sign"
+NOWHERE = refused_url().removesuffix("/fhir")  # a d3k2 base URL where every connection is refused
 
 
-def run(*args: str, ci: str | None = None) -> Result:
-    return CliRunner(env={"CI": ci}).invoke(main, ["replay", *args], catch_exceptions=False)
+def run(*args: str, ci: str | None = None, fhir_server: str | None = None) -> Result:
+    """`d3k2 replay`; recorded fhirServers are replaced by one that refuses every connection (what the
+    goldens record), unless the test names its own, whatever else listens on this machine."""
+    server = ["--fhir-server", fhir_server or refused_url()]
+    return CliRunner(env={"CI": ci}).invoke(main, ["replay", *args, *server], catch_exceptions=False)
 
 
 def last_line(result: Result) -> str:
@@ -243,7 +251,7 @@ def test_json_format(tmp_path: Path) -> None:
 
     data = edit_golden(case, change)
     wrong = data["response"]["cards"][0]["indicator"]
-    result = CliRunner(env={"CI": None}).invoke(main, ["replay", str(tmp_path), "--format", "json"])
+    result = run(str(tmp_path), "--format", "json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["summary"] == {"passed": 0, "failed": 1, "skipped": 0}
@@ -255,15 +263,66 @@ def test_json_format(tmp_path: Path) -> None:
 def test_junit_format(tmp_path: Path) -> None:
     copy_case(tmp_path)
     (tmp_path / "broken.json").write_text("nope", encoding="utf-8")
-    result = CliRunner(env={"CI": None}).invoke(
-        main, ["replay", str(tmp_path), str(tmp_path / "broken.json"), "--format", "junit"]
-    )
+    result = run(str(tmp_path), str(tmp_path / "broken.json"), "--format", "junit")
     assert result.exit_code == 1
     suite = ET.fromstring(result.stdout.split("?>", 1)[1]).find("testsuite")
     assert suite is not None
     assert suite.get("tests") == "2"
     assert suite.get("errors") == "1"
     assert len(suite.findall("testcase")) == 2
+
+
+# ---------------------------------------------------------------- --fhir-server
+
+
+def _detail_of(golden: Path, topic: str) -> str:
+    cards = json.loads(golden.read_text(encoding="utf-8"))["response"]["cards"]
+    return next((c["detail"] for c in cards if c["source"]["topic"]["code"] == topic), "")
+
+
+def test_fhir_server_replaces_the_recorded_one(tmp_path: Path, fhir_server: FhirServer) -> None:
+    """The keys the recorded request lacks are fetched from the server named (it answers: nothing on
+    record), no longer refused at the recorded address; the request file is not changed."""
+    case = copy_case(tmp_path, SANDBOX_SIGN)
+    request_before = (case / "request.json").read_bytes()
+    assert "calcium results (could not be fetched: connection refused)" in _detail_of(
+        case / "expected.json", "data-incomplete"
+    )
+    result = run(str(tmp_path), "--update", fhir_server=fhir_server.base_url)
+    assert result.exit_code == 0, result.output
+    assert "[golden updated]" in result.output
+    assert "could not be fetched" not in _detail_of(case / "expected.json", "data-incomplete")
+    assert (case / "request.json").read_bytes() == request_before
+
+
+def test_fhir_server_gets_no_recorded_token(tmp_path: Path, fhir_server_auth: FhirServer) -> None:
+    """A recorded fhirAuthorization is for the recorded server: sent to the server named instead, it would
+    hand that server a credential. The control shows the same server answers when the token is sent."""
+    assert fhir_server_auth.token
+    request = json.loads((SANDBOX_SIGN / "request.json").read_text(encoding="utf-8"))
+    request["fhirAuthorization"] = {"access_token": fhir_server_auth.token, "token_type": "Bearer"}
+    recorded_there = tmp_path / "there.request.json"
+    recorded_there.write_text(json.dumps({**request, "fhirServer": fhir_server_auth.base_url}))
+    recorded_elsewhere = tmp_path / "elsewhere.request.json"
+    recorded_elsewhere.write_text(json.dumps({**request, "fhirServer": refused_url()}))
+    as_recorded = CliRunner(env={"CI": None}).invoke(
+        main, ["replay", str(recorded_there), "--today", TODAY, "--update"], catch_exceptions=False
+    )
+    assert as_recorded.exit_code == 0, as_recorded.output
+    elsewhere = fhir_server_auth.base_url
+    redirected = run(str(recorded_elsewhere), "--today", TODAY, "--update", fhir_server=elsewhere)
+    assert redirected.exit_code == 0, redirected.output
+    assert "could not be fetched" not in _detail_of(tmp_path / "there.expected.json", "data-incomplete")
+    assert "calcium results (could not be fetched: HTTP 401)" in _detail_of(
+        tmp_path / "elsewhere.expected.json", "data-incomplete"
+    )
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8090/fhir", "ftp://127.0.0.1/fhir", "http:///fhir"])
+def test_fhir_server_must_be_an_http_url(url: str) -> None:
+    result = run(str(FIXTURES), fhir_server=url)
+    assert result.exit_code == 2
+    assert "--fhir-server" in result.output and "must be an http(s) URL" in result.output
 
 
 # ---------------------------------------------------------------- --url against a real server
@@ -394,7 +453,7 @@ def test_url_mode_with_a_key_the_server_does_not_trust_is_refused(secured: str, 
     [
         (["--jwt-iss", ISSUER], "--jwt-iss and --jwt-kid go with --jwt-key"),
         (["--jwt-key", "{key}", "--jwt-iss", ISSUER, "--jwt-kid", "k"], "it needs --url"),
-        (["--url", "http://127.0.0.1:9", "--jwt-key", "{key}", "--jwt-kid", "k"], "needs --jwt-iss and"),
+        (["--url", NOWHERE, "--jwt-key", "{key}", "--jwt-kid", "k"], "needs --jwt-iss and"),
     ],
 )
 def test_token_options_go_together(tmp_path: Path, args: list[str], message: str) -> None:
@@ -419,7 +478,7 @@ def test_token_options_go_together(tmp_path: Path, args: list[str], message: str
 )
 def test_an_unusable_signing_key_is_one_error_line(tmp_path: Path, make: Any, message: str) -> None:
     path = make(tmp_path)
-    args = ["--url", "http://127.0.0.1:9", "--jwt-key", str(path), "--jwt-iss", ISSUER, "--jwt-kid", "k"]
+    args = ["--url", NOWHERE, "--jwt-key", str(path), "--jwt-iss", ISSUER, "--jwt-kid", "k"]
     result = CliRunner().invoke(main, ["replay", str(tmp_path), *args])
     assert result.exit_code == 1
     assert message in result.output

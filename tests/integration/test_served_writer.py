@@ -161,7 +161,7 @@ def test_answers_are_written_in_few_transactions(store: FeedbackStore) -> None:
 
 
 def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> None:
-    """The writer hands its rows to the driver's executemany (sv._insert_served); what lands must be
+    """The writer hands its rows to the driver's executemany (sv.insert_served); what lands must be
     what SQLAlchemy's insert(cards_served) writes: the same values read back, whatever the backend."""
     from sqlalchemy import insert
 
@@ -175,7 +175,7 @@ def test_batches_are_stored_as_sqlalchemy_stores_them(store: FeedbackStore) -> N
     ]
     rows = [row for i, at in enumerate(served) for row in sv.served_rows(SERVICE, [*answer(i), *odd], at)]
     with store.engine.begin() as connection:
-        sv._insert_served(connection, rows)
+        sv.insert_served(connection, rows)
     columns = [c for c in cards_served.c if c.name != "id"]
     # The text in the database too: SQLite keeps served_at as text, which report --since compares as text.
     as_text = "SELECT CAST(served_at AS TEXT) FROM cards_served ORDER BY id"
@@ -617,8 +617,8 @@ def test_a_failing_listener_is_logged_not_raised(
 
 def test_errors_are_described_without_sql_or_parameters() -> None:
     wrapped = OperationalError("INSERT INTO cards_served VALUES (?)", ("secret",), Exception("locked\nmore"))
-    assert sv._describe(wrapped) == "Exception: locked"
-    assert sv._describe(RuntimeError()) == "RuntimeError"
+    assert sv.describe_error(wrapped) == "Exception: locked"
+    assert sv.describe_error(RuntimeError()) == "RuntimeError"
 
 
 def test_http_answers_survive_a_full_queue_and_failures_reach_metrics(tmp_path: Path) -> None:

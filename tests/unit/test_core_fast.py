@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from builders import TODAY, fixtures, ruleset
-from d3k2.core.cards import _validated, build_cards, card_uuid, medication_request, service_request
+from d3k2.core.cards import build_cards, card_uuid, medication_request, service_request, validated_resource
 from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import (
-    _FIELD_MAKERS,
+    FIELD_MAKERS,
     FactValue,
-    _FieldContext,
-    _Fields,
+    FieldContext,
+    Fields,
     evaluate,
     evaluate_condition,
     fact_values,
@@ -44,7 +44,7 @@ from d3k2.core.medications import classify_medication
 from d3k2.core.quantities import Interval
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Ref, RuleSet
 from d3k2.core.terminology import RXNORM
-from d3k2.fhir.prefetch import _unresolved_medications, _usable, resolve, resources_of
+from d3k2.fhir.prefetch import resolve, resources_of, unresolved_medications, usable_resources
 from d3k2.service import call_service, classifier, drafts_of, facts_for, prepare
 
 PROPERTY = settings(
@@ -236,12 +236,12 @@ def test_fields_made_on_first_use_equal_the_fields_made_at_once(facts: Facts) ->
     rs = ruleset()
     values = fact_values(rs, facts, "seed")
     eager = template_fields(rs, facts, "seed", values)
-    lazy = _Fields(_FieldContext(rs, facts, "seed", values))
+    lazy = Fields(FieldContext(rs, facts, "seed", values))
     assert len(lazy) == 0
     for name in reversed(list(eager)):
         assert vars(lazy[name]) == vars(eager[name])
         assert lazy[name] is lazy[name]  # made once
-    assert list(eager) == list(_FIELD_MAKERS)
+    assert list(eager) == list(FIELD_MAKERS)
     assert "{vitd.shown} / {vka.names}".format_map(lazy) == "{vitd.shown} / {vka.names}".format_map(eager)
     with pytest.raises(KeyError):
         lazy["nope"]
@@ -370,11 +370,11 @@ def test_suggested_resources_are_validated_once_each_and_equal_fresh_ones() -> N
             assert ServiceRequest.model_validate(made).model_dump(mode="json", exclude_none=True) == made
             if product.occurrence_weeks:
                 assert service_request(product, "p1", later) != made
-    before = _validated.cache_info()
+    before = validated_resource.cache_info()
     for product in rs.products.values():
         if product.kind == "medication":
             medication_request(product, "p2", rs.texts.units)
-    after = _validated.cache_info()
+    after = validated_resource.cache_info()
     assert after.misses == before.misses and after.hits > before.hits  # by value: any patient, any call
 
 
@@ -425,18 +425,18 @@ PATIENT = {"resourceType": "Patient", "id": "p1"}
     ],
 )
 def test_a_prefetched_value_is_read_in_one_pass(value: dict[str, Any], usable: list[Any] | None) -> None:
-    assert _usable(value) == usable
+    assert usable_resources(value) == usable
     if usable is not None:
         assert resources_of(value) == usable
 
 
 def test_medication_references_are_looked_for_only_when_there_are_some() -> None:
     statement = {"resourceType": "MedicationStatement", "medicationReference": {"reference": "Medication/m1"}}
-    assert _unresolved_medications([PATIENT, {"resourceType": "MedicationStatement"}]) == []
-    assert _unresolved_medications([statement]) == ["Medication/m1"]
-    assert _unresolved_medications([statement, {"resourceType": "Medication", "id": "m1"}]) == []
+    assert unresolved_medications([PATIENT, {"resourceType": "MedicationStatement"}]) == []
+    assert unresolved_medications([statement]) == ["Medication/m1"]
+    assert unresolved_medications([statement, {"resourceType": "Medication", "id": "m1"}]) == []
     odd = {"resourceType": "MedicationRequest", "medicationReference": {"reference": "Medication/a b"}}
-    assert _unresolved_medications([odd]) == []
+    assert unresolved_medications([odd]) == []
 
 
 def test_prepare_makes_what_the_first_call_would() -> None:

@@ -19,7 +19,7 @@ from d3k2.core.hooks import parse_request
 from d3k2.core.loader import load_ruleset
 from d3k2.core.quantities import Interval
 from d3k2.core.ruleset import RuleSet
-from d3k2.core.texts import _PLACEHOLDERS, Texts, load_texts
+from d3k2.core.texts import PLACEHOLDERS, Texts, load_texts
 from d3k2.fhir.prefetch import resolve
 from d3k2.service import call_service, facts_for
 
@@ -101,7 +101,7 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
     rs = ruleset()
     marked = {
         key: f"«{key}»" + "".join(f"{{{name}}}" for name in sorted(names))
-        for key, names in _PLACEHOLDERS.items()
+        for key, names in PLACEHOLDERS.items()
     }
     texts = Texts(**marked, units={**rs.texts.units, "{tbl}": "«tablet»"})
     changed = dataclasses.replace(rs, texts=texts)

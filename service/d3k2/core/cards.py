@@ -90,7 +90,7 @@ def _medication_resource(product: Product, units: Mapping[str, str]) -> bytes:
         "medicationCodeableConcept": _concept(product),
         "dosageInstruction": [instruction],
     }
-    return _validated(orjson.dumps(resource))
+    return validated_resource(orjson.dumps(resource))
 
 
 def _concept(product: Product) -> dict[str, Any]:
@@ -118,11 +118,11 @@ def _service_resource(product: Product, today: date) -> bytes:
         resource["occurrenceDateTime"] = (today + timedelta(weeks=product.occurrence_weeks)).isoformat()
     if product.note:
         resource["note"] = [{"text": product.note}]
-    return _validated(orjson.dumps(resource))
+    return validated_resource(orjson.dumps(resource))
 
 
 @lru_cache(maxsize=512)
-def _validated(resource: bytes) -> bytes:
+def validated_resource(resource: bytes) -> bytes:
     """Each distinct resource is validated with the R4B model once, not on every answer (≈ 0.5 ms each)."""
     raw = orjson.loads(resource)
     if raw["resourceType"] == "MedicationRequest":

@@ -115,18 +115,18 @@ def _measurement_fields(m: Measurement | None, texts: Texts) -> SimpleNamespace:
 
 
 @dataclass(frozen=True)
-class _FieldContext:
+class FieldContext:
     ruleset: RuleSet
     facts: Facts
     profile_name: str
     values: Mapping[str, FactValue]
 
 
-def _profile_fields(c: _FieldContext) -> SimpleNamespace:
+def _profile_fields(c: FieldContext) -> SimpleNamespace:
     return SimpleNamespace(name=c.profile_name, title=c.ruleset.profiles[c.profile_name].title)
 
 
-def _vitd_fields(c: _FieldContext) -> SimpleNamespace:
+def _vitd_fields(c: FieldContext) -> SimpleNamespace:
     texts = c.ruleset.texts
     vitd = _measurement_fields(c.facts.vitd, texts)
     band = c.values.get("vitd.band")
@@ -135,7 +135,7 @@ def _vitd_fields(c: _FieldContext) -> SimpleNamespace:
     return vitd
 
 
-def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
+def _calcium_fields(c: FieldContext) -> SimpleNamespace:
     facts, texts = c.facts, c.ruleset.texts
     calcium = _measurement_fields(facts.calcium, texts)
     calcium.limit = (
@@ -146,20 +146,20 @@ def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
     return calcium
 
 
-def _evidence_fields(c: _FieldContext) -> SimpleNamespace:
+def _evidence_fields(c: FieldContext) -> SimpleNamespace:
     facts, texts = c.facts, c.ruleset.texts
     groups = {name: _evidence(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()}
     pregnancy = "; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or texts.none
     return SimpleNamespace(**groups, pregnancy=pregnancy)
 
 
-def _data_fields(c: _FieldContext) -> SimpleNamespace:
+def _data_fields(c: FieldContext) -> SimpleNamespace:
     problems = list(c.facts.missing) + list(c.facts.issues)
     return SimpleNamespace(issues="; ".join(problems) if problems else c.ruleset.texts.none)
 
 
 # Each namespace of the template fields, in the order `template_fields` lists them.
-_FIELD_MAKERS: dict[str, Callable[[_FieldContext], SimpleNamespace]] = {
+FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     "profile": _profile_fields,
     "vitd": _vitd_fields,
     "egfr": lambda c: _measurement_fields(c.facts.egfr, c.ruleset.texts),
@@ -175,27 +175,27 @@ _FIELD_MAKERS: dict[str, Callable[[_FieldContext], SimpleNamespace]] = {
 }
 
 
-class _Fields(dict[str, SimpleNamespace]):
+class Fields(dict[str, SimpleNamespace]):
     """The template fields of one answer, each namespace made when a card first reads it and then kept
     (like a defaultdict): an answer renders a few cards, and most namespaces are never read. A dict, so
     that `str.format_map` reads the namespaces already made at C speed."""
 
     __slots__ = ("_context",)
 
-    def __init__(self, context: _FieldContext) -> None:
+    def __init__(self, context: FieldContext) -> None:
         super().__init__()
         self._context = context
 
     def __missing__(self, key: str) -> SimpleNamespace:
-        made = self[key] = _FIELD_MAKERS[key](self._context)
+        made = self[key] = FIELD_MAKERS[key](self._context)
         return made
 
 
 def template_fields(
     ruleset: RuleSet, facts: Facts, profile_name: str, values: Mapping[str, FactValue]
 ) -> dict[str, SimpleNamespace]:
-    context = _FieldContext(ruleset, facts, profile_name, values)
-    return {name: make(context) for name, make in _FIELD_MAKERS.items()}
+    context = FieldContext(ruleset, facts, profile_name, values)
+    return {name: make(context) for name, make in FIELD_MAKERS.items()}
 
 
 # ---------------------------------------------------------------- conditions
@@ -375,7 +375,7 @@ def evaluate(
 ) -> Evaluation:
     """Every rule of the hook against the facts; `trace` keeps why each fired or stayed silent."""
     values = fact_values(ruleset, facts, profile)
-    fields = _Fields(_FieldContext(ruleset, facts, profile, values))
+    fields = Fields(FieldContext(ruleset, facts, profile, values))
     findings: list[Finding] = []
     traces: list[Trace] = []
     memo: dict[str, bool | None] = {}

@@ -33,7 +33,7 @@ class Texts:
 
 
 # [cards] key → the placeholders its text must use.
-_PLACEHOLDERS: dict[str, frozenset[str]] = {
+PLACEHOLDERS: dict[str, frozenset[str]] = {
     "none": frozenset(),
     "not_on_record": frozenset(),
     "no_date": frozenset(),
@@ -84,10 +84,10 @@ def load_texts(path: Path) -> Texts:
     except tomllib.TOMLDecodeError as exc:
         raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
     _table(doc, path, "", {"cards", "units"})
-    cards = _table(doc["cards"], path, "cards", set(_PLACEHOLDERS))
+    cards = _table(doc["cards"], path, "cards", set(PLACEHOLDERS))
     units = {
         str(code): _text(word, path, f"units.{code}", frozenset())
         for code, word in _table(doc["units"], path, "units").items()
     }
-    texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in _PLACEHOLDERS.items()}
+    texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in PLACEHOLDERS.items()}
     return Texts(**texts, units=units)

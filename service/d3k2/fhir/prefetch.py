@@ -92,7 +92,7 @@ def _entries(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
     return resources
 
 
-def _usable(value: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+def usable_resources(value: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """`resources_of(value)`, or None when the EHR or the server failed: an OperationOutcome, alone or
     an error inside the Bundle. One pass over the entries."""
     kind = value.get("resourceType")
@@ -132,7 +132,7 @@ def resolve(
             if value is None:
                 continue
             if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
-                usable = _usable(value)
+                usable = usable_resources(value)
                 if usable is not None:
                     result.resources.extend(usable)
                     continue
@@ -157,7 +157,9 @@ def resolve(
             spec = keys[key]
             result.fetched[key] = outcome.error or "ok"
             usable = (
-                _usable(outcome.resource) if outcome.error is None and outcome.resource is not None else None
+                usable_resources(outcome.resource)
+                if outcome.error is None and outcome.resource is not None
+                else None
             )
             if usable is not None:
                 result.resources.extend(usable)
@@ -171,7 +173,7 @@ def resolve(
     return result
 
 
-def _unresolved_medications(resources: list[dict[str, Any]]) -> list[str]:
+def unresolved_medications(resources: list[dict[str, Any]]) -> list[str]:
     targets: list[str] = []
     for resource in resources:
         if resource.get("resourceType") not in ("MedicationStatement", "MedicationRequest"):
@@ -189,7 +191,7 @@ def _unresolved_medications(resources: list[dict[str, Any]]) -> list[str]:
 
 def fetch_medications(resolved: Resolved, request: CdsRequest, fetcher: Fetcher | None) -> None:
     """Read Medication resources that MedicationStatement/Request point at but nobody sent."""
-    wanted = _unresolved_medications(resolved.resources)
+    wanted = unresolved_medications(resolved.resources)
     if not wanted or fetcher is None or not request.fhirServer:
         return
     token = request.fhirAuthorization.access_token if request.fhirAuthorization else None

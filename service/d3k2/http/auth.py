@@ -2,23 +2,19 @@
 
 Trust is configuration: a file maps each trusted ``iss`` to its keys (an inline JWKS, a JWKS file or a
 JWKS URL) and to the ``jku`` URLs its tokens may name. Only ES384 and RS384 signatures are accepted.
-Keys fetched over the network are cached with a TTL. Each ``jti`` is remembered in SQLite until its
-token expires, so that every worker process rejects a replay.
+Keys fetched over the network are cached with a TTL. Each ``jti`` is claimed in a ``JtiStore``
+(d3k2.http.jti), so that every worker process rejects a replay.
 
 Nothing here logs or echoes a token or its claims other than the issuer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import sqlite3
 import threading
 import time
 import tomllib
-import uuid
 from collections.abc import Callable, Mapping
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +23,12 @@ from urllib.parse import urlsplit
 import jwt
 import orjson
 import requests
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Request
 
 from d3k2.config import ConfigError, Settings
 from d3k2.core.errors import Unauthorized
+from d3k2.http.jti import JtiStore
 
 log = logging.getLogger("d3k2.http.auth")
 
@@ -252,49 +248,6 @@ class JwksCache:
         return entry.keys is None or age >= self._ttl
 
 
-# ---------------------------------------------------------------- replay protection
-
-
-class JtiStore:
-    """Seen ``jti`` values until their token expires: SQLite in WAL mode, shared by every worker process."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._ready = False
-        self._lock = threading.Lock()
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
-
-    def _prepare(self) -> None:
-        with self._lock:
-            if self._ready:
-                return
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS jti (key TEXT PRIMARY KEY, expires INTEGER NOT NULL)"
-                )
-                conn.execute("CREATE INDEX IF NOT EXISTS jti_expires ON jti (expires)")
-            self._ready = True
-
-    def claim(self, iss: str, jti: str, expires: float, now: float) -> bool:
-        """Record the pair; False when it was recorded before and has not expired (a replay)."""
-        self._prepare()
-        key = hashlib.sha256(f"{iss}\n{jti}".encode()).hexdigest()
-        with closing(self._connect()) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("DELETE FROM jti WHERE expires < ?", (int(now),))
-                conn.execute("INSERT INTO jti (key, expires) VALUES (?, ?)", (key, int(expires) + 1))
-            except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK")
-                return False
-            conn.execute("COMMIT")
-            return True
-
-
 # ---------------------------------------------------------------- verification
 
 
@@ -393,56 +346,6 @@ class Verifier:
             raise Unauthorized(f"the token lifetime (exp - iat) exceeds {MAX_LIFETIME} s")
         if "nbf" in claims and _number(claims, "nbf") > now + CLOCK_SKEW:
             raise Unauthorized("the token is not valid yet (nbf)")
-
-
-# ---------------------------------------------------------------- signing, as a CDS client does
-
-
-@dataclass(frozen=True)
-class TokenSigner:
-    """Signs the bearer token a CDS client sends with each call, as the EHR does: ``iss``, ``sub``, ``aud``
-    (the URL called), ``iat``, ``exp`` five minutes later and a fresh ``jti``, with ``kid`` in the header.
-    For ``d3k2 replay --url`` against a d3k2 that checks tokens; its trust file must hold the public key."""
-
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-    alg: str
-    iss: str
-    kid: str
-    lifetime: int = 300
-    clock: Clock = time.time
-
-    @classmethod
-    def from_pem(cls, path: Path, iss: str, kid: str) -> TokenSigner:
-        """A signer with the unencrypted PEM private key at ``path``: a P-384 key signs ES384, an RSA key
-        of at least 2048 bits RS384 (the only algorithms d3k2 accepts)."""
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except OSError as exc:
-            raise ConfigError(f"cannot read the signing key {path}: {exc.strerror or exc}") from None
-        except (ValueError, TypeError) as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{path} is not an unencrypted PEM private key ({detail})") from None
-        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
-            return cls(key, "ES384", iss, kid)
-        if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= MIN_RSA_BITS:
-            return cls(key, "RS384", iss, kid)
-        raise ConfigError(
-            f"{path}: the key must be EC P-384 (ES384) or RSA of at least {MIN_RSA_BITS} bits (RS384)"
-        )
-
-    def authorization(self, audience: str) -> str:
-        """The ``Authorization`` header value for one call to ``audience``."""
-        now = int(self.clock())
-        claims = {
-            "iss": self.iss,
-            "sub": self.iss,
-            "aud": audience,
-            "iat": now,
-            "exp": now + self.lifetime,
-            "jti": str(uuid.uuid4()),
-        }
-        token = jwt.encode(claims, self.key, algorithm=self.alg, headers={"kid": self.kid, "typ": "JWT"})
-        return f"Bearer {token}"
 
 
 # ---------------------------------------------------------------- the HTTP edge

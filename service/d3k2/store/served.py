@@ -103,7 +103,7 @@ class _ServedInsert:
 _served_inserts: dict[tuple[str, str, str], _ServedInsert] = {}
 
 
-def _insert_served(connection: Connection, rows: list[dict[str, Any]]) -> None:
+def insert_served(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """``INSERT INTO cards_served`` of ``rows`` as SQLAlchemy's ``execute(insert(cards_served), rows)``
     binds them, given to the driver's executemany directly: the rows of one answer share their
     served_at, which is converted once instead of once per row (a quarter of the batch's time)."""
@@ -126,7 +126,7 @@ def _insert_served(connection: Connection, rows: list[dict[str, Any]]) -> None:
     connection.exec_driver_sql(statement.sql, bound)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """An error for the log: its class and the driver's first line (no SQL, no parameters)."""
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
@@ -342,7 +342,7 @@ class ServedWriter:
         try:
             self._prepare()
             with self._engine.begin() as connection:
-                _insert_served(connection, batch)
+                insert_served(connection, batch)
         except Exception as exc:
             self._failed(batch, exc)
             return False
@@ -362,7 +362,7 @@ class ServedWriter:
                 "cards served: dropped a batch of %d rows after %d failed attempts (%s)",
                 len(batch),
                 self.max_attempts,
-                _describe(exc),
+                describe_error(exc),
             )
             self._notify(WRITE_ERROR, len(batch))
             self._notify(DROPPED_AFTER_RETRIES, len(batch))
@@ -372,7 +372,7 @@ class ServedWriter:
                 len(batch),
                 self._attempts,
                 self.max_attempts,
-                _describe(exc),
+                describe_error(exc),
             )
             self._notify(WRITE_ERROR, len(batch))
         # Counted last: a flush returns on this count, and by then the failure is logged and reported.

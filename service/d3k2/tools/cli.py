@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -124,6 +125,15 @@ def _date_option(_ctx: click.Context, _param: click.Parameter, value: str | None
         raise click.BadParameter(f"must be a date (YYYY-MM-DD), got {value!r}") from exc
 
 
+def _url_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"must be an http(s) URL, got {value!r}")
+    return value
+
+
 @contextmanager
 def _quiet_logs(verbose: bool) -> Iterator[None]:
     """Failed fallback fetches are expected in recorded fixtures (their fhirServer is gone): the cards
@@ -144,6 +154,13 @@ _HOOKS = click.Choice(["patient-view", "order-select", "order-sign", "medication
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--url", default=None, help="Replay against a running d3k2 (D3K2_ENV dev or test) at this base URL."
+)
+@click.option(
+    "--fhir-server",
+    callback=_url_option,
+    default=None,
+    help="Replace the fhirServer of every request that records one with this FHIR base URL (the keys the "
+    "request lacks are fetched there; its recorded fhirAuthorization is not sent).",
 )
 @click.option("--update", is_flag=True, help="Rewrite the goldens' 'response' (refused when CI is set).")
 @click.option(
@@ -175,6 +192,7 @@ _HOOKS = click.Choice(["patient-view", "order-select", "order-sign", "medication
 def replay(
     paths: tuple[Path, ...],
     url: str | None,
+    fhir_server: str | None,
     update: bool,
     fmt: str,
     today: date | None,
@@ -193,8 +211,9 @@ def replay(
     from d3k2.config import ConfigError
     from d3k2.core.loader import load_ruleset
     from d3k2.fhir.client import FhirClient
-    from d3k2.http.auth import TokenSigner
+    from d3k2.http.signing import TokenSigner
     from d3k2.tools import replay as engine
+    from d3k2.tools import replay_report as reports
 
     if update and engine.in_ci():
         raise click.ClickException("--update rewrites golden files and is refused when CI is set")
@@ -212,7 +231,7 @@ def replay(
             raise click.ClickException(str(exc)) from exc
     settings = _settings()
     options = engine.Options(
-        today, profile or settings.profile, hook, patient, update, remote=url is not None
+        today, profile or settings.profile, hook, patient, update, url is not None, fhir_server
     )
     with _quiet_logs(verbose), _Progress(fmt) as progress:
         try:
@@ -232,10 +251,10 @@ def replay(
         except D3K2Error as exc:
             raise click.ClickException(exc.detail) from exc
     if fmt == "json":
-        click.echo(json.dumps(engine.json_report(results), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(reports.json_report(results), indent=2, ensure_ascii=False))
     elif fmt == "junit":
-        click.echo(engine.junit_report(results))
-    click.echo(engine.summary_line(results), err=fmt != "text")
+        click.echo(reports.junit_report(results))
+    click.echo(reports.summary_line(results), err=fmt != "text")
     if any(r.status in ("failed", "error") for r in results):
         sys.exit(1)
 
@@ -276,7 +295,7 @@ class _Progress:
             self._bar.stop()
 
     def report(self, result: Any) -> None:
-        from d3k2.tools.replay import text_report
+        from d3k2.tools.replay_report import text_report
 
         if self._bar is not None:
             self._bar.update(self._task, advance=1, description=result.name)

@@ -1,5 +1,6 @@
 """`d3k2 replay`: run recorded CDS Hooks requests (fixtures, loose request files, plain FHIR Bundles)
-through the service, in-process or over HTTP, and compare the cards with golden files.
+through the service, in-process or over HTTP, and compare the cards with golden files (replay_diff compares,
+replay_report reports).
 
 A fixture is ``<dir>/request.json`` (never rewritten) plus ``<dir>/expected.json``::
 
@@ -17,7 +18,6 @@ import json
 import os
 import time
 import traceback
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -31,13 +31,12 @@ from d3k2.core.ruleset import RuleSet
 from d3k2.fhir.prefetch import Fetcher
 from d3k2.http.api import TODAY_HEADER
 from d3k2.service import call_service
+from d3k2.tools.replay_diff import Difference, clip, compare, normalise, silent_violations
 from d3k2.whatif import request_from_bundle
 
 if TYPE_CHECKING:
-    from d3k2.http.auth import TokenSigner
+    from d3k2.http.signing import TokenSigner
 
-_INDICATORS = {"critical": 0, "warning": 1, "info": 2}
-_CLIP = 72
 _EXPECTED_KEYS = ("service", "today", "profile", "patient", "description", "silent", "status", "response")
 
 
@@ -123,7 +122,7 @@ class Remote:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return _clip(text, 160)
+    return clip(text, 160)
 
 
 # ---------------------------------------------------------------- cases
@@ -141,15 +140,6 @@ class Case:
     today: date | None = None
     profile: str = ""
     expected: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Difference:
-    card: str | None  # topic code, None for the response itself
-    path: str
-    expected: Any = None
-    actual: Any = None
-    note: str = ""
 
 
 @dataclass
@@ -174,6 +164,7 @@ class Options:
     patient: str | None = None
     update: bool = False
     remote: bool = False
+    fhir_server: str | None = None  # replaces every recorded fhirServer
 
 
 def golden_for(path: Path) -> Path:
@@ -283,7 +274,7 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
             raise ReplayError(f"{_rel(path)}: {exc.detail}") from exc
         case.fixture, case.bundle = False, True
     elif isinstance(data.get("hook"), str):
-        case.payload = data
+        case.payload = _with_fhir_server(data, options.fhir_server)
         service = str(expected["service"]) if expected and expected.get("service") else f"d3k2-{data['hook']}"
         if service not in services:
             raise ReplayError(
@@ -307,6 +298,16 @@ def prepare(path: Path, target: Target, options: Options, default_profile: str) 
     return case
 
 
+def _with_fhir_server(request: dict[str, Any], fhir_server: str | None) -> dict[str, Any]:
+    """The request with ``fhir_server`` for the fhirServer it recorded (a copy; files are never changed).
+    Its fhirAuthorization goes too: that token was issued for the recorded server, not for this one."""
+    if fhir_server is None or request.get("fhirServer") is None:
+        return request
+    changed = {key: value for key, value in request.items() if key != "fhirAuthorization"}
+    changed["fhirServer"] = fhir_server
+    return changed
+
+
 def _hook_of(service: Any, services: Mapping[str, tuple[str, list[str]]]) -> str | None:
     found = services.get(str(service))
     return found[0] if found else None
@@ -314,174 +315,6 @@ def _hook_of(service: Any, services: Mapping[str, tuple[str, list[str]]]) -> str
 
 def _known(services: Mapping[str, tuple[str, list[str]]]) -> str:
     return ", ".join(sorted({hook for hook, _keys in services.values()}))
-
-
-# ---------------------------------------------------------------- comparison
-
-
-def _topic(card: Any) -> str:
-    try:
-        return str(card["source"]["topic"]["code"])
-    except (KeyError, TypeError):
-        return "(no topic)"
-
-
-def _card_key(card: Any) -> tuple[int, str, str]:
-    indicator = card.get("indicator") if isinstance(card, dict) else None
-    uid = card.get("uuid") if isinstance(card, dict) else None
-    return (_INDICATORS.get(str(indicator), 9), _topic(card), str(uid))
-
-
-def _sorted_keys(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _sorted_keys(value[k]) for k in sorted(value)}
-    if isinstance(value, list):
-        return [_sorted_keys(v) for v in value]
-    return value
-
-
-def normalise(response: Any) -> Any:
-    """Sort cards by (indicator, topic code, uuid) and every object's keys: what may differ between
-    equivalent answers. List order inside a card (suggestions, links) is meaningful and kept."""
-    if isinstance(response, dict) and isinstance(response.get("cards"), list):
-        response = {**response, "cards": sorted(response["cards"], key=_card_key)}
-    return _sorted_keys(response)
-
-
-def _walk(expected: Any, actual: Any, path: str) -> Iterator[tuple[str, Any, Any, str]]:
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        for key in sorted(set(expected) | set(actual)):
-            sub = f"{path}.{key}" if path else key
-            if key not in actual:
-                yield sub, expected[key], None, "missing"
-            elif key not in expected:
-                yield sub, None, actual[key], "unexpected"
-            else:
-                yield from _walk(expected[key], actual[key], sub)
-    elif isinstance(expected, list) and isinstance(actual, list):
-        for i in range(max(len(expected), len(actual))):
-            sub = f"{path}[{i}]"
-            if i >= len(actual):
-                yield sub, expected[i], None, "missing"
-            elif i >= len(expected):
-                yield sub, None, actual[i], "unexpected"
-            else:
-                yield from _walk(expected[i], actual[i], sub)
-    elif expected != actual or type(expected) is not type(actual):
-        yield path, expected, actual, ""
-
-
-def _pair_cards(expected: list[Any], actual: list[Any]) -> Iterator[tuple[Any, Any]]:
-    """Cards matched by uuid first, then by topic code in order; leftovers are missing or unexpected."""
-    left = list(actual)
-    pending = []
-    for card in expected:
-        uid = card.get("uuid") if isinstance(card, dict) else None
-        match = next(
-            (a for a in left if isinstance(a, dict) and uid is not None and a.get("uuid") == uid), None
-        )
-        if match is None:
-            pending.append(card)
-        else:
-            left.remove(match)
-            yield card, match
-    for card in pending:
-        match = next((a for a in left if _topic(a) == _topic(card)), None)
-        if match is not None:
-            left.remove(match)
-        yield card, match
-    for card in left:
-        yield None, card
-
-
-def compare(expected: Mapping[str, Any], status: int, actual: Any) -> list[Difference]:
-    differences: list[Difference] = []
-    want_status = int(expected.get("status", 200))
-    if status != want_status:
-        differences.append(Difference(None, "status", want_status, status))
-    want = normalise(expected.get("response"))
-    got = normalise(actual)
-    if (
-        isinstance(want, dict)
-        and isinstance(got, dict)
-        and isinstance(want.get("cards"), list)
-        and isinstance(got.get("cards"), list)
-    ):
-        for exp_card, act_card in _pair_cards(want["cards"], got["cards"]):
-            topic = _topic(exp_card if exp_card is not None else act_card)
-            if act_card is None:
-                differences.append(Difference(topic, "", note=f"card missing: {_summary(exp_card)}"))
-            elif exp_card is None:
-                differences.append(Difference(topic, "", note=f"unexpected card: {_summary(act_card)}"))
-            else:
-                differences.extend(
-                    Difference(topic, p, e, a, n) for p, e, a, n in _walk(exp_card, act_card, "")
-                )
-        want = {k: v for k, v in want.items() if k != "cards"}
-        got = {k: v for k, v in got.items() if k != "cards"}
-    differences.extend(Difference(None, p or "response", e, a, n) for p, e, a, n in _walk(want, got, ""))
-    return differences
-
-
-def silent_violations(silent: Sequence[str], status: int, actual: Any) -> list[Difference]:
-    if status != 200 or not isinstance(actual, dict):
-        return []
-    fired = {_topic(card): card for card in actual.get("cards") or []}
-    return [
-        Difference(rule, "", note=f"fired, but expected.json lists it as silent: {_summary(fired[rule])}")
-        for rule in silent
-        if rule in fired
-    ]
-
-
-def _summary(card: Any) -> str:
-    indicator = card.get("indicator", "?") if isinstance(card, dict) else "?"
-    summary = card.get("summary", "") if isinstance(card, dict) else ""
-    return f"[{indicator}] {_clip(str(summary), _CLIP)}"
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _clip_pair(expected: str, actual: str) -> tuple[str, str]:
-    """Long strings: show the window around the first difference, so the change is visible."""
-    if len(expected) <= _CLIP and len(actual) <= _CLIP:
-        return expected, actual
-    common = 0
-    for a, b in zip(expected, actual, strict=False):
-        if a != b:
-            break
-        common += 1
-    start = max(0, common - 24)
-
-    def window(text: str) -> str:
-        part = text[start : start + _CLIP]
-        return ("…" if start else "") + part + ("…" if start + _CLIP < len(text) else "")
-
-    return window(expected), window(actual)
-
-
-def shown_values(difference: Difference) -> tuple[str, str]:
-    exp, act = difference.expected, difference.actual
-    if isinstance(exp, str) and isinstance(act, str):
-        exp, act = _clip_pair(exp, act)
-        return json.dumps(exp, ensure_ascii=False), json.dumps(act, ensure_ascii=False)
-    return (
-        _clip(json.dumps(exp, ensure_ascii=False, sort_keys=True), _CLIP * 2),
-        _clip(json.dumps(act, ensure_ascii=False, sort_keys=True), _CLIP * 2),
-    )
-
-
-def describe(difference: Difference) -> list[str]:
-    where = f"card {difference.card}" if difference.card else "response"
-    if difference.path:
-        where += f": {difference.path}"
-    if difference.note and not difference.path:
-        return [f"{where}: {difference.note}"]
-    exp, act = shown_values(difference)
-    label = f" ({difference.note})" if difference.note else ""
-    return [f"{where}{label}", f"    expected: {exp}", f"    actual:   {act}"]
 
 
 # ---------------------------------------------------------------- running
@@ -539,7 +372,7 @@ def run_case(case: Case, target: Target, options: Options) -> Result:
             result.message = f"{case.golden.name} is missing (run with --update to create it)"
         elif status != 200:
             result.status = "failed"
-            result.message = f"HTTP {status}: {_clip(json.dumps(response, ensure_ascii=False), 200)}"
+            result.message = f"HTTP {status}: {clip(json.dumps(response, ensure_ascii=False), 200)}"
         else:
             result.message = "no golden file: cards shown, nothing compared"
     else:
@@ -579,106 +412,5 @@ def replay(
     return results
 
 
-def count(results: Sequence[Result]) -> tuple[int, int, int]:
-    passed = sum(r.status == "passed" for r in results)
-    skipped = sum(r.status == "skipped" for r in results)
-    return passed, len(results) - passed - skipped, skipped
-
-
-def summary_line(results: Sequence[Result]) -> str:
-    passed, failed, skipped = count(results)
-    line = f"{passed} passed, {failed} failed"
-    return line + (f", {skipped} skipped" if skipped else "")
-
-
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-# ---------------------------------------------------------------- reports
-
-
-def text_report(result: Result) -> list[str]:
-    """Lines for one fixture: a status line, then its diff, error or (without a golden) its cards."""
-    if result.status == "error":
-        return [f"error: {result.message}"]
-    head = {"passed": "ok     ", "failed": "FAIL   ", "skipped": "skip   "}[result.status]
-    detail = f" ({result.service}, today {result.today}, profile {result.profile})"
-    lines = [head + result.name + detail + (" [golden updated]" if result.updated else "")]
-    if result.message:
-        lines.append(f"  {result.message}")
-    for difference in result.differences:
-        lines.extend("  " + line for line in describe(difference))
-    if result.message.startswith("no golden"):
-        lines.extend(f"  {_summary(card)} {_topic(card)}" for card in result.cards)
-    return lines
-
-
-def json_report(results: Sequence[Result]) -> dict[str, Any]:
-    passed, failed, skipped = count(results)
-    return {
-        "fixtures": [
-            {
-                "name": r.name,
-                "status": r.status,
-                "service": r.service or None,
-                "today": r.today or None,
-                "profile": r.profile or None,
-                "message": r.message or None,
-                "updated": r.updated,
-                "seconds": round(r.seconds, 4),
-                "differences": [
-                    {
-                        "card": d.card,
-                        "path": d.path,
-                        "expected": d.expected,
-                        "actual": d.actual,
-                        "note": d.note,
-                    }
-                    for d in r.differences
-                ],
-                "cards": [
-                    {"indicator": c.get("indicator"), "topic": _topic(c), "summary": c.get("summary")}
-                    for c in r.cards
-                ],
-            }
-            for r in results
-        ],
-        "summary": {"passed": passed, "failed": failed, "skipped": skipped},
-    }
-
-
-def junit_report(results: Sequence[Result]) -> str:
-    failures = sum(r.status == "failed" for r in results)
-    errors = sum(r.status == "error" for r in results)
-    skipped = sum(r.status == "skipped" for r in results)
-    suite = ET.Element(
-        "testsuite",
-        name="d3k2-replay",
-        tests=str(len(results)),
-        failures=str(failures),
-        errors=str(errors),
-        skipped=str(skipped),
-        time=f"{sum(r.seconds for r in results):.3f}",
-    )
-    for r in results:
-        case = ET.SubElement(
-            suite,
-            "testcase",
-            classname=f"replay.{r.service or 'input'}",
-            name=r.name,
-            time=f"{r.seconds:.3f}",
-        )
-        body = "\n".join(line for d in r.differences for line in describe(d))
-        if r.status == "failed":
-            ET.SubElement(
-                case, "failure", message=r.message or f"{len(r.differences)} difference(s)"
-            ).text = body
-        elif r.status == "error":
-            ET.SubElement(case, "error", message=r.message)
-        elif r.status == "skipped":
-            ET.SubElement(case, "skipped", message=r.message)
-    root = ET.Element("testsuites")
-    root.append(suite)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True)
