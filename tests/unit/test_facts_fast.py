@@ -305,11 +305,14 @@ def test_the_same_result_under_two_keys_counts_once_and_versions_never_depend_on
 
 
 def test_type_and_id_are_one_reference_text() -> None:
-    # "Observation/a" + "b" and "Observation" + "a/b" are both Observation/a/b: one is kept.
+    # "Observation/a" + "b" and "Observation" + "a/b" are both Observation/a/b: two copies of one record,
+    # both read (neither has a version), and named as copies.
     odd = {"resourceType": "Observation/a", "id": "b", "status": "final"}
     real = obs(VITD, 20, oid="a/b")
     for resources in ((odd, real), (real, odd)):
-        assert facts(*resources).vitd is None
+        found = facts(*resources)
+        assert found.vitd == vitd(Interval.exact(20), "20 ng/mL", source="Observation/a/b")
+        assert found.copies == ("Observation/a/b",)
     untyped = {"id": "a/b", "resourceType": 5}
     typed = {"id": "a/b", "resourceType": "Resource"}
     assert facts(untyped, typed, real).vitd == vitd(Interval.exact(20), "20 ng/mL", source="Observation/a/b")

@@ -93,7 +93,7 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
-    values["data.issues"] = bool(facts.issues or facts.missing)
+    values["data.issues"] = bool(facts.issues or facts.missing or facts.copies)
     values["data.incomplete"] = bool(facts.incomplete)
     return values
 
@@ -155,8 +155,16 @@ def _evidence_fields(c: _FieldContext) -> SimpleNamespace:
 
 
 def _data_fields(c: _FieldContext) -> SimpleNamespace:
-    problems = list(c.facts.missing) + list(c.facts.issues)
-    return SimpleNamespace(issues="; ".join(problems) if problems else "none")
+    facts = c.facts
+    problems = list(facts.missing) + list(facts.issues)
+    issues = "; ".join(problems) if problems else "none"
+    paragraphs = [f"Not used: {issues}."] if problems else []
+    if facts.copies:
+        paragraphs.append(
+            f"Two different copies of the same record were sent ({', '.join(facts.copies)}): "
+            "cautions from either are kept."
+        )
+    return SimpleNamespace(issues=issues, text="\n\n".join(paragraphs))
 
 
 # Each namespace of the template fields, in the order `template_fields` lists them.

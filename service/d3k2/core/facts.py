@@ -121,6 +121,7 @@ class Facts:
     issues: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
+    copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -458,7 +459,7 @@ class _Collector:
         self.pregnancy: list[Evidence] = []
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
-        self.index: dict[str, Mapping[str, Any]] | None = None
+        self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
         self.issues.append(f"{_ref(resource)} skipped: {reason}")
@@ -571,39 +572,42 @@ class _Collector:
         if codeable is None:
             reference = resource.get("medicationReference")
             target = reference.get("reference") if isinstance(reference, Mapping) else None
-            medication = self._resolve(resource, target) if isinstance(target, str) else None
-            if medication is None:
+            found = self._resolve(resource, target) if isinstance(target, str) else []
+            if not found:
                 display = reference.get("display") if isinstance(reference, Mapping) else None
                 if isinstance(display, str) and display:
-                    codeable = {"text": display}
+                    codeables: list[object] = [{"text": display}]
                 else:
                     self.report(
                         resource, "medication reference could not be resolved (vitamin K antagonist unknown)"
                     )
                     return
-            else:
-                codeable = medication.get("code")
-        for category, name, matched_by in self.classify(codeable):
-            self.medications.append(MedicationFact(category, name, status, _ref(resource), matched_by))
+            else:  # every copy of the Medication (`_unique`): what any of them is counts
+                codeables = [medication.get("code") for medication in found]
+        else:
+            codeables = [codeable]
+        for one in codeables:
+            for category, name, matched_by in self.classify(one):
+                self.medications.append(MedicationFact(category, name, status, _ref(resource), matched_by))
 
-    def _resolve(self, resource: Mapping[str, Any], target: str) -> Mapping[str, Any] | None:
+    def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:
         if target.startswith("#"):
             contained = resource.get("contained")
             if isinstance(contained, list):
                 for item in contained:
                     if isinstance(item, Mapping) and item.get("id") == target[1:]:
-                        return item
-            return None
+                        return [item]
+            return []
         if self.index is None:  # built on the first reference: most requests have none
             self.index = {}
             for candidate in self.unique:
                 rtype = candidate.get("resourceType")
                 rid = candidate.get("id")
                 if isinstance(rtype, str) and isinstance(rid, str):
-                    self.index[f"{rtype}/{rid}"] = candidate
+                    self.index.setdefault(f"{rtype}/{rid}", []).append(candidate)
         key = target.rsplit("/", 2)
         short = "/".join(key[-2:]) if len(key) >= 2 else target
-        return self.index.get(short)
+        return self.index.get(short, [])
 
 
 # ---------------------------------------------------------------- stage 2: the newest results
@@ -615,8 +619,7 @@ def _newest(accepted: list[_Candidate], fallback: list[_Candidate]) -> _Candidat
     if not candidates:
         return None
     best = max(candidates, key=_NEWEST_KEY)
-    if not best[1].endswith("(no id)"):
-        return best  # one resource per id (`_unique`): no other candidate has its (at, id)
+    # Results without an id, and different copies of one result (`_unique`), can share (at, id).
     tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
     return tied[0] if len(tied) == 1 else max(tied, key=lambda c: _canonical(c[6]))
 
@@ -719,10 +722,54 @@ def _ref_key(rtype: object, rid: str) -> tuple[str, str]:
     return head, f"{tail}/{rid}"
 
 
-def _unique(resources: Iterable[object]) -> list[Mapping[str, Any]]:
+def _meta(resource: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = resource.get("meta")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _subsetted(resource: Mapping[str, Any]) -> bool:
+    """A copy the server cut down on purpose (meta.tag SUBSETTED): what it lacks says nothing."""
+    tags = _meta(resource).get("tag")
+    return isinstance(tags, list) and any(
+        isinstance(t, Mapping) and t.get("code") == "SUBSETTED" for t in tags
+    )
+
+
+def _version_number(resource: Mapping[str, Any]) -> int | None:
+    value = _meta(resource).get("versionId")
+    # versionId is opaque in FHIR: only numbers say which copy is newer.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    return None
+
+
+def _last_updated(resource: Mapping[str, Any]) -> datetime | None:
+    value = _meta(resource).get("lastUpdated")
+    moment = _moment(value) if isinstance(value, str) else None
+    return moment[2] if moment else None
+
+
+def _newest_copies(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Of different copies of one record: the newest when every full copy has a number versionId (else
+    a lastUpdated) and one is the highest; otherwise all of them, so that no copy removes a caution.
+    SUBSETTED copies are always kept: they can only add to what the full copies say."""
+    full = [c for c in copies if not _subsetted(c)]
+    partial = [c for c in copies if _subsetted(c)]
+    numbers = [_version_number(c) for c in full]
+    times = [_last_updated(c) for c in full]
+    if full and None not in numbers:
+        top_number = max(n for n in numbers if n is not None)
+        full = [c for c, n in zip(full, numbers, strict=True) if n == top_number]
+    elif full and None not in times:
+        top_time = max(t for t in times if t is not None)
+        full = [c for c, t in zip(full, times, strict=True) if t == top_time]
+    return sorted(full + partial, key=_canonical)
+
+
+def _unique(resources: Iterable[object]) -> tuple[list[Mapping[str, Any]], list[str]]:
     """The resources (JSON objects), one per type/id (the same result sent under two prefetch keys
-    counts once); of two different versions with one id, the same one is kept whatever the order.
-    Resources without an id come first, then one per type/id in the order first seen."""
+    counts once), and the records of which different copies were kept (`_newest_copies`). Resources
+    without an id come first, then each type/id in the order first seen, its copies in a fixed order."""
     unique: list[Mapping[str, Any]] = []
     first: dict[tuple[str, str], Mapping[str, Any]] = {}
     repeated: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -740,11 +787,19 @@ def _unique(resources: Iterable[object]) -> list[Mapping[str, Any]]:
             repeated.setdefault(key, [seen]).append(resource)
     if not repeated:
         unique.extend(first.values())
-        return unique
+        return unique, []
+    conflicts: list[str] = []
     for key, resource in first.items():
         group = repeated.get(key)
-        unique.append(resource if group is None else max(group, key=_canonical))
-    return unique
+        if group is None:
+            unique.append(resource)
+            continue
+        distinct = list({_canonical(c): c for c in group}.values())
+        kept = _newest_copies(distinct) if len(distinct) > 1 else distinct
+        if len(kept) > 1:
+            conflicts.append("/".join(key))
+        unique.extend(kept)
+    return unique, conflicts
 
 
 def extract_facts(
@@ -760,7 +815,7 @@ def extract_facts(
 ) -> Facts:
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
-    unique = _unique(resources)
+    unique, copies = _unique(resources)
     collector = _Collector(config, terminology, classify, unique, list(issues))
     observation = collector.observation
     for resource in unique:
@@ -785,14 +840,21 @@ def extract_facts(
         vitd=vitd,
         egfr=egfr,
         calcium=calcium,
-        pregnancy=tuple(sorted(collector.pregnancy, key=_evidence_order)),
+        # Copies of one record (`_unique`) may say the same thing twice: said once.
+        pregnancy=tuple(sorted(set(collector.pregnancy), key=_evidence_order)),
         conditions={
-            k: tuple(sorted(v, key=_evidence_order)) for k, v in sorted(collector.conditions.items())
+            k: tuple(sorted(set(v), key=_evidence_order)) for k, v in sorted(collector.conditions.items())
         },
-        medications=tuple(sorted(collector.medications, key=lambda m: (m.category, m.source, m.name))),
+        medications=tuple(
+            sorted(
+                set(collector.medications),
+                key=lambda m: (m.category, m.source, m.name, m.matched_by, m.status),
+            )
+        ),
         issues=tuple(sorted(set(collector.issues))),
         missing=tuple(missing),
         incomplete=tuple(incomplete),
+        copies=tuple(sorted(copies)),
     )
 
 

@@ -302,6 +302,7 @@ TEMPLATE_FIELDS: frozenset[str] = frozenset(
         "evidence.pregnancy",
         "evidence.hypercalcemia",
         "data.issues",
+        "data.text",
         "draft.name",
         "draft.arithmetic",
         "draft.daily",
