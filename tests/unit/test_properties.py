@@ -269,6 +269,7 @@ CONTRAINDICATED = [
     "patient-view/pregnancy-status-with-k2",
     "patient-view/copies-warfarin-subsetted",
     "patient-view/copies-sarcoidosis-bare",
+    "patient-view/operation-outcome-beside-data",
     "order-sign/sandbox-order-sign",
     "order-sign/calcitriol-hypercalcemia",
     "order-sign/k2-pregnancy",
