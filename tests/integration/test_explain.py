@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from builders import bundle_from_request
+from builders import FIXTURES, bundle_from_request
 from d3k2.config import default_cards_dir
 from d3k2.core.errors import BadRequest
 from d3k2.core.ruleset import RuleSet, load_ruleset
@@ -259,3 +259,26 @@ def test_parse_override_defaults_to_the_canonical_unit(ruleset: RuleSet) -> None
     assert override.unit == ruleset.facts.labs["egfr"].canonical_unit
     with pytest.raises(OverrideError, match="expected NAME=VALUE"):
         parse_override("egfr", ruleset)
+
+
+def test_explain_names_unknown_medications_and_copies() -> None:
+    unknown = FIXTURES / "patient-view" / "medication-status-unknown" / "request.json"
+    text = explain(str(unknown)).output
+    assert (
+        "medication of unknown kind: warfarin (MedicationStatement/pt-medication-status-unknown-warf:" in text
+    )
+    data = report(str(unknown))
+    assert data["values"]["meds.unknown"] is True
+    assert data["facts"]["unknown_medications"] == [
+        {
+            "name": "warfarin",
+            "reason": "status unknown",
+            "source": "MedicationStatement/pt-medication-status-unknown-warf",
+        }
+    ]
+    copies = FIXTURES / "patient-view" / "copies-warfarin-subsetted" / "request.json"
+    assert (
+        "copies of one record: MedicationStatement/pt-copies-warfarin-subsetted-warf"
+        in explain(str(copies)).output
+    )
+    assert report(str(copies))["facts"]["copies"] == ["MedicationStatement/pt-copies-warfarin-subsetted-warf"]

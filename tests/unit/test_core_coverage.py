@@ -14,7 +14,7 @@ from builders import CARDS, TODAY, ruleset
 from d3k2.core.cards import medication_request
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import calcium_high, describe_limit
+from d3k2.core.facts import UnknownMedication, calcium_high, describe_limit
 from d3k2.core.orders import IngredientDose, load_medication_catalog, medication_codeable, read_draft_orders
 from d3k2.core.quantities import Interval, format_interval
 from d3k2.core.ruleset import AllOf, Coding, FactTest, NotOf, Product, load_ruleset
@@ -208,7 +208,9 @@ def test_a_contained_reference_that_is_not_there_is_named() -> None:
     }
     result = facts(statement)
     assert not result.medications
-    assert any("could not be resolved" in i for i in result.issues)
+    assert result.unknown_medications == (
+        UnknownMedication("", "medication not found", "MedicationStatement/m1"),
+    )
 
 
 @pytest.mark.parametrize(

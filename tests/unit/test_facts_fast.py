@@ -13,7 +13,7 @@ import pytest
 
 import d3k2.core.facts as facts_module
 from builders import TODAY, ruleset
-from d3k2.core.facts import Evidence, Facts, Measurement, MedicationFact, extract_facts
+from d3k2.core.facts import Evidence, Facts, Measurement, MedicationFact, UnknownMedication, extract_facts
 from d3k2.core.quantities import Interval
 from d3k2.core.terminology import LOINC, spellings
 from d3k2.service import facts_for
@@ -397,9 +397,8 @@ def test_medication_references_resolve_from_one_index() -> None:
         ("vka", "MedicationRequest/r0"),
         ("vka", "MedicationRequest/r1"),
     ]
-    assert result.issues == (
-        "MedicationRequest/r2 skipped: medication reference could not be resolved"
-        " (vitamin K antagonist unknown)",
+    assert result.unknown_medications == (
+        UnknownMedication("", "medication not found", "MedicationRequest/r2"),
     )
 
 

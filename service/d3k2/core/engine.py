@@ -93,7 +93,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
-    values["data.issues"] = bool(facts.issues or facts.missing or facts.copies)
+    values["meds.unknown"] = bool(facts.unknown_medications)
+    values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
     return values
 
@@ -163,6 +164,15 @@ def _data_fields(c: _FieldContext) -> SimpleNamespace:
         paragraphs.append(
             f"Two different copies of the same record were sent ({', '.join(facts.copies)}): "
             "cautions from either are kept."
+        )
+    if facts.unknown_medications:
+        unknown = "; ".join(
+            f"{m.name or 'a medication without a name'} ({m.source}: {m.reason})"
+            for m in facts.unknown_medications
+        )
+        paragraphs.append(
+            f"Medications of unknown kind: {unknown}. Vitamin K2 is not suggested while one is on record: "
+            "a vitamin K antagonist cannot be ruled out."
         )
     return SimpleNamespace(issues=issues, text="\n\n".join(paragraphs))
 

@@ -69,6 +69,8 @@ class FactsConfig:
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
     notes: Mapping[str, str]
+    # MedicationStatement statuses that say nothing about whether it is taken: a medication of unknown kind.
+    statement_unknown: tuple[str, ...] = ("unknown",)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,15 @@ class MedicationFact:
 
 
 @dataclass(frozen=True)
+class UnknownMedication:
+    """A medication on record whose kind cannot be told (CLINICAL.md 5): it may be a vitamin K antagonist."""
+
+    name: str  # as the record names it; "" when it names none
+    reason: str
+    source: str
+
+
+@dataclass(frozen=True)
 class Facts:
     today: date
     vitd: Measurement | None = None
@@ -122,6 +133,7 @@ class Facts:
     missing: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
     copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
+    unknown_medications: tuple[UnknownMedication, ...] = ()
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -221,6 +233,17 @@ def _codeable_text(codeable: Mapping[str, Any]) -> str:
         if isinstance(coding, Mapping) and _str(coding.get("display")):
             return str(coding["display"])
     return ""
+
+
+def _medication_text(codeable: object) -> str:
+    """The name a medication CodeableConcept gives itself: its text, else a coding's display."""
+    if not isinstance(codeable, Mapping):
+        return ""
+    codings = codeable.get("coding")
+    displays = (
+        [c.get("display") for c in codings if isinstance(c, Mapping)] if isinstance(codings, list) else []
+    )
+    return next((t for t in (codeable.get("text"), *displays) if isinstance(t, str) and t), "")
 
 
 def _status_code(codeable: object) -> str | None:
@@ -459,6 +482,7 @@ class _Collector:
         self.pregnancy: list[Evidence] = []
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
+        self.unknown: list[UnknownMedication] = []
         self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
@@ -561,12 +585,11 @@ class _Collector:
 
     def medication(self, resource: Mapping[str, Any]) -> None:
         status = _str(resource.get("status")) or ""
-        current = (
-            self.config.statement_current
-            if resource.get("resourceType") == "MedicationStatement"
-            else self.config.request_current
-        )
-        if status not in current:
+        statement = resource.get("resourceType") == "MedicationStatement"
+        unknown_status = statement and status in self.config.statement_unknown
+        if not unknown_status and status not in (
+            self.config.statement_current if statement else self.config.request_current
+        ):
             return
         codeable = resource.get("medicationCodeableConcept")
         if codeable is None:
@@ -575,17 +598,22 @@ class _Collector:
             found = self._resolve(resource, target) if isinstance(target, str) else []
             if not found:
                 display = reference.get("display") if isinstance(reference, Mapping) else None
-                if isinstance(display, str) and display:
-                    codeables: list[object] = [{"text": display}]
-                else:
-                    self.report(
-                        resource, "medication reference could not be resolved (vitamin K antagonist unknown)"
-                    )
+                name = display if isinstance(display, str) else ""
+                self.unknown.append(UnknownMedication(name, "medication not found", _ref(resource)))
+                if not name:
                     return
+                # The display is still a name to match (a labelled guess): a warfarin stays a warfarin.
+                codeables: list[object] = [{"text": name}]
             else:  # every copy of the Medication (`_unique`): what any of them is counts
                 codeables = [medication.get("code") for medication in found]
         else:
             codeables = [codeable]
+        if unknown_status:
+            named = sorted({name for one in codeables for _c, name, _m in self.classify(one)})
+            texts = [_medication_text(one) for one in codeables]
+            name = ", ".join(named) or next((t for t in texts if t), "")
+            self.unknown.append(UnknownMedication(name, "status unknown", _ref(resource)))
+            return
         for one in codeables:
             for category, name, matched_by in self.classify(one):
                 self.medications.append(MedicationFact(category, name, status, _ref(resource), matched_by))
@@ -855,6 +883,7 @@ def extract_facts(
         missing=tuple(missing),
         incomplete=tuple(incomplete),
         copies=tuple(sorted(copies)),
+        unknown_medications=tuple(sorted(set(collector.unknown), key=lambda u: (u.source, u.reason, u.name))),
     )
 
 

@@ -370,9 +370,19 @@ def _print_explanation(report: dict[str, Any]) -> None:
     for name, e in evidence:
         conditions.add_row(name, e["text"], e["source"], e["date"] or "")
     console.print(conditions if evidence else "Facts: conditions: none")
-    for label, key in (("data issues", "issues"), ("missing", "missing"), ("incomplete", "incomplete")):
+    for label, key in (
+        ("data issues", "issues"),
+        ("missing", "missing"),
+        ("incomplete", "incomplete"),
+        ("copies of one record", "copies"),
+    ):
         for item in facts[key]:
             console.print(f"{label}: {item}", markup=False)
+    for med in facts["unknown_medications"]:
+        console.print(
+            f"medication of unknown kind: {med['name'] or '(no name)'} ({med['source']}: {med['reason']})",
+            markup=False,
+        )
     rules = Table(title=f"Rules for {report['hook']}", title_justify="left")
     for column in ("verdict", "rule", "draft", "why"):
         rules.add_column(column)
