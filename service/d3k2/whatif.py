@@ -438,6 +438,9 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
                     "status": m.status,
                     "source": m.source,
                     "matched_by": m.matched_by,
+                    "product": m.product,
+                    "daily": m.daily,
+                    "dose": m.dose,
                 }
                 for m in facts.medications
             ],

@@ -282,3 +282,13 @@ def test_explain_names_unknown_medications_and_copies() -> None:
         in explain(str(copies)).output
     )
     assert report(str(copies))["facts"]["copies"] == ["MedicationStatement/pt-copies-warfarin-subsetted-warf"]
+
+
+def test_explain_shows_the_current_vitamin_d_intake() -> None:
+    request = FIXTURES / "patient-view" / "current-d3-5000" / "request.json"
+    assert "current vitamin D (vitamin_d.current_daily): 5,000 IU/day" in explain(str(request)).output
+    data = report(str(request))
+    assert data["values"]["vitamin_d.current_daily"] == "5,000"
+    (d3,) = data["facts"]["medications"]
+    assert (d3["product"], d3["daily"]) == ("Cholecalciferol 5000 UNT Oral Tablet", 5000.0)
+    assert d3["dose"] == "5,000 IU/day: 1 tablet of 5,000 IU once daily"

@@ -15,6 +15,7 @@ from d3k2.core.cards import medication_request
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import UnknownMedication, calcium_high, describe_limit
+from d3k2.core.hooks import parse_feedback
 from d3k2.core.orders import IngredientDose, load_medication_catalog, medication_codeable, read_draft_orders
 from d3k2.core.quantities import Interval, format_interval
 from d3k2.core.ruleset import AllOf, Coding, FactTest, NotOf, Product, load_ruleset
@@ -582,3 +583,8 @@ def test_a_missing_rule_set_directory_is_named(tmp_path: Path) -> None:
         f"rule set directory {missing} does not exist",
         {"file": str(missing)},
     )
+
+
+def test_one_feedback_item_without_the_list_is_read_as_a_list_of_one() -> None:
+    item = {"card": "c1", "outcome": "accepted", "acceptedSuggestions": ["s1"]}
+    assert parse_feedback(item) == parse_feedback({"feedback": [item]})

@@ -10,7 +10,7 @@ from operator import methodcaller
 from types import SimpleNamespace
 from typing import Any
 
-from d3k2.core.facts import Facts, Measurement, calcium_high, describe_limit
+from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_high, describe_limit
 from d3k2.core.orders import DraftOrder, DraftReading, IngredientDose
 from d3k2.core.quantities import Interval, format_number
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, Indicator, NotOf, Profile, Ref, Rule, RuleSet
@@ -94,9 +94,40 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
     values["meds.unknown"] = bool(facts.unknown_medications)
+    daily = _current_daily(_current_d(facts))
+    values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
     return values
+
+
+def _current_d(facts: Facts) -> list[MedicationFact]:
+    """Current vitamin D products, one per product and dose: the same product at the same dose on two records
+    (a request, and the statement that records taking it) is one intake, not two."""
+    return list({(m.product, m.dose, m.daily): m for m in facts.meds("vitamin-d")}.values())
+
+
+def _current_daily(products: list[MedicationFact]) -> float | None:
+    """IU/day from current vitamin D products: 0 without any, None when a dose cannot be read."""
+    doses = [m.daily for m in products]
+    return None if None in doses else sum(d for d in doses if d is not None)
+
+
+def _current_d_fields(c: _FieldContext) -> SimpleNamespace:
+    products = _current_d(c.facts)
+    if not products:
+        return SimpleNamespace(names="none", daily="none")
+    names = ", ".join(sorted({m.product for m in products}))
+    # Each product's own lead ("5,000 IU/day", "50,000 IU/week") or why its dose is unknown.
+    leads = sorted(m.dose.split(":", 1)[0] if m.daily is not None else m.dose for m in products)
+    total = _current_daily(products)
+    if len(products) == 1:
+        daily = leads[0]
+    elif total is None:
+        daily = "unknown (" + "; ".join(leads) + ")"
+    else:
+        daily = f"{format_number(total)} IU/day in all ({' + '.join(leads)})"
+    return SimpleNamespace(names=names, daily=daily)
 
 
 def _names(facts: Facts, category: str) -> str:
@@ -188,6 +219,7 @@ _FIELD_MAKERS: dict[str, Callable[[_FieldContext], SimpleNamespace]] = {
     ),
     "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2")),
     "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac")),
+    "current_d": _current_d_fields,
     "evidence": _evidence_fields,
     "data": _data_fields,
 }

@@ -13,16 +13,21 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any
 
+from d3k2.core.orders import IngredientDose
 from d3k2.core.quantities import Interval, format_interval, format_number
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
 MedicationClassifier = Callable[[object], Sequence[tuple[str, str, str]]]
+# A dose reader maps (medication CodeableConcept, dosage instructions) to the daily dose of each ingredient.
+MedicationDoser = Callable[[object, object], Sequence[IngredientDose]]
+# Categories whose current products carry their daily dose (CLINICAL.md 5: a current vitamin D product).
+_DOSED = frozenset({"vitamin-d"})
 
 _COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
 # Every system text that means LOINC (checked on each coding of each Observation).
@@ -109,6 +114,11 @@ class MedicationFact:
     status: str
     source: str
     matched_by: str  # "code" | "name"
+    # A dosed category (`_DOSED`) only: the product as the record names it, and its daily dose (in the
+    # category's unit; None when the dose cannot be read) with the arithmetic or the reason.
+    product: str = ""
+    daily: float | None = None
+    dose: str = ""
 
 
 @dataclass(frozen=True)
@@ -468,10 +478,12 @@ class _Collector:
         classify: MedicationClassifier,
         unique: list[Mapping[str, Any]],
         issues: list[str],
+        doses: MedicationDoser | None = None,
     ) -> None:
         self.config = config
         self.terminology = terminology
         self.classify = classify
+        self.doses = doses
         self.unique = unique
         self.issues = issues
         self.lookup = _lookup(config, terminology)
@@ -616,7 +628,21 @@ class _Collector:
             return
         for one in codeables:
             for category, name, matched_by in self.classify(one):
-                self.medications.append(MedicationFact(category, name, status, _ref(resource), matched_by))
+                fact = MedicationFact(category, name, status, _ref(resource), matched_by)
+                if category in _DOSED:
+                    fact = self._dosed(fact, one, resource)
+                self.medications.append(fact)
+
+    def _dosed(self, fact: MedicationFact, codeable: object, resource: Mapping[str, Any]) -> MedicationFact:
+        dosages = resource.get(
+            "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
+        )
+        found = self.doses(codeable, dosages) if self.doses is not None else ()
+        dose = next((d for d in found if d.concept == fact.category and d.name == fact.name), None)
+        product = _medication_text(codeable) or fact.name
+        if dose is None:
+            return replace(fact, product=product, dose="dose unknown: not read")
+        return replace(fact, product=product, daily=dose.daily, dose=dose.arithmetic)
 
     def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:
         if target.startswith("#"):
@@ -840,11 +866,12 @@ def extract_facts(
     missing: Sequence[str] = (),
     incomplete: Sequence[str] = (),
     issues: Sequence[str] = (),
+    doses: MedicationDoser | None = None,
 ) -> Facts:
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
     unique, copies = _unique(resources)
-    collector = _Collector(config, terminology, classify, unique, list(issues))
+    collector = _Collector(config, terminology, classify, unique, list(issues), doses)
     observation = collector.observation
     for resource in unique:
         rtype = resource.get("resourceType")

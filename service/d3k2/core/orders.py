@@ -549,6 +549,15 @@ class MedicationReader:
         return self._by_key.cache_info().currsize, self._doses.cache_info().currsize
 
 
+def medication_doses(
+    medications: MedicationReader, codeable: object, dosages: object
+) -> tuple[IngredientDose, ...]:
+    """The daily dose of each ingredient of a medication on record as its dosage instructions say
+    (MedicationRequest.dosageInstruction, MedicationStatement.dosage): the arithmetic of draft orders."""
+    read = tuple(_read_dosage(d, medications.catalog) for d in _as_list(dosages))
+    return medications.doses(medications.product(codeable), read)
+
+
 def medication_codeable(resource: object) -> tuple[Mapping[str, Any] | None, str | None]:
     """The medication CodeableConcept of a MedicationRequest/-Order/-Statement, and a problem if none.
 

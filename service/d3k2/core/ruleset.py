@@ -297,6 +297,8 @@ TEMPLATE_FIELDS: frozenset[str] = frozenset(
         "vka.sources",
         "k2.names",
         "doac.names",
+        "current_d.names",
+        "current_d.daily",
         "evidence.ckd",
         "evidence.granulomatous",
         "evidence.pregnancy",

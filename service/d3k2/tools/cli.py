@@ -357,11 +357,16 @@ def _print_explanation(report: dict[str, Any]) -> None:
             labs.add_row(name, m["value"], m["reported"], m["date"], m["status"], m["source"], notes)
     console.print(labs)
     meds = Table(title="Facts: medications", title_justify="left")
-    for column in ("category", "name", "status", "source", "matched by"):
+    for column in ("category", "name", "status", "source", "matched by", "dose"):
         meds.add_column(column)
     for med in facts["medications"]:
-        meds.add_row(med["category"], med["name"], med["status"], med["source"], med["matched_by"])
+        meds.add_row(
+            med["category"], med["name"], med["status"], med["source"], med["matched_by"], med["dose"]
+        )
     console.print(meds if facts["medications"] else "Facts: medications: none")
+    current = report["values"]["vitamin_d.current_daily"]
+    shown = "unknown" if current is None else f"{current} IU/day"
+    console.print(f"current vitamin D (vitamin_d.current_daily): {shown}", markup=False)
     evidence = [(name, e) for name, items in facts["conditions"].items() for e in items]
     evidence += [("pregnancy", e) for e in facts["pregnancy"]]
     conditions = Table(title="Facts: conditions", title_justify="left")
