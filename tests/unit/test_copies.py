@@ -108,6 +108,8 @@ def test_the_newer_version_wins(old: dict[str, str], new: dict[str, str]) -> Non
         ({"versionId": "2"}, {"versionId": "2"}),  # one version, two contents
         ({"versionId": "٣"}, {"versionId": "2"}),  # a digit, but not an ASCII number
         ({"lastUpdated": "2026-01-01"}, {"lastUpdated": "not a date"}),
+        ({"lastUpdated": "2026-01-01"}, {"lastUpdated": "0001-01-01T00:00:00+01:00"}),  # before year 1 in UTC
+        ({"lastUpdated": "2026-01-01"}, {"lastUpdated": 20260101}),
         ({"lastUpdated": "2026-01-01"}, {"lastUpdated": "2026-01-01T00:00:00Z"}),
     ],
 )

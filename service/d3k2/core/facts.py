@@ -10,7 +10,6 @@ when, whether it can be read at all), and only the newest per lab and role is re
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +17,7 @@ from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any
 
+from d3k2.core.copies import canonical, unique_resources
 from d3k2.core.orders import IngredientDose
 from d3k2.core.quantities import Interval, format_interval, format_number
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
@@ -207,11 +207,6 @@ def _instant(text: str, day: date) -> datetime:
     except ValueError:
         return datetime(day.year, day.month, day.day, tzinfo=UTC)
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _canonical(resource: Mapping[str, Any]) -> str:
-    """Orders otherwise equal resources the same way whatever their order in the Bundle."""
-    return json.dumps(resource, sort_keys=True, default=str)
 
 
 def _loinc_codes(resource: Mapping[str, Any]) -> tuple[str, ...]:
@@ -616,7 +611,7 @@ class _Collector:
                     return
                 # The display is still a name to match (a labelled guess): a warfarin stays a warfarin.
                 codeables: list[object] = [{"text": name}]
-            else:  # every copy of the Medication (`_unique`): what any of them is counts
+            else:  # every copy of the Medication (`unique_resources`): what any of them is counts
                 codeables = [medication.get("code") for medication in found]
         else:
             codeables = [codeable]
@@ -673,9 +668,9 @@ def _newest(accepted: list[_Candidate], fallback: list[_Candidate]) -> _Candidat
     if not candidates:
         return None
     best = max(candidates, key=_NEWEST_KEY)
-    # Results without an id, and different copies of one result (`_unique`), can share (at, id).
+    # Results without an id, and different copies of one result (`unique_resources`), can share (at, id).
     tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
-    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: _canonical(c[6]))
+    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: canonical(c[6]))
 
 
 def _measurement(
@@ -767,95 +762,6 @@ def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
     return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
 
 
-def _ref_key(rtype: object, rid: str) -> tuple[str, str]:
-    """`_ref` of a resource with an id, as (text before its first "/", text after it)."""
-    head = _str(rtype) or "Resource"
-    if "/" not in head:
-        return head, rid
-    head, _, tail = head.partition("/")
-    return head, f"{tail}/{rid}"
-
-
-def _meta(resource: Mapping[str, Any]) -> Mapping[str, Any]:
-    meta = resource.get("meta")
-    return meta if isinstance(meta, Mapping) else {}
-
-
-def _subsetted(resource: Mapping[str, Any]) -> bool:
-    """A copy the server cut down on purpose (meta.tag SUBSETTED): what it lacks says nothing."""
-    tags = _meta(resource).get("tag")
-    return isinstance(tags, list) and any(
-        isinstance(t, Mapping) and t.get("code") == "SUBSETTED" for t in tags
-    )
-
-
-def _version_number(resource: Mapping[str, Any]) -> int | None:
-    value = _meta(resource).get("versionId")
-    # versionId is opaque in FHIR: only numbers say which copy is newer.
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
-        return int(value)
-    return None
-
-
-def _last_updated(resource: Mapping[str, Any]) -> datetime | None:
-    value = _meta(resource).get("lastUpdated")
-    moment = _moment(value) if isinstance(value, str) else None
-    return moment[2] if moment else None
-
-
-def _newest_copies(copies: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Of different copies of one record: the newest when every full copy has a number versionId (else
-    a lastUpdated) and one is the highest; otherwise all of them, so that no copy removes a caution.
-    SUBSETTED copies are always kept: they can only add to what the full copies say."""
-    full = [c for c in copies if not _subsetted(c)]
-    partial = [c for c in copies if _subsetted(c)]
-    numbers = [_version_number(c) for c in full]
-    times = [_last_updated(c) for c in full]
-    if full and None not in numbers:
-        top_number = max(n for n in numbers if n is not None)
-        full = [c for c, n in zip(full, numbers, strict=True) if n == top_number]
-    elif full and None not in times:
-        top_time = max(t for t in times if t is not None)
-        full = [c for c, t in zip(full, times, strict=True) if t == top_time]
-    return sorted(full + partial, key=_canonical)
-
-
-def _unique(resources: Iterable[object]) -> tuple[list[Mapping[str, Any]], list[str]]:
-    """The resources (JSON objects), one per type/id (the same result sent under two prefetch keys
-    counts once), and the records of which different copies were kept (`_newest_copies`). Resources
-    without an id come first, then each type/id in the order first seen, its copies in a fixed order."""
-    unique: list[Mapping[str, Any]] = []
-    first: dict[tuple[str, str], Mapping[str, Any]] = {}
-    repeated: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for resource in resources:
-        if type(resource) is not dict and not isinstance(resource, Mapping):
-            continue
-        rid = resource.get("id")
-        if not isinstance(rid, str) or not rid or rid.endswith("(no id)"):
-            unique.append(resource)
-            continue
-        rtype = resource.get("resourceType")
-        key = (rtype, rid) if type(rtype) is str and rtype and "/" not in rtype else _ref_key(rtype, rid)
-        seen = first.setdefault(key, resource)
-        if seen is not resource:
-            repeated.setdefault(key, [seen]).append(resource)
-    if not repeated:
-        unique.extend(first.values())
-        return unique, []
-    conflicts: list[str] = []
-    for key, resource in first.items():
-        group = repeated.get(key)
-        if group is None:
-            unique.append(resource)
-            continue
-        distinct = list({_canonical(c): c for c in group}.values())
-        kept = _newest_copies(distinct) if len(distinct) > 1 else distinct
-        if len(kept) > 1:
-            conflicts.append("/".join(key))
-        unique.extend(kept)
-    return unique, conflicts
-
-
 def extract_facts(
     resources: Iterable[Mapping[str, Any]],
     *,
@@ -870,7 +776,7 @@ def extract_facts(
 ) -> Facts:
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
-    unique, copies = _unique(resources)
+    unique, copies = unique_resources(resources)
     collector = _Collector(config, terminology, classify, unique, list(issues), doses)
     observation = collector.observation
     for resource in unique:
@@ -895,7 +801,7 @@ def extract_facts(
         vitd=vitd,
         egfr=egfr,
         calcium=calcium,
-        # Copies of one record (`_unique`) may say the same thing twice: said once.
+        # Copies of one record (`unique_resources`) may say the same thing twice: said once.
         pregnancy=tuple(sorted(set(collector.pregnancy), key=_evidence_order)),
         conditions={
             k: tuple(sorted(set(v), key=_evidence_order)) for k, v in sorted(collector.conditions.items())
