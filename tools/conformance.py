@@ -150,9 +150,11 @@ STATEMENTS: tuple[Statement, ...] = (
     Statement(
         "Prefetch",
         "MUST",
-        "data the service needs that is neither prefetched nor fetchable is answered 412",
+        "data the service needs that is neither prefetched nor fetchable is answered 412 when nothing the"
+        " rules read arrived (otherwise 200: the cards the arrived data supports, the gap named, no dosing)",
         (
             f"{API}::test_required_prefetch_without_fhir_server_is_412_naming_keys",
+            f"{API}::test_required_prefetch_missing_beside_data_answers_what_the_data_supports",
             f"{OPENAPI}::test_error_statuses_of_a_service_call_match",
         ),
     ),

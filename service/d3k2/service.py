@@ -13,8 +13,9 @@ from d3k2.core.cards import build_cards, prepare_cards
 from d3k2.core.drafts import DraftReading, read_draft_orders
 from d3k2.core.engine import Evaluation, evaluate
 from d3k2.core.errors import BadRequest, UnknownService
-from d3k2.core.facts import Facts, MedicationClassifier, extract_facts
+from d3k2.core.facts import Facts, MedicationClassifier, MedicationDoser, extract_facts
 from d3k2.core.hooks import CdsRequest, parse_request
+from d3k2.core.medication_reader import medication_doses
 from d3k2.core.ruleset import ORDER_HOOKS, RuleSet, Service
 from d3k2.fhir.prefetch import Fetcher, Resolved, fetch_medications, resolve
 
@@ -34,6 +35,12 @@ class Outcome:
 def classifier(ruleset: RuleSet) -> MedicationClassifier:
     """Remembered per distinct CodeableConcept by the rule set (`RuleSet.medications`)."""
     return ruleset.medications.concepts
+
+
+def dose_reader(ruleset: RuleSet) -> MedicationDoser:
+    """The daily doses of a medication on record, by the rule set's `MedicationReader` (remembered)."""
+    medications = ruleset.medications
+    return lambda codeable, dosages: medication_doses(medications, codeable, dosages)
 
 
 def prepare(ruleset: RuleSet) -> RuleSet:
@@ -73,6 +80,7 @@ def facts_for(
         config=ruleset.facts,
         terminology=ruleset.terminology,
         classify=classifier(ruleset),
+        doses=dose_reader(ruleset),
         missing=resolved.missing if resolved else (),
         incomplete=resolved.incomplete if resolved else (),
         issues=resolved.issues if resolved else (),

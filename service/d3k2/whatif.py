@@ -438,6 +438,9 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
                     "status": m.status,
                     "source": m.source,
                     "matched_by": m.matched_by,
+                    "product": m.product,
+                    "daily": m.daily,
+                    "dose": m.dose,
                 }
                 for m in facts.medications
             ],
@@ -446,6 +449,10 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
             "issues": list(facts.issues),
             "missing": list(facts.missing),
             "incomplete": list(facts.incomplete),
+            "copies": list(facts.copies),
+            "unknown_medications": [
+                {"name": m.name, "reason": m.reason, "source": m.source} for m in facts.unknown_medications
+            ],
             "fetched": dict(sorted(explanation.resolved.fetched.items())),
         },
         "values": values_snapshot(evaluation.values),

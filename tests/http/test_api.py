@@ -135,15 +135,31 @@ def test_body_over_the_limit_is_413(tmp_path) -> None:
 
 
 def test_required_prefetch_without_fhir_server_is_412_naming_keys(client) -> None:
+    # 412 when nothing the rules read arrived: here only the Patient and keys sent as "no data".
     body = sandbox("patient-view.request.json")
     del body["fhirServer"]
     del body["prefetch"]["medstatements"]
     body["prefetch"]["conditions"] = {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}
+    body["prefetch"]["vitd"] = body["prefetch"]["egfr"] = None
     response = post(client, "/cds-services/d3k2-patient-view", body)
     assert response.status_code == 412
     payload = response.get_json()
     assert payload["error"] == "prefetch-unavailable"
     assert payload["keys"] == ["medstatements", "conditions"]
+
+
+def test_required_prefetch_missing_beside_data_answers_what_the_data_supports(client) -> None:
+    body = sandbox("patient-view.request.json")
+    del body["fhirServer"]
+    del body["prefetch"]["medstatements"]
+    body["prefetch"]["conditions"] = {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}
+    response = post(client, "/cds-services/d3k2-patient-view", body)
+    assert response.status_code == 200
+    cards = response.get_json()["cards"]
+    # The sandbox patient's eGFR is below 30: that caution stays; no dosing while required data is missing.
+    assert topics({"cards": cards}) == ["kidney-advanced", "data-incomplete"]
+    assert "medication statements (not prefetched; no FHIR server to ask)" in cards[1]["detail"]
+    assert "conditions (the EHR sent an OperationOutcome; no FHIR server to ask)" in cards[1]["detail"]
 
 
 def test_cors_preflight_allows_the_sandbox_headers(client) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from builders import bundle_from_request, off_the_network
+from builders import FIXTURES, bundle_from_request, off_the_network
 from d3k2.config import default_cards_dir
 from d3k2.core.errors import BadRequest
 from d3k2.core.loader import load_ruleset
@@ -271,3 +271,36 @@ def test_parse_override_defaults_to_the_canonical_unit(ruleset: RuleSet) -> None
     assert override.unit == ruleset.facts.labs["egfr"].canonical_unit
     with pytest.raises(OverrideError, match="expected NAME=VALUE"):
         parse_override("egfr", ruleset)
+
+
+def test_explain_names_unknown_medications_and_copies() -> None:
+    unknown = FIXTURES / "patient-view" / "medication-status-unknown" / "request.json"
+    text = explain(str(unknown)).output
+    assert (
+        "medication of unknown kind: warfarin (MedicationStatement/pt-medication-status-unknown-warf:" in text
+    )
+    data = report(str(unknown))
+    assert data["values"]["meds.unknown"] is True
+    assert data["facts"]["unknown_medications"] == [
+        {
+            "name": "warfarin",
+            "reason": "status unknown",
+            "source": "MedicationStatement/pt-medication-status-unknown-warf",
+        }
+    ]
+    copies = FIXTURES / "patient-view" / "copies-warfarin-subsetted" / "request.json"
+    assert (
+        "copies of one record: MedicationStatement/pt-copies-warfarin-subsetted-warf"
+        in explain(str(copies)).output
+    )
+    assert report(str(copies))["facts"]["copies"] == ["MedicationStatement/pt-copies-warfarin-subsetted-warf"]
+
+
+def test_explain_shows_the_current_vitamin_d_intake() -> None:
+    request = FIXTURES / "patient-view" / "current-d3-5000" / "request.json"
+    assert "current vitamin D (vitamin_d.current_daily): 5,000 IU/day" in explain(str(request)).output
+    data = report(str(request))
+    assert data["values"]["vitamin_d.current_daily"] == "5,000"
+    (d3,) = data["facts"]["medications"]
+    assert (d3["product"], d3["daily"]) == ("Cholecalciferol 5000 UNT Oral Tablet", 5000.0)
+    assert d3["dose"] == "5,000 IU/day: 1 tablet of 5,000 IU once daily"

@@ -136,7 +136,7 @@ def test_a_missing_card_and_a_silent_rule_that_fires_fail(tmp_path: Path) -> Non
 
 
 def test_an_expected_error_status_is_compared(tmp_path: Path) -> None:
-    case = copy_case(tmp_path, FIXTURES / "patient-view" / "prefetch-missing-no-server")
+    case = copy_case(tmp_path, FIXTURES / "patient-view" / "prefetch-nothing-no-server")
     assert run(str(tmp_path)).exit_code == 0
     edit_golden(case, lambda d: d.update(status=400))
     result = run(str(tmp_path))

@@ -17,7 +17,7 @@ from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import BadRequest, RuleSetError
-from d3k2.core.facts import calcium_high, describe_limit
+from d3k2.core.facts import UnknownMedication, calcium_high, describe_limit
 from d3k2.core.hooks import parse_feedback
 from d3k2.core.loader import load_ruleset
 from d3k2.core.medications import medication_codeable
@@ -228,7 +228,9 @@ def test_a_contained_reference_that_is_not_there_is_named() -> None:
     }
     result = facts(statement)
     assert not result.medications
-    assert any("could not be resolved" in i for i in result.issues)
+    assert result.unknown_medications == (
+        UnknownMedication("", "medication not found", "MedicationStatement/m1"),
+    )
 
 
 @pytest.mark.parametrize(

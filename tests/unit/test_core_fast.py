@@ -411,22 +411,33 @@ ERROR = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning"}, 
 PATIENT = {"resourceType": "Patient", "id": "p1"}
 
 
+FATAL = {"resourceType": "OperationOutcome", "issue": [{"severity": "fatal", "code": "timeout"}, {"code": 5}]}
+
+
 @pytest.mark.parametrize(
-    ("value", "usable"),
+    ("value", "usable", "failure"),
     [
-        (PATIENT, [PATIENT]),
-        (ERROR, None),
-        (WARNING, None),
-        (_bundle(PATIENT, WARNING), [PATIENT]),
-        (_bundle(PATIENT, ERROR), None),
-        (_bundle({"resourceType": "OperationOutcome", "issue": "x"}), []),
-        ({"resourceType": "Bundle", "entry": "x"}, []),
-        ({"resourceType": "Bundle", "entry": ["x", {"resource": "y"}, {"resource": PATIENT}]}, [PATIENT]),
+        (PATIENT, [PATIENT], None),
+        (ERROR, [], "an OperationOutcome"),
+        (WARNING, [], "an OperationOutcome"),
+        (_bundle(PATIENT, WARNING), [PATIENT], None),
+        # The other entries of a Bundle with an error are used; what failed is named.
+        (_bundle(PATIENT, ERROR), [PATIENT], "an error in the Bundle"),
+        (_bundle(FATAL, PATIENT, ERROR, FATAL), [PATIENT], "an error (timeout) in the Bundle"),
+        (_bundle({"resourceType": "OperationOutcome", "issue": "x"}), [], None),
+        ({"resourceType": "Bundle", "entry": "x"}, [], None),
+        (
+            {"resourceType": "Bundle", "entry": ["x", {"resource": "y"}, {"resource": PATIENT}]},
+            [PATIENT],
+            None,
+        ),
     ],
 )
-def test_a_prefetched_value_is_read_in_one_pass(value: dict[str, Any], usable: list[Any] | None) -> None:
-    assert usable_resources(value) == usable
-    if usable is not None:
+def test_a_prefetched_value_is_read_in_one_pass(
+    value: dict[str, Any], usable: list[Any], failure: str | None
+) -> None:
+    assert usable_resources(value) == (usable, failure)
+    if failure is None:
         assert resources_of(value) == usable
 
 

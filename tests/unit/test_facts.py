@@ -358,8 +358,8 @@ def test_unresolved_medication_reference_is_reported() -> None:
     del resource["medicationCodeableConcept"]
     resource["medicationReference"] = {"reference": "Medication/elsewhere"}
     result = facts(resource)
-    assert not result.medications
-    assert "could not be resolved" in result.issues[0]
+    assert not result.medications and not result.issues
+    assert [(m.name, m.reason) for m in result.unknown_medications] == [("", "medication not found")]
 
 
 def test_dates() -> None:

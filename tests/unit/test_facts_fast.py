@@ -13,7 +13,7 @@ import pytest
 
 import d3k2.core.facts as facts_module
 from builders import TODAY, ruleset
-from d3k2.core.facts import Evidence, Facts, Measurement, MedicationFact, extract_facts
+from d3k2.core.facts import Evidence, Facts, Measurement, MedicationFact, UnknownMedication, extract_facts
 from d3k2.core.quantities import Interval
 from d3k2.core.terminology import LOINC, spellings
 from d3k2.service import facts_for
@@ -305,11 +305,14 @@ def test_the_same_result_under_two_keys_counts_once_and_versions_never_depend_on
 
 
 def test_type_and_id_are_one_reference_text() -> None:
-    # "Observation/a" + "b" and "Observation" + "a/b" are both Observation/a/b: one is kept.
+    # "Observation/a" + "b" and "Observation" + "a/b" are both Observation/a/b: two copies of one record,
+    # both read (neither has a version), and named as copies.
     odd = {"resourceType": "Observation/a", "id": "b", "status": "final"}
     real = obs(VITD, 20, oid="a/b")
     for resources in ((odd, real), (real, odd)):
-        assert facts(*resources).vitd is None
+        found = facts(*resources)
+        assert found.vitd == vitd(Interval.exact(20), "20 ng/mL", source="Observation/a/b")
+        assert found.copies == ("Observation/a/b",)
     untyped = {"id": "a/b", "resourceType": 5}
     typed = {"id": "a/b", "resourceType": "Resource"}
     assert facts(untyped, typed, real).vitd == vitd(Interval.exact(20), "20 ng/mL", source="Observation/a/b")
@@ -394,9 +397,8 @@ def test_medication_references_resolve_from_one_index() -> None:
         ("vka", "MedicationRequest/r0"),
         ("vka", "MedicationRequest/r1"),
     ]
-    assert result.issues == (
-        "MedicationRequest/r2 skipped: medication reference could not be resolved"
-        " (vitamin K antagonist unknown)",
+    assert result.unknown_medications == (
+        UnknownMedication("", "medication not found", "MedicationRequest/r2"),
     )
 
 

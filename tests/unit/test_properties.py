@@ -2,7 +2,8 @@
 
 - any JSON-ish, FHIR-like input gives facts, findings and cards without an exception;
 - the result does not depend on the order of Bundle entries;
-- adding unrelated or malformed resources never removes a warning or critical card;
+- adding unrelated or malformed resources, or copies of a record (same type and id: bare, SUBSETTED, with
+  another status, without versions), never removes a warning or critical card;
 - unit conversions round-trip;
 - every suggested resource is valid R4 (fhir.resources R4B and fhirkit).
 
@@ -266,6 +267,9 @@ CONTRAINDICATED = [
     "patient-view/hypercalcemia-lab",
     "patient-view/ckd-stage4-condition",
     "patient-view/pregnancy-status-with-k2",
+    "patient-view/copies-warfarin-subsetted",
+    "patient-view/copies-sarcoidosis-bare",
+    "patient-view/operation-outcome-beside-data",
     "order-sign/sandbox-order-sign",
     "order-sign/calcitriol-hypercalcemia",
     "order-sign/k2-pregnancy",
@@ -394,12 +398,60 @@ def _baseline(name: str) -> set[str]:
     return alerts
 
 
+# Statuses a copy of a record may have that, alone, would not support a caution.
+NOT_CURRENT = {
+    "MedicationStatement": ["stopped", "completed", "not-taken", "entered-in-error", "unknown"],
+    "MedicationRequest": ["stopped", "completed", "cancelled", "entered-in-error"],
+    "Observation": ["entered-in-error", "cancelled", "registered"],
+}
+CONDITION_CHANGES = [
+    ("clinicalStatus", "resolved"),
+    ("clinicalStatus", "inactive"),
+    ("verificationStatus", "refuted"),
+    ("verificationStatus", "entered-in-error"),
+]
+
+
+def _copy_of(original: dict[str, Any], kind: str, data: st.DataObject) -> dict[str, Any]:
+    """Another copy of one record (same type and id), without a version that makes it the newer one."""
+    bare = {"resourceType": original["resourceType"], "id": original["id"]}
+    if kind == "bare":
+        return bare
+    if kind == "subsetted":
+        kept = data.draw(st.sets(st.sampled_from(sorted(original)), max_size=2))
+        return {**{k: original[k] for k in kept}, **bare, "meta": {"tag": [{"code": "SUBSETTED"}]}}
+    changed = copy.deepcopy(original)
+    meta = changed.get("meta")
+    if isinstance(meta, dict):
+        meta.pop("versionId", None)
+        meta.pop("lastUpdated", None)
+    if original["resourceType"] == "Condition":
+        field, code = data.draw(st.sampled_from(CONDITION_CHANGES))
+        changed[field] = {"coding": [{"code": code}]}
+    elif original["resourceType"] in NOT_CURRENT:
+        changed["status"] = data.draw(st.sampled_from(NOT_CURRENT[original["resourceType"]]))
+    return changed
+
+
 def _inject(request: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
     request = copy.deepcopy(request)
     counter = 0
     bundles = [
         v for v in request["prefetch"].values() if isinstance(v, dict) and isinstance(v.get("entry"), list)
     ]
+    originals = [
+        entry["resource"]
+        for bundle in bundles
+        for entry in bundle["entry"]
+        if isinstance(entry, dict)
+        and isinstance(entry.get("resource"), dict)
+        and isinstance(entry["resource"].get("id"), str)
+    ]
+    for _ in range(data.draw(st.integers(0, 3)) if originals else 0):
+        original = data.draw(st.sampled_from(originals))
+        duplicate = _copy_of(original, data.draw(st.sampled_from(["bare", "subsetted", "status"])), data)
+        bundle = data.draw(st.sampled_from(bundles))
+        bundle["entry"].insert(data.draw(st.integers(0, len(bundle["entry"]))), {"resource": duplicate})
     for bundle in bundles:
         for entry in data.draw(st.lists(JUNK_ENTRY, max_size=4)):
             if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
@@ -412,7 +464,7 @@ def _inject(request: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
 
 @PROPERTY
 @given(st.sampled_from(CONTRAINDICATED), st.data())
-def test_unrelated_or_malformed_resources_never_remove_a_contraindication(name, data) -> None:
+def test_unrelated_or_malformed_resources_or_copies_never_remove_a_contraindication(name, data) -> None:
     before = _baseline(name)
     after = _alerts(_call(_inject(_base(name), data)))
     assert before <= after, f"{name}: lost {before - after}"

@@ -12,7 +12,7 @@ from typing import Any
 
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
-from d3k2.core.facts import Facts, Measurement, calcium_high, describe_limit
+from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_high, describe_limit
 from d3k2.core.quantities import Interval, format_number
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
@@ -87,9 +87,41 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
-    values["data.issues"] = bool(facts.issues or facts.missing)
+    values["meds.unknown"] = bool(facts.unknown_medications)
+    daily = _current_daily(_current_d(facts))
+    values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
+    values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
     return values
+
+
+def _current_d(facts: Facts) -> list[MedicationFact]:
+    """Current vitamin D products, one per product and dose: the same product at the same dose on two records
+    (a request, and the statement that records taking it) is one intake, not two."""
+    return list({(m.product, m.dose, m.daily): m for m in facts.meds("vitamin-d")}.values())
+
+
+def _current_daily(products: list[MedicationFact]) -> float | None:
+    """IU/day from current vitamin D products: 0 without any, None when a dose cannot be read."""
+    doses = [m.daily for m in products]
+    return None if None in doses else sum(d for d in doses if d is not None)
+
+
+def _current_d_fields(c: FieldContext) -> SimpleNamespace:
+    products = _current_d(c.facts)
+    if not products:
+        return SimpleNamespace(names="none", daily="none")
+    names = ", ".join(sorted({m.product for m in products}))
+    # Each product's own lead ("5,000 IU/day", "50,000 IU/week") or why its dose is unknown.
+    leads = sorted(m.dose.split(":", 1)[0] if m.daily is not None else m.dose for m in products)
+    total = _current_daily(products)
+    if len(products) == 1:
+        daily = leads[0]
+    elif total is None:
+        daily = "unknown (" + "; ".join(leads) + ")"
+    else:
+        daily = f"{format_number(total)} IU/day in all ({' + '.join(leads)})"
+    return SimpleNamespace(names=names, daily=daily)
 
 
 def _names(facts: Facts, category: str, texts: Texts) -> str:
@@ -154,8 +186,25 @@ def _evidence_fields(c: FieldContext) -> SimpleNamespace:
 
 
 def _data_fields(c: FieldContext) -> SimpleNamespace:
-    problems = list(c.facts.missing) + list(c.facts.issues)
-    return SimpleNamespace(issues="; ".join(problems) if problems else c.ruleset.texts.none)
+    facts = c.facts
+    problems = list(facts.missing) + list(facts.issues)
+    issues = "; ".join(problems) if problems else c.ruleset.texts.none
+    paragraphs = [f"Not used: {issues}."] if problems else []
+    if facts.copies:
+        paragraphs.append(
+            f"Two different copies of the same record were sent ({', '.join(facts.copies)}): "
+            "cautions from either are kept."
+        )
+    if facts.unknown_medications:
+        unknown = "; ".join(
+            f"{m.name or 'a medication without a name'} ({m.source}: {m.reason})"
+            for m in facts.unknown_medications
+        )
+        paragraphs.append(
+            f"Medications of unknown kind: {unknown}. Vitamin K2 is not suggested while one is on record: "
+            "a vitamin K antagonist cannot be ruled out."
+        )
+    return SimpleNamespace(issues=issues, text="\n\n".join(paragraphs))
 
 
 # Each namespace of the template fields, in the order `template_fields` lists them.
@@ -170,6 +219,7 @@ FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     ),
     "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2", c.ruleset.texts)),
     "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac", c.ruleset.texts)),
+    "current_d": _current_d_fields,
     "evidence": _evidence_fields,
     "data": _data_fields,
 }

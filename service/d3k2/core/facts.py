@@ -10,19 +10,24 @@ when, whether it can be read at all), and only the newest per lab and role is re
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any
 
+from d3k2.core.copies import canonical, unique_resources
+from d3k2.core.dosage import IngredientDose
 from d3k2.core.quantities import Interval, format_interval, format_number
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
 MedicationClassifier = Callable[[object], Sequence[tuple[str, str, str]]]
+# A dose reader maps (medication CodeableConcept, dosage instructions) to the daily dose of each ingredient.
+MedicationDoser = Callable[[object, object], Sequence[IngredientDose]]
+# Categories whose current products carry their daily dose (CLINICAL.md 5: a current vitamin D product).
+_DOSED = frozenset({"vitamin-d"})
 
 _COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
 # Every system text that means LOINC (checked on each coding of each Observation).
@@ -71,6 +76,8 @@ class FactsConfig:
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]
+    # MedicationStatement statuses that say nothing about whether it is taken: a medication of unknown kind.
+    statement_unknown: tuple[str, ...] = ("unknown",)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,20 @@ class MedicationFact:
     status: str
     source: str
     matched_by: str  # "code" | "name"
+    # A dosed category (`_DOSED`) only: the product as the record names it, and its daily dose (in the
+    # category's unit; None when the dose cannot be read) with the arithmetic or the reason.
+    product: str = ""
+    daily: float | None = None
+    dose: str = ""
+
+
+@dataclass(frozen=True)
+class UnknownMedication:
+    """A medication on record whose kind cannot be told (CLINICAL.md 5): it may be a vitamin K antagonist."""
+
+    name: str  # as the record names it; "" when it names none
+    reason: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,8 @@ class Facts:
     issues: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
+    copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
+    unknown_medications: tuple[UnknownMedication, ...] = ()
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -188,11 +211,6 @@ def _instant(text: str, day: date) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _canonical(resource: Mapping[str, Any]) -> str:
-    """Orders otherwise equal resources the same way whatever their order in the Bundle."""
-    return json.dumps(resource, sort_keys=True, default=str)
-
-
 def _loinc_codes(resource: Mapping[str, Any]) -> tuple[str, ...]:
     code = resource.get("code")
     codings = code.get("coding") if type(code) is dict or isinstance(code, Mapping) else None
@@ -222,6 +240,17 @@ def _codeable_text(codeable: Mapping[str, Any]) -> str:
         if isinstance(coding, Mapping) and _str(coding.get("display")):
             return str(coding["display"])
     return ""
+
+
+def _medication_text(codeable: object) -> str:
+    """The name a medication CodeableConcept gives itself: its text, else a coding's display."""
+    if not isinstance(codeable, Mapping):
+        return ""
+    codings = codeable.get("coding")
+    displays = (
+        [c.get("display") for c in codings if isinstance(c, Mapping)] if isinstance(codings, list) else []
+    )
+    return next((t for t in (codeable.get("text"), *displays) if isinstance(t, str) and t), "")
 
 
 def _status_code(codeable: object) -> str | None:
@@ -446,10 +475,12 @@ class _Collector:
         classify: MedicationClassifier,
         unique: list[Mapping[str, Any]],
         issues: list[str],
+        doses: MedicationDoser | None = None,
     ) -> None:
         self.config = config
         self.terminology = terminology
         self.classify = classify
+        self.doses = doses
         self.unique = unique
         self.issues = issues
         self.lookup = _lookup(config, terminology)
@@ -460,7 +491,8 @@ class _Collector:
         self.pregnancy: list[Evidence] = []
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
-        self.index: dict[str, Mapping[str, Any]] | None = None
+        self.unknown: list[UnknownMedication] = []
+        self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
         self.issues.append(f"{_ref(resource)} skipped: {reason}")
@@ -562,50 +594,71 @@ class _Collector:
 
     def medication(self, resource: Mapping[str, Any]) -> None:
         status = _str(resource.get("status")) or ""
-        current = (
-            self.config.statement_current
-            if resource.get("resourceType") == "MedicationStatement"
-            else self.config.request_current
-        )
-        if status not in current:
+        statement = resource.get("resourceType") == "MedicationStatement"
+        unknown_status = statement and status in self.config.statement_unknown
+        if not unknown_status and status not in (
+            self.config.statement_current if statement else self.config.request_current
+        ):
             return
         codeable = resource.get("medicationCodeableConcept")
         if codeable is None:
             reference = resource.get("medicationReference")
             target = reference.get("reference") if isinstance(reference, Mapping) else None
-            medication = self._resolve(resource, target) if isinstance(target, str) else None
-            if medication is None:
+            found = self._resolve(resource, target) if isinstance(target, str) else []
+            if not found:
                 display = reference.get("display") if isinstance(reference, Mapping) else None
-                if isinstance(display, str) and display:
-                    codeable = {"text": display}
-                else:
-                    self.report(
-                        resource, "medication reference could not be resolved (vitamin K antagonist unknown)"
-                    )
+                name = display if isinstance(display, str) else ""
+                self.unknown.append(UnknownMedication(name, "medication not found", _ref(resource)))
+                if not name:
                     return
-            else:
-                codeable = medication.get("code")
-        for category, name, matched_by in self.classify(codeable):
-            self.medications.append(MedicationFact(category, name, status, _ref(resource), matched_by))
+                # The display is still a name to match (a labelled guess): a warfarin stays a warfarin.
+                codeables: list[object] = [{"text": name}]
+            else:  # every copy of the Medication (`unique_resources`): what any of them is counts
+                codeables = [medication.get("code") for medication in found]
+        else:
+            codeables = [codeable]
+        if unknown_status:
+            named = sorted({name for one in codeables for _c, name, _m in self.classify(one)})
+            texts = [_medication_text(one) for one in codeables]
+            name = ", ".join(named) or next((t for t in texts if t), "")
+            self.unknown.append(UnknownMedication(name, "status unknown", _ref(resource)))
+            return
+        for one in codeables:
+            for category, name, matched_by in self.classify(one):
+                fact = MedicationFact(category, name, status, _ref(resource), matched_by)
+                if category in _DOSED:
+                    fact = self._dosed(fact, one, resource)
+                self.medications.append(fact)
 
-    def _resolve(self, resource: Mapping[str, Any], target: str) -> Mapping[str, Any] | None:
+    def _dosed(self, fact: MedicationFact, codeable: object, resource: Mapping[str, Any]) -> MedicationFact:
+        dosages = resource.get(
+            "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
+        )
+        found = self.doses(codeable, dosages) if self.doses is not None else ()
+        dose = next((d for d in found if d.concept == fact.category and d.name == fact.name), None)
+        product = _medication_text(codeable) or fact.name
+        if dose is None:
+            return replace(fact, product=product, dose="dose unknown: not read")
+        return replace(fact, product=product, daily=dose.daily, dose=dose.arithmetic)
+
+    def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:
         if target.startswith("#"):
             contained = resource.get("contained")
             if isinstance(contained, list):
                 for item in contained:
                     if isinstance(item, Mapping) and item.get("id") == target[1:]:
-                        return item
-            return None
+                        return [item]
+            return []
         if self.index is None:  # built on the first reference: most requests have none
             self.index = {}
             for candidate in self.unique:
                 rtype = candidate.get("resourceType")
                 rid = candidate.get("id")
                 if isinstance(rtype, str) and isinstance(rid, str):
-                    self.index[f"{rtype}/{rid}"] = candidate
+                    self.index.setdefault(f"{rtype}/{rid}", []).append(candidate)
         key = target.rsplit("/", 2)
         short = "/".join(key[-2:]) if len(key) >= 2 else target
-        return self.index.get(short)
+        return self.index.get(short, [])
 
 
 # ---------------------------------------------------------------- stage 2: the newest results
@@ -617,10 +670,9 @@ def _newest(accepted: list[_Candidate], fallback: list[_Candidate]) -> _Candidat
     if not candidates:
         return None
     best = max(candidates, key=_NEWEST_KEY)
-    if not best[1].endswith("(no id)"):
-        return best  # one resource per id (`_unique`): no other candidate has its (at, id)
+    # Results without an id, and different copies of one result (`unique_resources`), can share (at, id).
     tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
-    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: _canonical(c[6]))
+    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: canonical(c[6]))
 
 
 def _measurement(
@@ -712,43 +764,6 @@ def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
     return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
 
 
-def _ref_key(rtype: object, rid: str) -> tuple[str, str]:
-    """`_ref` of a resource with an id, as (text before its first "/", text after it)."""
-    head = _str(rtype) or "Resource"
-    if "/" not in head:
-        return head, rid
-    head, _, tail = head.partition("/")
-    return head, f"{tail}/{rid}"
-
-
-def _unique(resources: Iterable[object]) -> list[Mapping[str, Any]]:
-    """The resources (JSON objects), one per type/id (the same result sent under two prefetch keys
-    counts once); of two different versions with one id, the same one is kept whatever the order.
-    Resources without an id come first, then one per type/id in the order first seen."""
-    unique: list[Mapping[str, Any]] = []
-    first: dict[tuple[str, str], Mapping[str, Any]] = {}
-    repeated: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for resource in resources:
-        if type(resource) is not dict and not isinstance(resource, Mapping):
-            continue
-        rid = resource.get("id")
-        if not isinstance(rid, str) or not rid or rid.endswith("(no id)"):
-            unique.append(resource)
-            continue
-        rtype = resource.get("resourceType")
-        key = (rtype, rid) if type(rtype) is str and rtype and "/" not in rtype else _ref_key(rtype, rid)
-        seen = first.setdefault(key, resource)
-        if seen is not resource:
-            repeated.setdefault(key, [seen]).append(resource)
-    if not repeated:
-        unique.extend(first.values())
-        return unique
-    for key, resource in first.items():
-        group = repeated.get(key)
-        unique.append(resource if group is None else max(group, key=_canonical))
-    return unique
-
-
 def extract_facts(
     resources: Iterable[Mapping[str, Any]],
     *,
@@ -759,11 +774,12 @@ def extract_facts(
     missing: Sequence[str] = (),
     incomplete: Sequence[str] = (),
     issues: Sequence[str] = (),
+    doses: MedicationDoser | None = None,
 ) -> Facts:
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
-    unique = _unique(resources)
-    collector = _Collector(config, terminology, classify, unique, list(issues))
+    unique, copies = unique_resources(resources)
+    collector = _Collector(config, terminology, classify, unique, list(issues), doses)
     observation = collector.observation
     for resource in unique:
         rtype = resource.get("resourceType")
@@ -787,14 +803,22 @@ def extract_facts(
         vitd=vitd,
         egfr=egfr,
         calcium=calcium,
-        pregnancy=tuple(sorted(collector.pregnancy, key=_evidence_order)),
+        # Copies of one record (`unique_resources`) may say the same thing twice: said once.
+        pregnancy=tuple(sorted(set(collector.pregnancy), key=_evidence_order)),
         conditions={
-            k: tuple(sorted(v, key=_evidence_order)) for k, v in sorted(collector.conditions.items())
+            k: tuple(sorted(set(v), key=_evidence_order)) for k, v in sorted(collector.conditions.items())
         },
-        medications=tuple(sorted(collector.medications, key=lambda m: (m.category, m.source, m.name))),
+        medications=tuple(
+            sorted(
+                set(collector.medications),
+                key=lambda m: (m.category, m.source, m.name, m.matched_by, m.status),
+            )
+        ),
         issues=tuple(sorted(set(collector.issues))),
         missing=tuple(missing),
         incomplete=tuple(incomplete),
+        copies=tuple(sorted(copies)),
+        unknown_medications=tuple(sorted(set(collector.unknown), key=lambda u: (u.source, u.reason, u.name))),
     )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from d3k2.core.catalog import MedicationCatalog
-from d3k2.core.dosage import Dosage, IngredientDose, ingredient_dose
-from d3k2.core.lenient import is_map
+from d3k2.core.dosage import Dosage, IngredientDose, ingredient_dose, read_dosage
+from d3k2.core.lenient import as_list, is_map
 from d3k2.core.medications import NO_PRODUCT, MedicationKey, Product, classify_by_key, medication_key
 from d3k2.core.terminology import Terminology
 
@@ -51,3 +51,12 @@ class MedicationReader:
     def cached(self) -> tuple[int, int]:
         """How many concepts, and how many (product, dosages) pairs, are remembered."""
         return self._by_key.cache_info().currsize, self._doses.cache_info().currsize
+
+
+def medication_doses(
+    medications: MedicationReader, codeable: object, dosages: object
+) -> tuple[IngredientDose, ...]:
+    """The daily dose of each ingredient of a medication on record as its dosage instructions say
+    (MedicationRequest.dosageInstruction, MedicationStatement.dosage): the arithmetic of draft orders."""
+    read = tuple(read_dosage(d, medications.catalog) for d in as_list(dosages))
+    return medications.doses(medications.product(codeable), read)

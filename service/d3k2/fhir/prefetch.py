@@ -2,9 +2,12 @@
 
 1. key absent → fetch from fhirServer (with the bearer token when given);
 2. key null → the EHR has no data: nothing fetched;
-3. OperationOutcome (alone or an error inside the Bundle) → failed at the EHR: fetch if possible;
-4. needed, not given and no fhirServer to ask → PrefetchUnavailable (HTTP 412) naming the keys.
-A key whose fetch fails is named on the answer (and blocks dosing suggestions when required).
+3. OperationOutcome (alone or an error inside the Bundle) → failed at the EHR: fetch if possible; else the
+   Bundle's other entries are used;
+4. needed, not given and no fhirServer to ask → PrefetchUnavailable (HTTP 412) naming the keys, but only when
+   no resource the rules read arrived under any key: otherwise the cards the arrived data supports are
+   answered (contraindications included), as they would be if the key's fetch had failed.
+A key that cannot be had in full is named on the answer (and blocks dosing suggestions when required).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from d3k2.fhir.client import FetchOutcome
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
 # Medications referenced but not sent are read one by one: bounded so a long list cannot stall the call.
 MAX_MEDICATION_READS = 20
+# What the rules read (d3k2.core.facts): one of these arriving makes a missing required key a gap, not a 412.
+_READ_BY_RULES = frozenset({"Observation", "Condition", "MedicationStatement", "MedicationRequest"})
 
 
 class Fetcher(Protocol):
@@ -92,22 +97,38 @@ def _entries(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
     return resources
 
 
-def usable_resources(value: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """`resources_of(value)`, or None when the EHR or the server failed: an OperationOutcome, alone or
-    an error inside the Bundle. One pass over the entries."""
+def _outcome_codes(outcome: Mapping[str, Any]) -> list[str]:
+    """The issue codes of an OperationOutcome (a fixed FHIR code list: never patient data)."""
+    issues = outcome.get("issue")
+    return [
+        i["code"]
+        for i in (issues if isinstance(issues, list) else [])
+        if _is_map(i) and i.get("severity") in ("error", "fatal") and isinstance(i.get("code"), str)
+    ]
+
+
+def usable_resources(value: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """(`resources_of(value)`, None), or what arrived and why the rest did not when the EHR or the server
+    failed: an OperationOutcome, alone or an error inside the Bundle. One pass over the entries."""
     kind = value.get("resourceType")
     if kind == "OperationOutcome":
-        return None
+        return [], "an OperationOutcome"
     if kind != "Bundle":
-        return [dict(value)]
+        return [dict(value)], None
     resources = []
+    codes: list[str] = []
+    failed = False
     for resource in _entries(value):
         if resource.get("resourceType") == "OperationOutcome":
             if _error_outcome(resource):
-                return None
+                failed = True
+                codes += _outcome_codes(resource)
             continue
         resources.append(resource)
-    return resources
+    if not failed:
+        return resources, None
+    named = f" ({', '.join(sorted(set(codes)))})" if codes else ""
+    return resources, f"an error{named} in the Bundle"
 
 
 def resources_of(value: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -125,51 +146,68 @@ def resolve(
     result = Resolved()
     given = request.prefetch or {}
     to_fetch: dict[str, str] = {}
-    unobtainable: list[str] = []
+    # What the EHR sent beside its error, used when the key cannot be fetched in full.
+    partial: dict[str, list[dict[str, Any]]] = {}
+    unobtainable: dict[str, str] = {}  # required key → why it is missing
     for key, spec in keys.items():
+        reason = "not prefetched"
         if key in given:
             value = given[key]
             if value is None:
                 continue
             if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
-                usable = usable_resources(value)
-                if usable is not None:
-                    result.resources.extend(usable)
+                resources, failure = usable_resources(value)
+                if failure is None:
+                    result.resources.extend(resources)
                     continue
+                partial[key], reason = resources, f"the EHR sent {failure}"
             else:
                 result.issues.append(f"prefetch '{key}' is not a FHIR resource")
         query = fill_template(spec.query, request)
         if request.fhirServer and query is not None and fetcher is not None:
             to_fetch[key] = query
-        elif spec.required:
-            unobtainable.append(key)
+            continue
+        if partial.get(key):
+            result.resources.extend(partial[key])
+            reason = f"only in part: {reason}"
+        if spec.required:
+            unobtainable[key] = reason
         else:
-            result.missing.append(f"{spec.label} (not prefetched, no FHIR server to ask)")
-    if unobtainable:
-        raise PrefetchUnavailable(
-            "prefetch data the rules need was not sent and cannot be fetched (no fhirServer in the request)",
-            keys=unobtainable,
-        )
+            result.missing.append(f"{spec.label} ({reason}; no FHIR server to ask)")
     if to_fetch and fetcher is not None and request.fhirServer:
         token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
         outcomes = fetcher.fetch_many(request.fhirServer, to_fetch, token)
         for key, outcome in outcomes.items():
             spec = keys[key]
             result.fetched[key] = outcome.error or "ok"
-            usable = (
+            fetched, failure = (
                 usable_resources(outcome.resource)
                 if outcome.error is None and outcome.resource is not None
-                else None
+                else ([], outcome.error or "nothing")
             )
-            if usable is not None:
-                result.resources.extend(usable)
+            if failure is None:
+                result.resources.extend(fetched)
                 if outcome.truncated:
                     result.issues.append(f"{spec.label}: only the first pages were read")
                 continue
-            reason = outcome.error or "the FHIR server answered with an OperationOutcome"
+            reason = outcome.error or f"the FHIR server sent {failure}"
+            arrived = fetched or partial.get(key)
+            if arrived:
+                result.resources.extend(arrived)
+                reason += "; the part that arrived was used"
             result.missing.append(f"{spec.label} (could not be fetched: {reason})")
             if spec.required:
                 result.incomplete.append(spec.label)
+    if unobtainable:
+        if not any(r.get("resourceType") in _READ_BY_RULES for r in result.resources):
+            raise PrefetchUnavailable(
+                "prefetch data the rules need was not sent and cannot be fetched"
+                " (no fhirServer in the request)",
+                keys=list(unobtainable),
+            )
+        for key, reason in unobtainable.items():
+            result.missing.append(f"{keys[key].label} ({reason}; no FHIR server to ask)")
+            result.incomplete.append(keys[key].label)
     return result
 
 

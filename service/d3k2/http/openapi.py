@@ -32,7 +32,8 @@ ERRORS: dict[str, str] = {
     "403": "fhirServer is not on the configured allow-list; nothing was fetched",
     "404": "no CDS service with this id",
     "405": "method not allowed on this path",
-    "412": "data the rules need was neither prefetched nor fetchable; `keys` names the prefetch keys",
+    "412": "data the rules need was neither prefetched nor fetchable, and nothing the rules read arrived"
+    " under any other key; `keys` names the prefetch keys",
     "413": "the body, or the number of prefetched resources, is over the limit",
     "415": "Content-Type is not application/json (or application/fhir+json)",
     "503": "the feedback database is unreachable (feedback only; hook calls keep answering)",

@@ -418,11 +418,16 @@ def _print_explanation(report: dict[str, Any]) -> None:
             labs.add_row(name, m["value"], m["reported"], m["date"], m["status"], m["source"], notes)
     console.print(labs)
     meds = Table(title="Facts: medications", title_justify="left")
-    for column in ("category", "name", "status", "source", "matched by"):
+    for column in ("category", "name", "status", "source", "matched by", "dose"):
         meds.add_column(column)
     for med in facts["medications"]:
-        meds.add_row(med["category"], med["name"], med["status"], med["source"], med["matched_by"])
+        meds.add_row(
+            med["category"], med["name"], med["status"], med["source"], med["matched_by"], med["dose"]
+        )
     console.print(meds if facts["medications"] else "Facts: medications: none")
+    current = report["values"]["vitamin_d.current_daily"]
+    shown = "unknown" if current is None else f"{current} IU/day"
+    console.print(f"current vitamin D (vitamin_d.current_daily): {shown}", markup=False)
     evidence = [(name, e) for name, items in facts["conditions"].items() for e in items]
     evidence += [("pregnancy", e) for e in facts["pregnancy"]]
     conditions = Table(title="Facts: conditions", title_justify="left")
@@ -431,9 +436,19 @@ def _print_explanation(report: dict[str, Any]) -> None:
     for name, e in evidence:
         conditions.add_row(name, e["text"], e["source"], e["date"] or "")
     console.print(conditions if evidence else "Facts: conditions: none")
-    for label, key in (("data issues", "issues"), ("missing", "missing"), ("incomplete", "incomplete")):
+    for label, key in (
+        ("data issues", "issues"),
+        ("missing", "missing"),
+        ("incomplete", "incomplete"),
+        ("copies of one record", "copies"),
+    ):
         for item in facts[key]:
             console.print(f"{label}: {item}", markup=False)
+    for med in facts["unknown_medications"]:
+        console.print(
+            f"medication of unknown kind: {med['name'] or '(no name)'} ({med['source']}: {med['reason']})",
+            markup=False,
+        )
     rules = Table(title=f"Rules for {report['hook']}", title_justify="left")
     for column in ("verdict", "rule", "draft", "why"):
         rules.add_column(column)

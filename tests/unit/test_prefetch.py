@@ -1,0 +1,149 @@
+"""Prefetch keys that failed at the EHR (an OperationOutcome, alone or inside a Bundle): the data that did
+arrive is used, what failed is named, and 412 is answered only when nothing the rules read arrived at all."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from builders import TODAY, ruleset, topics
+from d3k2.core.errors import PrefetchUnavailable
+from d3k2.core.hooks import parse_request
+from d3k2.fhir.client import FetchOutcome
+from d3k2.fhir.prefetch import resolve
+from d3k2.service import call_service
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+SERVICE = "d3k2-patient-view"
+TIMEOUT = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}
+WARFARIN = {
+    "resourceType": "MedicationStatement",
+    "id": "w",
+    "status": "active",
+    "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "855332"}], "text": "warfarin"},
+}
+VITD = {
+    "resourceType": "Observation",
+    "id": "v",
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "62292-8"}]},
+    "effectiveDateTime": "2026-11-01",
+    "valueQuantity": {"value": 12, "unit": "ng/mL"},
+}
+
+
+def bundle(*resources: Mapping[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in resources]}
+
+
+def request(**prefetch: Any) -> dict[str, Any]:
+    """A patient-view request: every key 'no data' unless given; a key given as ... is left out."""
+    keys = dict.fromkeys(ruleset().services[SERVICE].prefetch, bundle())
+    keys["patient"] = {"resourceType": "Patient", "id": "p1"}
+    keys.update(prefetch)
+    return {
+        "hook": "patient-view",
+        "hookInstance": "d8a7bb4e-7cbd-4a49-b2e0-2f2b1b0a0b01",
+        "context": {"userId": "Practitioner/x", "patientId": "p1"},
+        "prefetch": {k: copy.deepcopy(v) for k, v in keys.items() if v is not ...},
+    }
+
+
+def answer(body: dict[str, Any]) -> dict[str, Any]:
+    outcome = call_service(ruleset(), SERVICE, body, today=TODAY, profile="seed", fetcher=None)
+    return outcome.response
+
+
+def data_card(response: dict[str, Any]) -> str:
+    card = next(c for c in response["cards"] if c["source"]["topic"]["code"] == "data-incomplete")
+    return str(card["detail"])
+
+
+@pytest.mark.parametrize("failed", [TIMEOUT, bundle(TIMEOUT), ...], ids=["outcome", "bundle", "absent"])
+def test_warfarin_still_warns_when_the_25ohd_key_failed(failed: Any) -> None:
+    response = answer(request(vitd=failed, medstatements=bundle(WARFARIN, TIMEOUT), medrequests=...))
+    assert "vka-k2" in topics(response)
+    assert not {"vitd-deficient", "vitd-insufficient", "vitd-test-needed", "k2-with-d3"} & set(
+        topics(response)
+    )
+    detail = data_card(response)
+    reason = "not prefetched" if failed is ... else "the EHR sent "
+    assert f"25(OH)D results ({reason}" in detail
+    assert "medication statements (only in part: the EHR sent an error (timeout) in the Bundle;" in detail
+    assert "medication requests (not prefetched; no FHIR server to ask)" in detail
+
+
+def test_the_other_entries_of_a_bundle_with_an_error_are_used() -> None:
+    resolved = resolve(
+        ruleset().services[SERVICE].prefetch,
+        parse_request(request(vitd=bundle(TIMEOUT, VITD), calcium=TIMEOUT)),
+        None,
+    )
+    assert VITD in resolved.resources
+    assert resolved.incomplete == ["25(OH)D results"]
+    assert resolved.missing == [
+        "calcium results (the EHR sent an OperationOutcome; no FHIR server to ask)",
+        "25(OH)D results (only in part: the EHR sent an error (timeout) in the Bundle;"
+        " no FHIR server to ask)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        (
+            {"vitd": ..., "medstatements": TIMEOUT, "conditions": bundle(TIMEOUT)},
+            ["vitd", "medstatements", "conditions"],
+        ),
+        # Only what no rule reads arrived beside the error (the Patient, a Basic).
+        ({"vitd": bundle(TIMEOUT, {"resourceType": "Basic", "id": "b"})}, ["vitd"]),
+    ],
+)
+def test_nothing_the_rules_read_arrived_is_412_naming_the_keys(
+    keys: dict[str, Any], named: list[str]
+) -> None:
+    with pytest.raises(PrefetchUnavailable) as raised:
+        resolve(ruleset().services[SERVICE].prefetch, parse_request(request(**keys)), None)
+    assert raised.value.extra["keys"] == named
+
+
+class Fetcher:
+    """Answers every query with one outcome, as the FHIR client would."""
+
+    def __init__(self, resource: dict[str, Any] | None, error: str | None) -> None:
+        self.resource, self.error = resource, error
+
+    def fetch_many(
+        self, base_url: str, queries: Mapping[str, str], access_token: str | None
+    ) -> dict[str, FetchOutcome]:
+        return {key: FetchOutcome(key, self.resource, self.error, 1, 0.0) for key in queries}
+
+
+@pytest.mark.parametrize(
+    ("fetcher", "used", "reason"),
+    [
+        (Fetcher(None, "HTTP 500"), WARFARIN, "HTTP 500; the part that arrived was used"),
+        (
+            Fetcher(bundle(TIMEOUT), None),
+            WARFARIN,
+            "the FHIR server sent an error (timeout) in the Bundle; the part",
+        ),
+        (Fetcher(None, None), WARFARIN, "the FHIR server sent nothing; the part that arrived was used"),
+        # What the server sent beside its error is used, and preferred to the EHR's part.
+        (
+            Fetcher(bundle(TIMEOUT, VITD), None),
+            VITD,
+            "the FHIR server sent an error (timeout) in the Bundle; the",
+        ),
+    ],
+)
+def test_a_failed_fetch_uses_the_part_that_arrived(fetcher: Fetcher, used: Any, reason: str) -> None:
+    body = request(medstatements=bundle(WARFARIN, TIMEOUT))
+    body["fhirServer"] = "https://ehr.example/fhir"
+    resolved = resolve(ruleset().services[SERVICE].prefetch, parse_request(body), fetcher)
+    assert used in resolved.resources
+    assert resolved.incomplete == ["medication statements"]
+    assert resolved.missing[0].startswith(f"medication statements (could not be fetched: {reason}")
