@@ -431,6 +431,12 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
             "vitd": _measurement(facts.vitd),
             "egfr": _measurement(facts.egfr),
             "calcium": _measurement(facts.calcium),
+            "age": {
+                "band": facts.age.band,
+                "months": facts.age.months,
+                "birth_date": facts.age.birth_date,
+                "why_unknown": facts.age.why_unknown or None,
+            },
             "medications": [
                 {
                     "category": m.category,

@@ -259,3 +259,18 @@ def test_parse_override_defaults_to_the_canonical_unit(ruleset: RuleSet) -> None
     assert override.unit == ruleset.facts.labs["egfr"].canonical_unit
     with pytest.raises(OverrideError, match="expected NAME=VALUE"):
         parse_override("egfr", ruleset)
+
+
+def test_explain_shows_the_age_read_from_birth_date() -> None:
+    request = REPO / "fixtures" / "patient-view" / "age-infant" / "request.json"
+    data = report(str(request), "--today", TODAY)
+    assert data["facts"]["age"] == {
+        "band": "infant",
+        "months": 7,
+        "birth_date": "2026-04-10",
+        "why_unknown": None,
+    }
+    assert (data["values"]["age.band"], data["values"]["age.months"]) == ("infant", 7)
+    unknown = report(str(request.parent.parent / "age-no-birthdate" / "request.json"), "--today", TODAY)
+    assert unknown["facts"]["age"]["why_unknown"] == "no birth date on record"
+    assert unknown["values"]["age.band"] == "unknown"

@@ -93,6 +93,9 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
+    # Whole months at "today"; None (and band "unknown") without a usable birthDate.
+    values["age.months"] = facts.age.months
+    values["age.band"] = facts.age.band
     values["data.issues"] = bool(facts.issues or facts.missing)
     values["data.incomplete"] = bool(facts.incomplete)
     return values

@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any
 
+from d3k2.core.age import NOT_ON_RECORD, Age, AgeConfig, read_age
 from d3k2.core.quantities import Interval, format_interval, format_number
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
@@ -69,6 +70,7 @@ class FactsConfig:
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
     notes: Mapping[str, str]
+    age: AgeConfig
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Facts:
     issues: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
+    age: Age = NOT_ON_RECORD
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -458,6 +461,7 @@ class _Collector:
         self.pregnancy: list[Evidence] = []
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
+        self.patients: list[Mapping[str, Any]] = []
         self.index: dict[str, Mapping[str, Any]] | None = None
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
@@ -772,6 +776,8 @@ def extract_facts(
                 collector.condition(resource)
             elif rtype in ("MedicationStatement", "MedicationRequest"):
                 collector.medication(resource)
+            elif rtype == "Patient":
+                collector.patients.append(resource)
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
         except _ERRORS as exc:
             collector.report(resource, f"unreadable ({type(exc).__name__})")
@@ -793,6 +799,7 @@ def extract_facts(
         issues=tuple(sorted(set(collector.issues))),
         missing=tuple(missing),
         incomplete=tuple(incomplete),
+        age=read_age(collector.patients, today, config.age),
     )
 
 

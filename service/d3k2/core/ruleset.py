@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from d3k2.core.age import AgeConfig
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig, LabConfig
 from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
@@ -418,9 +419,18 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 key: str(data["notes"][key])
                 for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
             },
+            age=_age_config(data["age"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
+
+
+def _age_config(data: Mapping[str, Any]) -> AgeConfig:
+    bands = tuple((str(b["id"]), int(b["from_months"])) for b in data["bands"])
+    starts = [months for _, months in bands]
+    if not starts or starts[0] != 0 or starts != sorted(set(starts)):
+        raise ValueError("age.bands must start at 0 months and ascend")
+    return AgeConfig(bands=bands, max_years=int(data["max_years"]))
 
 
 def _check_refs(rules: list[Rule], ruleset_parts: dict[str, Any], cards: Path) -> None:
