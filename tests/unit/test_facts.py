@@ -82,10 +82,28 @@ def test_less_than_five_is_below_five_never_exactly_five(value: dict[str, Any]) 
         assert band_of(vitd.value, profile) == "deficient"
 
 
-def test_straddling_comparator_has_no_band() -> None:
-    vitd = facts(obs("62292-8", **qty(40, "ng/mL", "<"))).vitd
+@pytest.mark.parametrize(
+    ("comparator", "value", "profile", "band"),
+    [
+        # Certainly above every boundary up to the value: the highest band whose lower bound it reaches.
+        (">", 100, "seed", "very-high"),
+        (">=", 150, "seed", "very-high"),  # may be exactly 150: not certainly above 150
+        (">", 150, "seed", "toxicity"),
+        (">", 100, "endocrine-2011", "high"),
+        (">", 100, "iom-2011", "very-high"),
+        (">", 35, "seed", "insufficient"),
+        # Below a value: certainly above no boundary but minus infinity.
+        ("<", 40, "seed", "deficient"),
+        ("<=", 30, "seed", "deficient"),
+        ("<", 35, "iom-2011", "deficient"),
+    ],
+)
+def test_a_straddling_comparator_gets_the_highest_band_it_certainly_reaches(
+    comparator: str, value: float, profile: str, band: str
+) -> None:
+    vitd = facts(obs("62292-8", **qty(value, "ng/mL", comparator))).vitd
     assert vitd is not None
-    assert band_of(vitd.value, ruleset().profiles["seed"]) is None
+    assert band_of(vitd.value, ruleset().profiles[profile]) == band
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ comparator (`<40`) that straddles a threshold answers "cannot tell", and a rule 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import methodcaller
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from typing import Any
 
 from d3k2.core.facts import Facts, Measurement, calcium_high, describe_limit
 from d3k2.core.orders import DraftOrder, DraftReading, IngredientDose
-from d3k2.core.quantities import Interval, format_number
+from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, Indicator, NotOf, Profile, Ref, Rule, RuleSet
 
 FactValue = bool | str | float | Interval | None
@@ -58,18 +59,21 @@ class Evaluation:
 
 
 def band_of(value: Interval, profile: Profile) -> str | None:
-    """The band that holds every possible value, or None when a comparator straddles two bands."""
-    for band in profile.bands:
-        if value.within(band.lower, band.upper, band.lower_open, band.upper_open):
-            return band.id
-    return None
+    """The band of every possible value, or the highest band a straddling comparator certainly reaches."""
+    band = certain_band(value, profile.bands)
+    return band.id if band else None
 
 
-def _band_label(band: str | None, profile: Profile) -> str:
-    for b in profile.bands:
-        if b.id == band:
-            return b.label
-    return "band uncertain (value given as a range)"
+def _bands_label(value: Interval, bands: Sequence[Banded]) -> str:
+    """The band's label; a value that straddles bands names each band it may be in."""
+    return " or ".join(b.label for b in possible_bands(value, bands))
+
+
+def _range_note(value: Interval, bands: Sequence[Banded]) -> str:
+    """Why the band is not certain: the lab reported a bound (`>100`), not a number."""
+    if len(possible_bands(value, bands)) < 2:
+        return ""
+    return "above the assay's range" if math.isinf(value.hi) else "below the assay's range"
 
 
 def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, FactValue]:
@@ -85,9 +89,10 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
         values[f"{name}.present"] = measurement is not None
         values[f"{name}.value"] = measurement.value if measurement else None
         values[f"{name}.stale"] = measurement.stale if measurement else None
-    values["calcium.high"] = (
-        calcium_high(facts.calcium, ruleset.facts.labs["calcium"]) if facts.calcium else False
-    )
+    egfr_band = certain_band(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else None
+    values["egfr.band"] = egfr_band.id if egfr_band else None
+    # Only a value certainly above the limit is high: `<11` is not, `>12` is.
+    values["calcium.high"] = calcium_high(facts.calcium, ruleset.facts.labs["calcium"]) is True
     for category, name in _MED_FACTS.items():
         values[name] = bool(facts.meds(category))
     values["pregnant"] = bool(facts.pregnancy)
@@ -133,11 +138,30 @@ def _profile_fields(c: _FieldContext) -> SimpleNamespace:
     return SimpleNamespace(name=c.profile_name, title=c.ruleset.profiles[c.profile_name].title)
 
 
+def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str) -> SimpleNamespace:
+    if m is not None and note:
+        fields.notes = f" ({'; '.join((*m.notes, note))})"
+    return fields
+
+
 def _vitd_fields(c: _FieldContext) -> SimpleNamespace:
-    vitd = _measurement_fields(c.facts.vitd)
-    band = c.values.get("vitd.band")
-    vitd.band = _band_label(band if isinstance(band, str) else None, c.ruleset.profiles[c.profile_name])
+    m = c.facts.vitd
+    if m is None:
+        vitd = _measurement_fields(m)
+        vitd.band = "no band (no result)"
+        return vitd
+    bands = c.ruleset.profiles[c.profile_name].bands
+    vitd = _with_note(_measurement_fields(m), m, _range_note(m.value, bands))
+    vitd.band = _bands_label(m.value, bands)
     return vitd
+
+
+def _egfr_fields(c: _FieldContext) -> SimpleNamespace:
+    m = c.facts.egfr
+    bands = c.ruleset.facts.labs["egfr"].bands
+    if m is None or len(possible_bands(m.value, bands)) < 2:
+        return _measurement_fields(m)
+    return _with_note(_measurement_fields(m), m, f"could be {_bands_label(m.value, bands)}")
 
 
 def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
@@ -166,7 +190,7 @@ def _data_fields(c: _FieldContext) -> SimpleNamespace:
 _FIELD_MAKERS: dict[str, Callable[[_FieldContext], SimpleNamespace]] = {
     "profile": _profile_fields,
     "vitd": _vitd_fields,
-    "egfr": lambda c: _measurement_fields(c.facts.egfr),
+    "egfr": _egfr_fields,
     "calcium": _calcium_fields,
     "vka": lambda c: SimpleNamespace(
         names=_names(c.facts, "vka"), sources=", ".join(sorted({m.source for m in c.facts.meds("vka")}))

@@ -19,7 +19,7 @@ from operator import itemgetter
 from typing import Any
 
 from d3k2.core.age import NOT_ON_RECORD, Age, AgeConfig, read_age
-from d3k2.core.quantities import Interval, format_interval, format_number
+from d3k2.core.quantities import Interval, LabBand, format_interval, format_number
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
@@ -53,6 +53,8 @@ class LabConfig:
     default_upper_limit: float | None = None
     source: str = ""
     decimals: int = 2
+    # Categories of the value (eGFR: KDIGO G1–G5), ascending.
+    bands: tuple[LabBand, ...] = ()
 
 
 @dataclass(frozen=True)

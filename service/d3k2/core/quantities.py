@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,55 @@ class Interval:
         if low_ok is None or high_ok is None:
             return None
         return True
+
+
+class Banded(Protocol):
+    """A band of a value line (a profile's 25(OH)D band, a lab's category)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def lower(self) -> float: ...
+    @property
+    def upper(self) -> float: ...
+    @property
+    def lower_open(self) -> bool: ...
+    @property
+    def upper_open(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LabBand:
+    id: str
+    label: str
+    lower: float
+    upper: float
+    lower_open: bool = False
+    upper_open: bool = False
+
+
+_B = TypeVar("_B", bound=Banded)
+
+
+def possible_bands(value: Interval, bands: Sequence[_B]) -> list[_B]:
+    """Every band the true value may lie in."""
+    return [b for b in bands if value.within(b.lower, b.upper, b.lower_open, b.upper_open) is not False]
+
+
+def certain_band(value: Interval, bands: Sequence[_B]) -> _B | None:
+    """The band holding every possible value; for a value given with a comparator that straddles bands
+    (`>100`), the highest band (of `bands`, ascending) whose lower bound it certainly reaches: `>100` is
+    certainly above 80, `<35` certainly above nothing but minus infinity. A comparator thus always gets a
+    band, and never one it may not have reached."""
+    reached = None
+    for band in bands:
+        if value.within(band.lower, band.upper, band.lower_open, band.upper_open):
+            return band
+        if value.gt(band.lower) if band.lower_open else value.ge(band.lower):
+            reached = band
+    return reached
 
 
 def format_number(value: float, decimals: int = 1) -> str:

@@ -19,6 +19,7 @@ from d3k2.core.age import AgeConfig
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig, LabConfig
 from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
+from d3k2.core.quantities import LabBand
 from d3k2.core.terminology import Terminology, load_terminology
 
 Hook = Literal["patient-view", "order-select", "order-sign", "medication-prescribe"]
@@ -395,6 +396,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 default_upper_limit=lab.get("default_upper_limit"),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
+                bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
             )
             for name, lab in data["labs"].items()
         }
