@@ -55,6 +55,8 @@ class LabConfig:
     decimals: int = 2
     # Categories of the value (eGFR: KDIGO G1–G5), ascending.
     bands: tuple[LabBand, ...] = ()
+    # Several results of one specimen (several equations): the lowest is used, and the card says so.
+    same_specimen_lowest: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class FactsConfig:
     condition_facts: Mapping[str, tuple[str, ...]]
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
-    # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
+    # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
+    # same_specimen_lowest.
     notes: Mapping[str, str]
     age: AgeConfig
 
@@ -696,14 +699,47 @@ def _vitd(candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: d
     return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
 
 
+def _specimen(resource: Mapping[str, Any]) -> str | None:
+    specimen = resource.get("specimen")
+    return _str(specimen.get("reference")) if isinstance(specimen, Mapping) else None
+
+
+def _lowest_of_specimen(
+    best: _Candidate, group: tuple[list[_Candidate], list[_Candidate]], config: FactsConfig
+) -> tuple[_Candidate, tuple[str, ...]]:
+    """Of the results of `best`'s specimen (its Specimen, else its moment), the lowest value: labs send
+    one specimen's eGFR by several equations. Chosen by value, then code, then content; never by id."""
+    specimen = _specimen(best[6])
+    same = [
+        c
+        for c in (group[0] or group[1])
+        if c[0] == best[0] or (specimen is not None and _specimen(c[6]) == specimen)
+    ]
+    if len(same) < 2:
+        return best, ()
+    read = sorted(
+        ((_quantity(c[6], c[4].lab, c[4].code), c) for c in same),
+        key=lambda item: (item[0][0].hi, item[0][0].lo, item[1][4].code, _canonical(item[1][6])),
+    )
+    if len({(value, text) for (value, text), _c in read}) < 2:
+        return read[0][1], ()
+    listed = ", ".join(f"{text} ({c[4].code})" for (_value, text), c in read)
+    return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
+
+
 def _simple_lab(
     candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: date
 ) -> Measurement | None:
-    best = _newest(*_group(candidates, lab, "primary"))
+    group = _group(candidates, lab, "primary")
+    best = _newest(*group)
     notes: tuple[str, ...] = ()
     if best is None:
-        best = _newest(*_group(candidates, lab, "fallback"))
+        group = _group(candidates, lab, "fallback")
+        best = _newest(*group)
         notes = (config.notes["legacy_equation"],) if best else ()
+    if best is not None and lab.same_specimen_lowest:
+        best, choice = _lowest_of_specimen(best, group, config)
+        notes += choice
     if best is None:
         accepted, fallback = _group(candidates, lab, "range_only")
         best = _newest([c for c in accepted if c[5] is not None], [c for c in fallback if c[5] is not None])

@@ -397,6 +397,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
+                same_specimen_lowest=bool(lab.get("same_specimen_lowest", False)),
             )
             for name, lab in data["labs"].items()
         }
@@ -419,7 +420,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             request_current=tuple(data["medications"]["request_current"]),
             notes={
                 key: str(data["notes"][key])
-                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
+                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation", "same_specimen_lowest")
             },
             age=_age_config(data["age"]),
         )
