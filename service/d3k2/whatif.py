@@ -173,7 +173,6 @@ def _lab_valuesets(lab: LabConfig) -> set[str]:
         *lab.d2_fraction,
         *lab.primary,
         *lab.fallback,
-        *lab.range_only,
     }
 
 

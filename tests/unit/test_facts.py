@@ -261,9 +261,13 @@ def test_calcium_uses_the_labs_range_when_given() -> None:
     assert calcium_high(facts(resource).calcium, ruleset().facts.labs["calcium"]) is True
 
 
-def test_ionized_calcium_needs_the_labs_range() -> None:
-    no_range = facts(obs("17863-2", **qty(6.0, "mg/dL"))).calcium
-    assert no_range is None
+def test_ionized_calcium_without_a_range_is_judged_against_the_default_adult_range() -> None:
+    lab = ruleset().facts.labs["calcium"]
+    assert calcium_high(facts(obs("17863-2", **qty(6.0, "mg/dL"))).calcium, lab) is True
+    assert calcium_high(facts(obs("1995-0", **qty(1.32, "mmol/L"))).calcium, lab) is False
+    assert calcium_high(facts(obs("1995-0", **qty(1.33, "mmol/L"))).calcium, lab) is True
+    # Never against the total-calcium limit: 10 mg/dL ionized is far above its range.
+    assert calcium_high(facts(obs("17863-2", **qty(10.0, "mg/dL"))).calcium, lab) is True
     ranged = obs("17863-2", **qty(5.6, "mg/dL"))
     ranged["referenceRange"] = [{"high": {"value": 5.3, "unit": "mg/dL"}}]
     assert calcium_high(facts(ranged).calcium, ruleset().facts.labs["calcium"]) is True

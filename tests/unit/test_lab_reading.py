@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
+from d3k2.core.engine import fact_values
 from d3k2.core.facts import Facts
 from d3k2.core.terminology import LOINC
 from d3k2.service import facts_for
@@ -98,3 +99,98 @@ def test_equal_values_of_one_specimen_need_no_note() -> None:
 def test_a_result_of_another_moment_is_not_the_same_specimen() -> None:
     result = facts(egfr(EPI_2021, 50, "new"), egfr(EPI_2021, 20, "old", when="2026-10-01")).egfr
     assert result is not None and result.source == "Observation/new" and result.notes == ()
+
+
+# ---------------------------------------------------------------- calcium
+
+
+TOTAL, CORRECTED, IONIZED, IONIZED_MMOL, ALBUMIN = "17861-6", "29265-6", "17863-2", "1995-0", "1751-7"
+
+
+def calcium_values(*resources: dict[str, Any]) -> dict[str, Any]:
+    rs = ruleset()
+    values = fact_values(rs, facts(*resources), rs.default_profile)
+    return {k: values[k] for k in ("calcium.kind", "calcium.high", "calcium.grade")}
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"), [(TOTAL, "total"), (CORRECTED, "albumin-corrected"), (IONIZED, "ionized")]
+)
+def test_each_kind_of_calcium_is_named(code: str, kind: str) -> None:
+    unit = "mmol/L" if code == CORRECTED else "mg/dL"
+    result = facts(obs(code, 2.4 if code == CORRECTED else 4.9, unit)).calcium
+    assert result is not None and result.kind == kind
+
+
+def test_the_newest_calcium_of_any_kind_wins() -> None:
+    total = obs(TOTAL, 11.0, "mg/dL", oid="total", when="2026-11-01")
+    ionized = obs(IONIZED_MMOL, 1.25, "mmol/L", oid="ionized", when="2026-11-02")
+    assert facts(total, ionized).calcium.source == "Observation/ionized"  # type: ignore[union-attr]
+    newer_total = obs(TOTAL, 11.0, "mg/dL", oid="total", when="2026-11-03")
+    assert facts(newer_total, ionized).calcium.source == "Observation/total"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "albumin", [obs(ALBUMIN, 2.6, "g/dL", oid="alb"), obs(ALBUMIN, 26, "g/L", oid="alb")]
+)
+def test_a_same_day_albumin_corrects_a_total_calcium(albumin: dict[str, Any]) -> None:
+    total = obs(TOTAL, 9.8, "mg/dL", oid="ca", when="2026-11-01T08:00:00Z")
+    result = facts(total, albumin | {"effectiveDateTime": "2026-11-01T10:00:00Z"}).calcium
+    assert result is not None and result.kind == "albumin-corrected" and result.source == "Observation/ca"
+    assert result.value.lo == pytest.approx(10.92)  # 9.8 + 0.8 × (4.0 − 2.6)
+    assert result.notes[-1].startswith("corrected by d3k2 for albumin (Payne): measured total 9.8 mg/dL")
+    assert calcium_values(total, albumin)["calcium.high"] is True
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        # another day, a comparator on either side, an ionized or a lab-corrected calcium
+        [obs(TOTAL, 9.8, "mg/dL"), obs(ALBUMIN, 2.6, "g/dL", oid="alb", when="2026-10-31")],
+        [obs(TOTAL, 9.8, "mg/dL"), obs(ALBUMIN, 2.6, "g/dL", oid="alb") | {"valueString": "<2.6 g/dL"}],
+        [
+            obs(TOTAL, 9.8, "mg/dL")
+            | {"valueQuantity": {"value": 9.8, "comparator": ">", "unit": "mg/dL", "code": "mg/dL"}},
+            obs(ALBUMIN, 2.6, "g/dL", oid="alb"),
+        ],
+        [obs(IONIZED, 4.9, "mg/dL"), obs(ALBUMIN, 2.6, "g/dL", oid="alb")],
+        [obs(CORRECTED, 2.45, "mmol/L"), obs(ALBUMIN, 2.6, "g/dL", oid="alb")],
+    ],
+)
+def test_only_an_exact_total_calcium_and_an_exact_albumin_of_one_day_are_corrected(resources) -> None:
+    if "valueString" in resources[1]:
+        del resources[1]["valueQuantity"]
+    result = facts(*resources).calcium
+    assert result is not None and result.source == "Observation/o1"
+    assert not any("Payne" in note for note in result.notes)
+    assert result.kind != "albumin-corrected" or result.code == CORRECTED
+
+
+@pytest.mark.parametrize(
+    ("value", "comparator", "grade"),
+    [
+        (10.4, None, "none"),
+        (10.6, None, "mild"),
+        (11.99, None, "mild"),
+        (12, None, "moderate"),
+        (13.99, None, "moderate"),
+        (14, None, "severe"),
+        (13, ">", "moderate"),  # certainly above 13: at least moderate
+        (11, ">", "mild"),
+        (11, "<", "none"),  # may be below the limit: not high
+    ],
+)
+def test_hypercalcemia_grade(value: float, comparator: str | None, grade: str) -> None:
+    quantity: dict[str, Any] = {"value": value, "unit": "mg/dL", "code": "mg/dL"}
+    if comparator:
+        quantity["comparator"] = comparator
+    assert calcium_values(obs(TOTAL, value, "mg/dL", valueQuantity=quantity))["calcium.grade"] == grade
+
+
+def test_ionized_calcium_is_not_graded_and_no_calcium_has_no_grade() -> None:
+    assert calcium_values(obs(IONIZED_MMOL, 1.6, "mmol/L")) == {
+        "calcium.kind": "ionized",
+        "calcium.high": True,
+        "calcium.grade": "ungraded",
+    }
+    assert calcium_values() == {"calcium.kind": None, "calcium.high": False, "calcium.grade": None}

@@ -11,7 +11,7 @@ from operator import methodcaller
 from types import SimpleNamespace
 from typing import Any
 
-from d3k2.core.facts import Facts, Measurement, calcium_high, describe_limit
+from d3k2.core.facts import Facts, Measurement, calcium_grade, calcium_high, describe_limit
 from d3k2.core.orders import DraftOrder, DraftReading, IngredientDose
 from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, Indicator, NotOf, Profile, Ref, Rule, RuleSet
@@ -92,7 +92,10 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     egfr_band = certain_band(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else None
     values["egfr.band"] = egfr_band.id if egfr_band else None
     # Only a value certainly above the limit is high: `<11` is not, `>12` is.
-    values["calcium.high"] = calcium_high(facts.calcium, ruleset.facts.labs["calcium"]) is True
+    calcium_lab = ruleset.facts.labs["calcium"]
+    values["calcium.high"] = calcium_high(facts.calcium, calcium_lab) is True
+    values["calcium.kind"] = facts.calcium.kind if facts.calcium else None
+    values["calcium.grade"] = calcium_grade(facts.calcium, calcium_lab)
     for category, name in _MED_FACTS.items():
         values[name] = bool(facts.meds(category))
     values["pregnant"] = bool(facts.pregnancy)
@@ -165,9 +168,22 @@ def _egfr_fields(c: _FieldContext) -> SimpleNamespace:
 
 
 def _calcium_fields(c: _FieldContext) -> SimpleNamespace:
-    facts = c.facts
-    calcium = _measurement_fields(facts.calcium)
-    calcium.limit = describe_limit(facts.calcium, c.ruleset.facts.labs["calcium"]) if facts.calcium else ""
+    m = c.facts.calcium
+    calcium = _measurement_fields(m)
+    calcium.limit = ""
+    calcium.grade = ""
+    if m is None:
+        return calcium
+    lab = c.ruleset.facts.labs["calcium"]
+    # Total, albumin-corrected and ionized calcium are different measurements: the card names which.
+    calcium.shown = f"{m.kind} {m.shown}" if m.kind else m.shown
+    calcium.limit = describe_limit(m, lab)
+    grade = c.values.get("calcium.grade")
+    labels = {g.id: g.label for g in lab.grades}
+    if grade in labels:
+        calcium.grade = f" Severity: {labels[str(grade)]}, Minisola 2015."
+    elif grade == "ungraded":
+        calcium.grade = f" Severity: not graded for {m.kind} calcium."
     return calcium
 
 

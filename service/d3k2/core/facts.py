@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any
 
 from d3k2.core.age import NOT_ON_RECORD, Age, AgeConfig, read_age
-from d3k2.core.quantities import Interval, LabBand, format_interval, format_number
+from d3k2.core.quantities import Interval, LabBand, certain_band, format_interval, format_number
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
@@ -32,6 +32,18 @@ _LOINC_SPELLINGS = spellings(LOINC)
 
 class Unreadable(Exception):
     """One resource (or one field the rules need) cannot be read; the message names no patient data."""
+
+
+@dataclass(frozen=True)
+class AlbuminCorrection:
+    """corrected = measured + coefficient × (normal − albumin), albumin of the same day (Payne)."""
+
+    lab: str  # the albumin lab
+    coefficient: float
+    normal: float  # albumin, in that lab's canonical unit
+    applies_to: str  # the kind corrected ("total")
+    kind: str  # the kind of the result ("albumin-corrected")
+    note: str
 
 
 @dataclass(frozen=True)
@@ -48,9 +60,15 @@ class LabConfig:
     d2_fraction: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     never: tuple[str, ...] = ()
-    range_only: tuple[str, ...] = ()
     default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
-    default_upper_limit: float | None = None
+    # value set → the kind of measurement it is, named on the card (calcium: total, ionized, …).
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    # kind → upper limit (canonical unit) when the lab sends no range.
+    kind_limits: Mapping[str, float] = field(default_factory=dict)
+    # Severity grades above the limit, ascending, for the kinds they are defined for.
+    grades: tuple[LabBand, ...] = ()
+    graded_kinds: tuple[str, ...] = ()
+    correction: AlbuminCorrection | None = None
     source: str = ""
     decimals: int = 2
     # Categories of the value (eGFR: KDIGO G1–G5), ascending.
@@ -92,6 +110,7 @@ class Measurement:
     age_days: int
     notes: tuple[str, ...] = ()
     upper_limit: float | None = None  # canonical unit; the lab's range when given
+    kind: str = ""  # calcium: "total", "albumin-corrected" or "ionized"
 
     @property
     def shown(self) -> str:
@@ -268,12 +287,13 @@ _MAX_ROLES = 4096
 class _Role:
     """What one code list means: a role of one lab (e.g. eGFR "primary") and the code that says so."""
 
-    __slots__ = ("accepted", "code", "fallback", "lab", "role")
+    __slots__ = ("accepted", "code", "fallback", "kind", "lab", "role")
 
-    def __init__(self, lab: LabConfig, role: str, code: str) -> None:
+    def __init__(self, lab: LabConfig, role: str, code: str, kind: str = "") -> None:
         self.lab = lab
         self.role = role
         self.code = code
+        self.kind = kind
         # Where its candidates go: results of an accepted status, and of a fallback status.
         self.accepted = (lab.name, role, True)
         self.fallback = (lab.name, role, False)
@@ -357,7 +377,6 @@ def _lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) ->
             ("d2", lab.d2_fraction),
             ("primary", lab.primary),
             ("fallback", lab.fallback),
-            ("range_only", lab.range_only),
         ):
             if concepts & set(sets):
                 return role, code
@@ -417,7 +436,9 @@ class _Lookup:
         for lab in self.config.labs.values():
             role = _lab_role(codes, self.terminology, lab)
             if role is not None:
-                found = _Role(lab, *role)
+                concepts = self.terminology.concepts(LOINC, role[1])
+                kind = next((k for vs, k in lab.kinds.items() if vs in concepts), "")
+                found = _Role(lab, *role, kind)
                 break
         if len(self.roles) >= _MAX_ROLES:
             self.roles.clear()
@@ -659,6 +680,7 @@ def _measurement(
         age_days=age,
         notes=notes + extra,
         upper_limit=upper,
+        kind=found.kind,
     )
 
 
@@ -741,11 +763,40 @@ def _simple_lab(
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice
     if best is None:
-        accepted, fallback = _group(candidates, lab, "range_only")
-        best = _newest([c for c in accepted if c[5] is not None], [c for c in fallback if c[5] is not None])
-    if best is None:
         return None
-    return _measurement(best, lab, config, today, notes)
+    measured = _measurement(best, lab, config, today, notes)
+    return _albumin_corrected(measured, lab.correction, candidates, config) if lab.correction else measured
+
+
+def _albumin_corrected(
+    measured: Measurement, correction: AlbuminCorrection, candidates: _Candidates, config: FactsConfig
+) -> Measurement:
+    """A total calcium corrected by an albumin of the same day; exact numbers only (a comparator never
+    becomes one)."""
+    albumin_lab = config.labs.get(correction.lab)
+    if measured.kind != correction.applies_to or not measured.value.is_exact or albumin_lab is None:
+        return measured
+    accepted, fallback = _group(candidates, albumin_lab, "primary")
+    albumin = _newest(
+        [c for c in accepted if c[2] == measured.when], [c for c in fallback if c[2] == measured.when]
+    )
+    if albumin is None:
+        return measured
+    value, reported = _quantity(albumin[6], albumin_lab, albumin[4].code)
+    if not value.is_exact:
+        return measured
+    lab = config.labs[measured.analyte]
+    corrected = round(
+        measured.value.lo + correction.coefficient * (correction.normal - value.lo), lab.decimals
+    )
+    basis = f"{correction.note}: measured total {measured.shown}, albumin {reported} of the same day"
+    return replace(
+        measured,
+        value=Interval.exact(corrected),
+        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, lab.decimals),
+        kind=correction.kind,
+        notes=(*measured.notes, basis),
+    )
 
 
 def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
@@ -841,17 +892,32 @@ def extract_facts(
     )
 
 
+def _limit(calcium: Measurement, lab: LabConfig) -> float | None:
+    return calcium.upper_limit if calcium.upper_limit is not None else lab.kind_limits.get(calcium.kind)
+
+
 def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
-    """Above the lab's upper limit, else above the default limit for total calcium."""
+    """Above the lab's upper limit, else above the default limit of its kind (total, ionized, …)."""
     if calcium is None:
         return None
-    limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
+    limit = _limit(calcium, lab)
     if limit is None:
         return None
     return calcium.value.gt(limit)
 
 
+def calcium_grade(calcium: Measurement | None, lab: LabConfig) -> str | None:
+    """ "none" unless certainly high; then the highest grade it certainly reaches, or "ungraded" for a kind
+    without verified grades (ionized)."""
+    if calcium is None:
+        return None
+    if calcium_high(calcium, lab) is not True:
+        return "none"
+    grade = certain_band(calcium.value, lab.grades) if calcium.kind in lab.graded_kinds else None
+    return grade.id if grade else "ungraded"
+
+
 def describe_limit(calcium: Measurement, lab: LabConfig) -> str:
-    limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
-    origin = "lab range" if calcium.upper_limit is not None else "default limit"
+    limit = _limit(calcium, lab)
+    origin = "lab range" if calcium.upper_limit is not None else f"default limit for {calcium.kind} calcium"
     return f"{format_number(limit or 0.0, 2)} {lab.canonical_unit} ({origin})"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from d3k2.core.age import AgeConfig
 from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import FactsConfig, LabConfig
+from d3k2.core.facts import AlbuminCorrection, FactsConfig, LabConfig
 from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
 from d3k2.core.quantities import LabBand
 from d3k2.core.terminology import Terminology, load_terminology
@@ -295,6 +295,8 @@ TEMPLATE_FIELDS: frozenset[str] = frozenset(
         "calcium.shown",
         "calcium.date",
         "calcium.limit",
+        "calcium.notes",
+        "calcium.grade",
         "vka.names",
         "vka.sources",
         "k2.names",
@@ -391,9 +393,12 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 d2_fraction=tuple(lab.get("d2_fraction", ())),
                 exclude=tuple(lab.get("exclude", ())),
                 never=tuple(lab.get("never", ())),
-                range_only=tuple(lab.get("range_only", ())),
                 default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
-                default_upper_limit=lab.get("default_upper_limit"),
+                kinds={str(k): str(v) for k, v in lab.get("kinds", {}).items()},
+                kind_limits={str(k): float(v) for k, v in lab.get("kind_limits", {}).items()},
+                grades=tuple(LabBand(**band) for band in lab.get("grades", ())),
+                graded_kinds=tuple(lab.get("graded_kinds", ())),
+                correction=AlbuminCorrection(**lab["correction"]) if "correction" in lab else None,
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
