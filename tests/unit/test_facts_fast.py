@@ -263,7 +263,7 @@ def test_ionized_calcium_uses_a_usable_lab_range_else_the_default_and_the_newest
         False,
         23,
         (),
-        1.3 * 4.008,
+        5.21,  # 1.3 mmol/L converted and rounded as a result is
         "ionized",
     )
     # An older total calcium does not beat a newer ionized one; its own range is kept when it is newest.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
+import re
 from datetime import date
 from typing import Any
 
 import pytest
 
 from builders import TODAY, ruleset
-from d3k2.core.engine import fact_values
+from d3k2.core.engine import fact_values, template_fields
 from d3k2.core.facts import Facts
 from d3k2.core.terminology import LOINC
 from d3k2.service import facts_for
@@ -194,3 +196,64 @@ def test_ionized_calcium_is_not_graded_and_no_calcium_has_no_grade() -> None:
         "calcium.grade": "ungraded",
     }
     assert calcium_values() == {"calcium.kind": None, "calcium.high": False, "calcium.grade": None}
+
+
+# ---------------------------------------------------------------- values as reported
+
+
+def _thresholds() -> list[tuple[str, str, float]]:
+    """(lab, LOINC code, threshold) for every lab threshold a rule uses, in the lab's canonical unit."""
+    rs = ruleset()
+    labs = rs.facts.labs
+    found = {("vitd", "62292-8", b.lower) for p in rs.profiles.values() for b in p.bands}
+    found |= {("egfr", EPI_2021, b.lower) for b in labs["egfr"].bands}
+    found |= {("calcium", TOTAL, labs["calcium"].kind_limits["total"])}
+    found |= {("calcium", IONIZED, labs["calcium"].kind_limits["ionized"])}
+    found |= {("calcium", TOTAL, g.lower) for g in labs["calcium"].grades}
+    return sorted(t for t in found if math.isfinite(t[2]))
+
+
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def _shown_numbers(lab: str, resource: dict[str, Any]) -> tuple[list[float], Any]:
+    rs = ruleset()
+    read = facts(resource)
+    values = fact_values(rs, read, rs.default_profile)
+    shown = template_fields(rs, read, rs.default_profile, values)[lab].shown
+    return [float(n.replace(",", "")) for n in NUMBER.findall(shown)], getattr(read, lab)
+
+
+@pytest.mark.parametrize(("lab", "code", "threshold"), _thresholds())
+def test_no_threshold_adjacent_value_is_shown_on_the_other_side(
+    lab: str, code: str, threshold: float
+) -> None:
+    unit = ruleset().facts.labs[lab].canonical_unit
+    for delta in (-0.01, -0.005, 0.005, 0.01):
+        value = round(threshold + delta, 3)
+        numbers, _ = _shown_numbers(lab, obs(code, value, EGFR_UNIT if lab == "egfr" else unit))
+        # The lab's digits, nothing rounded (eGFR's unit "mL/min/1.73 m²" holds a number of its own).
+        assert numbers[0] == value and len(numbers) == (2 if lab == "egfr" else 1), (lab, value, numbers)
+
+
+@pytest.mark.parametrize(
+    ("lab", "code", "unit", "threshold"),
+    [("vitd", "62292-8", "nmol/L", t) for t in (12, 20, 30, 40, 50, 60, 80, 100, 150)]
+    + [("calcium", "2000-8", "mmol/L", t) for t in (10.5, 12, 14)]
+    + [("calcium", IONIZED_MMOL, "mmol/L", 5.29)],
+)
+def test_a_converted_value_is_shown_as_reported_and_on_the_side_the_rules_judged(lab, code, unit, threshold):
+    factor = ruleset().facts.labs[lab].units[unit]
+    for delta in (-0.01, -0.005, 0.005, 0.01):
+        reported = round((threshold + delta) / factor, 4)
+        numbers, measured = _shown_numbers(lab, obs(code, reported, unit))
+        assert numbers[0] == reported, (lab, reported, numbers)
+        converted = numbers[1] if len(numbers) > 1 else numbers[0]
+        # What the card shows beside it is exactly the value the rules compared.
+        assert converted == measured.value.lo
+        assert (converted > threshold) == (measured.value.gt(threshold) is True)
+
+
+def test_two_point_six_five_is_never_two_point_six() -> None:
+    numbers, measured = _shown_numbers("calcium", obs("2000-8", 2.65, "mmol/L"))
+    assert numbers == [2.65, 10.62] and measured.shown == "2.65 mmol/L (10.62 mg/dL)"

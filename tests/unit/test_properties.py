@@ -573,7 +573,7 @@ def test_every_usable_vitd_result_gets_a_band_and_a_card(value, comparator, unit
     cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
     shown = [c for c in cards if c["source"]["topic"]["code"] in VITD_CARDS]
     assert shown, f"no 25(OH)D card for {comparator or ''}{value} {unit} ({profile})"
-    reported = format_interval(Interval.from_comparator(value, comparator), unit)
+    reported = format_interval(Interval.from_comparator(value, comparator), unit, None)
     assert all(reported in c["detail"] for c in shown), reported
 
 

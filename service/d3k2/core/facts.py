@@ -19,7 +19,7 @@ from operator import itemgetter
 from typing import Any
 
 from d3k2.core.age import NOT_ON_RECORD, Age, AgeConfig, read_age
-from d3k2.core.quantities import Interval, LabBand, certain_band, format_interval, format_number
+from d3k2.core.quantities import Interval, LabBand, certain_band, format_exact, format_interval
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
@@ -114,7 +114,8 @@ class Measurement:
 
     @property
     def shown(self) -> str:
-        canonical = format_interval(self.value, self.unit)
+        """As reported, with the value the rules used beside it when converted; neither rounded further."""
+        canonical = format_interval(self.value, self.unit, None)
         return self.reported if canonical == self.reported else f"{self.reported} ({canonical})"
 
 
@@ -347,7 +348,7 @@ def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[I
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
     converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
-    return converted, format_interval(reported_interval, display_unit)
+    return converted, format_interval(reported_interval, display_unit, None)
 
 
 def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
@@ -360,7 +361,9 @@ def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
             unit = _str(high.get("code")) or _str(high.get("unit"))
             factor = lab.units.get(unit or "")
             if factor is not None:
-                return float(high["value"]) * factor
+                # Converted as a result is, so that a result equal to the limit is never above it.
+                limit = float(high["value"])
+                return limit if factor == 1.0 else round(limit * factor, lab.decimals)
     return None
 
 
@@ -793,7 +796,7 @@ def _albumin_corrected(
     return replace(
         measured,
         value=Interval.exact(corrected),
-        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, lab.decimals),
+        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, None),
         kind=correction.kind,
         notes=(*measured.notes, basis),
     )
@@ -920,4 +923,4 @@ def calcium_grade(calcium: Measurement | None, lab: LabConfig) -> str | None:
 def describe_limit(calcium: Measurement, lab: LabConfig) -> str:
     limit = _limit(calcium, lab)
     origin = "lab range" if calcium.upper_limit is not None else f"default limit for {calcium.kind} calcium"
-    return f"{format_number(limit or 0.0, 2)} {lab.canonical_unit} ({origin})"
+    return f"{format_exact(limit or 0.0)} {lab.canonical_unit} ({origin})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Protocol, TypeVar
 
 
@@ -142,13 +143,27 @@ def format_number(value: float, decimals: int = 1) -> str:
     return f"{value:,.{decimals}f}".rstrip("0").rstrip(".")
 
 
-def format_interval(interval: Interval, unit: str, decimals: int = 1) -> str:
+def format_exact(value: float) -> str:
+    """Every digit the number has (its shortest round-trip form), never rounded: 2.65 is "2.65", not
+    "2.6", so a value is never shown on the other side of a threshold. Thousands separators; finite
+    numbers only (an open bound is written with its comparator)."""
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return format(Decimal(repr(float(value))), ",f")
+
+
+def format_interval(interval: Interval, unit: str, decimals: int | None = 1) -> str:
+    """`decimals` None: the numbers as they are (`format_exact`)."""
+
+    def number(value: float) -> str:
+        return format_exact(value) if decimals is None else format_number(value, decimals)
+
     if interval.is_exact:
-        return f"{format_number(interval.lo, decimals)} {unit}"
+        return f"{number(interval.lo)} {unit}"
     if math.isinf(interval.lo):
         op = "<" if interval.hi_open else "≤"
-        return f"{op}{format_number(interval.hi, decimals)} {unit}"
+        return f"{op}{number(interval.hi)} {unit}"
     if math.isinf(interval.hi):
         op = ">" if interval.lo_open else "≥"
-        return f"{op}{format_number(interval.lo, decimals)} {unit}"
-    return f"{format_number(interval.lo, decimals)}–{format_number(interval.hi, decimals)} {unit}"
+        return f"{op}{number(interval.lo)} {unit}"
+    return f"{number(interval.lo)}–{number(interval.hi)} {unit}"
