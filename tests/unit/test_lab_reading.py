@@ -257,3 +257,143 @@ def test_a_converted_value_is_shown_as_reported_and_on_the_side_the_rules_judged
 def test_two_point_six_five_is_never_two_point_six() -> None:
     numbers, measured = _shown_numbers("calcium", obs("2000-8", 2.65, "mmol/L"))
     assert numbers == [2.65, 10.62] and measured.shown == "2.65 mmol/L (10.62 mg/dL)"
+
+
+# ---------------------------------------------------------------- plausibility and dates
+
+
+VITD = "62292-8"
+
+
+@pytest.mark.parametrize(
+    ("resource", "issue"),
+    [
+        (
+            obs(VITD, 0, "ng/mL", oid="new", when="2026-11-20"),
+            "25(OH)D of 2026-11-20 is 0 ng/mL: outside what a body can have",
+        ),
+        (obs(VITD, -3, "ng/mL", oid="new", when="2026-11-20"), "25(OH)D of 2026-11-20 is -3 ng/mL: outside"),
+        (
+            obs(VITD, 1200, "ng/mL", oid="new", when="2026-11-20"),
+            "25(OH)D of 2026-11-20 is 1,200 ng/mL: outside",
+        ),
+        (
+            obs(VITD, 3000, "nmol/L", oid="new", when="2026-11-20"),
+            "25(OH)D of 2026-11-20 is 3,000 nmol/L: outside",
+        ),
+        (
+            obs(
+                VITD,
+                0,
+                "ng/mL",
+                oid="new",
+                when="2026-11-20",
+                valueQuantity={"value": 1000, "comparator": ">", "unit": "ng/mL"},
+            ),
+            "25(OH)D of 2026-11-20 is >1,000 ng/mL: outside",
+        ),
+        (
+            obs(VITD, 45, "ng/mL", oid="new", when="2026-11-26"),
+            "25(OH)D of 2026-11-26 is dated in the future",
+        ),
+    ],
+)
+def test_an_implausible_or_future_result_is_named_and_never_hides_an_older_usable_one(
+    resource, issue
+) -> None:
+    older = obs(VITD, 18, "ng/mL", oid="old", when="2026-10-01")
+    result = facts(resource, older)
+    assert result.vitd is not None and result.vitd.source == "Observation/old"
+    assert len(result.issues) == 1 and result.issues[0].startswith(issue)
+    alone = facts(resource)
+    assert alone.vitd is None and alone.issues == result.issues
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        obs(VITD, 0.5, "ng/mL"),
+        obs(VITD, 1000, "ng/mL"),
+        obs(VITD, 0, "ng/mL", valueQuantity={"value": 5, "comparator": "<", "unit": "ng/mL"}),
+        obs(VITD, 45, "ng/mL", when="2026-11-25"),  # one day of clock skew
+        obs(VITD, 45, "ng/mL", when="2026-11-25T23:00:00+10:00"),
+        egfr(EPI_2021, 250, "e"),
+        egfr(EPI_2021, 0, "e", valueQuantity={"value": 200, "comparator": ">", "unit": EGFR_UNIT}),
+        obs(TOTAL, 2.1, "mg/dL"),
+        obs(TOTAL, 25, "mg/dL"),
+        obs(IONIZED_MMOL, 0.8, "mmol/L"),
+    ],
+)
+def test_plausible_results_are_used(resource) -> None:
+    result = facts(resource)
+    assert result.issues == ()
+    assert result.vitd or result.egfr or result.calcium
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        egfr(EPI_2021, 0, "e"),
+        egfr(EPI_2021, 251, "e"),
+        egfr(EPI_2021, 0, "e", valueQuantity={"value": 250, "comparator": ">", "unit": EGFR_UNIT}),
+        obs(TOTAL, 1.9, "mg/dL"),
+        obs(TOTAL, 25.5, "mg/dL"),
+        obs("2000-8", 0.4, "mmol/L"),
+        obs(IONIZED, 0, "mg/dL", valueQuantity={"value": 2, "comparator": "<=", "unit": "mg/dL"}),
+    ],
+)
+def test_implausible_egfr_and_calcium_are_not_used(resource) -> None:
+    result = facts(resource)
+    assert result.egfr is None and result.calcium is None
+    assert len(result.issues) == 1 and "outside what a body can have" in result.issues[0]
+
+
+def test_an_implausible_albumin_corrects_nothing() -> None:
+    result = facts(obs(TOTAL, 9.8, "mg/dL"), obs(ALBUMIN, 0, "g/dL", oid="alb"))
+    assert result.calcium is not None and result.calcium.kind == "total"
+    assert result.issues == (
+        "Albumin of 2026-11-01 is 0 g/dL: outside what a body can have (above 0, at most 8 g/dL)",
+    )
+
+
+# ---------------------------------------------------------------- pregnancy that is current
+
+
+def pregnancy_status(when: str | None) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": "preg",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "82810-3"}]},
+        "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA15173-0"}]},
+    }
+    if when:
+        resource["effectiveDateTime"] = when
+    return resource
+
+
+def pregnancy_condition(onset: str | None) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Condition",
+        "id": "preg-c",
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "77386006"}], "text": "Pregnancy"},
+    }
+    if onset:
+        resource["onsetDateTime"] = onset
+    return resource
+
+
+@pytest.mark.parametrize(
+    ("make", "when", "pregnant"),
+    [
+        (pregnancy_status, "2026-01-28", True),  # 300 days before today
+        (pregnancy_status, "2026-01-27", False),  # 301 days: longer than a pregnancy lasts
+        (pregnancy_status, None, True),  # undated: never drop a caution for a missing date
+        (pregnancy_condition, "2026-01-28", True),
+        (pregnancy_condition, "2025-06-01", False),
+        (pregnancy_condition, None, True),
+    ],
+)
+def test_pregnancy_evidence_older_than_300_days_is_not_a_current_pregnancy(make, when, pregnant) -> None:
+    assert bool(facts(make(when)).pregnancy) is pregnant

@@ -47,12 +47,23 @@ class AlbuminCorrection:
 
 
 @dataclass(frozen=True)
+class Plausible:
+    """What a body can have, in the canonical unit: above `above` (zero and negative values are no
+    result) and at most `most`. A result certainly outside is not used, and named."""
+
+    above: float
+    most: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class LabConfig:
     name: str
     label: str
     canonical_unit: str
     units: Mapping[str, float]
     stale_days: int
+    plausible: Plausible  # every lab says what a body can have
     primary: tuple[str, ...] = ()
     fallback: tuple[str, ...] = ()
     total: tuple[str, ...] = ()
@@ -94,6 +105,10 @@ class FactsConfig:
     # same_specimen_lowest.
     notes: Mapping[str, str]
     age: AgeConfig
+    # A result dated more than this many days after "today" is not used (clock skew allowed for).
+    future_days: int
+    # A pregnancy status or condition older than this is not a current pregnancy.
+    pregnancy_days: int
 
 
 @dataclass(frozen=True)
@@ -476,8 +491,10 @@ class _Collector:
         classify: MedicationClassifier,
         unique: list[Mapping[str, Any]],
         issues: list[str],
+        today: date,
     ) -> None:
         self.config = config
+        self.today = today
         self.terminology = terminology
         self.classify = classify
         self.unique = unique
@@ -532,12 +549,14 @@ class _Collector:
         if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
             return
         try:
-            _quantity_parts(resource, found.lab, found.code)
+            value, comparator, unit = _quantity_parts(resource, found.lab, found.code)
         except Unreadable as exc:
             self.report(resource, str(exc))
             return
-        upper = _upper_limit(resource, found.lab) if "referenceRange" in resource else None
         text, when, at = moment
+        if not self._usable(found.lab, value, comparator, unit, when):
+            return
+        upper = _upper_limit(resource, found.lab) if "referenceRange" in resource else None
         if at is None:
             at = _instant(text, when)  # fails again, now: reported as it always was
         rid = resource.get("id")
@@ -557,6 +576,25 @@ class _Collector:
         else:
             group.append(candidate)
 
+    def _usable(self, lab: LabConfig, value: float, comparator: str | None, unit: str, when: date) -> bool:
+        """Dated at most `future_days` after today, and certainly possible for a body; else named on the
+        data card (by lab and date, never by id) and not used, so that an older usable result is."""
+        if (when - self.today).days > self.config.future_days:
+            self.issues.append(f"{lab.label} of {when.isoformat()} is dated in the future")
+            return False
+        plausible = lab.plausible
+        reading = Interval.from_comparator(value, comparator)
+        canonical = reading.scaled(lab.units[unit])
+        if canonical.le(plausible.above) is True or canonical.gt(plausible.most) is True:
+            shown = format_interval(reading, unit, None)
+            self.issues.append(f"{lab.label} of {when.isoformat()} is {shown}: {plausible.reason}")
+            return False
+        return True
+
+    def _current_pregnancy(self, when: date | None) -> bool:
+        """Undated evidence counts (a caution is never dropped for a missing date)."""
+        return when is None or (self.today - when).days <= self.config.pregnancy_days
+
     def _pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
         if status not in self.lookup.statuses:
             return
@@ -566,11 +604,11 @@ class _Collector:
             return
         for coding in codings:
             if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
-                self.pregnancy.append(
-                    Evidence(
-                        "pregnancy", "pregnancy status: pregnant", _ref(resource), observation_date(resource)
+                when = observation_date(resource)
+                if self._current_pregnancy(when):
+                    self.pregnancy.append(
+                        Evidence("pregnancy", "pregnancy status: pregnant", _ref(resource), when)
                     )
-                )
                 return
 
     def condition(self, resource: Mapping[str, Any]) -> None:
@@ -588,7 +626,7 @@ class _Collector:
         for fact, valuesets in self.config.condition_facts.items():
             if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, _ref(resource), when))
-        if not concepts.isdisjoint(self.config.pregnancy_conditions):
+        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(when):
             self.pregnancy.append(Evidence("pregnancy", text, _ref(resource), when))
 
     def medication(self, resource: Mapping[str, Any]) -> None:
@@ -857,7 +895,7 @@ def extract_facts(
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
     unique = _unique(resources)
-    collector = _Collector(config, terminology, classify, unique, list(issues))
+    collector = _Collector(config, terminology, classify, unique, list(issues), today)
     observation = collector.observation
     for resource in unique:
         rtype = resource.get("resourceType")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from d3k2.core.age import AgeConfig
 from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import AlbuminCorrection, FactsConfig, LabConfig
+from d3k2.core.facts import AlbuminCorrection, FactsConfig, LabConfig, Plausible
 from d3k2.core.orders import MedicationCatalog, MedicationReader, load_medication_catalog
 from d3k2.core.quantities import LabBand
 from d3k2.core.terminology import Terminology, load_terminology
@@ -399,6 +399,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 grades=tuple(LabBand(**band) for band in lab.get("grades", ())),
                 graded_kinds=tuple(lab.get("graded_kinds", ())),
                 correction=AlbuminCorrection(**lab["correction"]) if "correction" in lab else None,
+                plausible=Plausible(**lab["plausible"]),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
@@ -428,6 +429,8 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation", "same_specimen_lowest")
             },
             age=_age_config(data["age"]),
+            future_days=int(data["observation"]["future_days"]),
+            pregnancy_days=int(data["pregnancy"]["max_age_days"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
