@@ -392,6 +392,7 @@ def _measurement(m: Measurement | None) -> dict[str, Any] | None:
         "code": m.code,
         "source": m.source,
         "notes": list(m.notes),
+        "kind": m.kind or None,
     }
 
 

@@ -274,3 +274,10 @@ def test_explain_shows_the_age_read_from_birth_date() -> None:
     unknown = report(str(request.parent.parent / "age-no-birthdate" / "request.json"), "--today", TODAY)
     assert unknown["facts"]["age"]["why_unknown"] == "no birth date on record"
     assert unknown["values"]["age.band"] == "unknown"
+
+
+def test_explain_names_the_kind_of_calcium() -> None:
+    request = REPO / "fixtures" / "patient-view" / "calcium-albumin-corrected" / "request.json"
+    data = report(str(request), "--today", TODAY)
+    assert data["facts"]["calcium"]["kind"] == "albumin-corrected"
+    assert (data["values"]["calcium.kind"], data["values"]["calcium.grade"]) == ("albumin-corrected", "mild")
