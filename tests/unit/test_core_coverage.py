@@ -15,6 +15,7 @@ from d3k2.core.cards import medication_request
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import calcium_high, describe_limit
+from d3k2.core.hooks import parse_feedback
 from d3k2.core.orders import IngredientDose, load_medication_catalog, medication_codeable, read_draft_orders
 from d3k2.core.quantities import Interval, format_interval
 from d3k2.core.ruleset import AllOf, Coding, FactTest, NotOf, Product, load_ruleset
@@ -580,3 +581,9 @@ def test_a_missing_rule_set_directory_is_named(tmp_path: Path) -> None:
         f"rule set directory {missing} does not exist",
         {"file": str(missing)},
     )
+
+
+def test_one_feedback_item_sent_without_the_feedback_list_is_read_as_a_list_of_one() -> None:
+    item = {"card": "6f0d1a8e", "outcome": "accepted", "outcomeTimestamp": "2026-11-24T19:11:36Z"}
+    parsed = parse_feedback(item)
+    assert [(f.card, f.outcome) for f in parsed.feedback] == [("6f0d1a8e", "accepted")]
