@@ -173,7 +173,6 @@ def _lab_valuesets(lab: LabConfig) -> set[str]:
         *lab.d2_fraction,
         *lab.primary,
         *lab.fallback,
-        *lab.range_only,
     }
 
 
@@ -393,6 +392,7 @@ def _measurement(m: Measurement | None) -> dict[str, Any] | None:
         "code": m.code,
         "source": m.source,
         "notes": list(m.notes),
+        "kind": m.kind or None,
     }
 
 
@@ -431,6 +431,12 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
             "vitd": _measurement(facts.vitd),
             "egfr": _measurement(facts.egfr),
             "calcium": _measurement(facts.calcium),
+            "age": {
+                "band": facts.age.band,
+                "months": facts.age.months,
+                "birth_date": facts.age.birth_date,
+                "why_unknown": facts.age.why_unknown or None,
+            },
             "medications": [
                 {
                     "category": m.category,

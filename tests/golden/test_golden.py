@@ -10,6 +10,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from builders import SANDBOX, TODAY, Fixture, fixtures, ruleset, topics
 from d3k2.config import Settings
+from d3k2.core.engine import values_snapshot
 from d3k2.core.errors import D3K2Error
 from d3k2.fhir.client import FhirClient
 from d3k2.service import call_service
@@ -53,6 +54,24 @@ def test_fixture_matches_golden(fixture: Fixture, client: FhirClient) -> None:
 @pytest.mark.parametrize("fixture", ALL, ids=[f.id for f in ALL])
 def test_same_input_same_answer(fixture: Fixture, client: FhirClient) -> None:
     assert _run(fixture, client) == _run(fixture, client)
+
+
+WITH_VALUES = [f for f in ALL if "values" in f.expected]
+
+
+@pytest.mark.parametrize("fixture", WITH_VALUES, ids=[f.id for f in WITH_VALUES])
+def test_fixture_fact_values_are_as_expected(fixture: Fixture, client: FhirClient) -> None:
+    """A golden's `values`: fact values (as `d3k2 explain` shows them) the evaluation must have."""
+    outcome = call_service(
+        ruleset(),
+        fixture.expected["service"],
+        fixture.request,
+        today=TODAY,
+        profile=fixture.expected["profile"],
+        fetcher=client,
+    )
+    shown = values_snapshot(outcome.evaluation.values)
+    assert {name: shown[name] for name in fixture.expected["values"]} == fixture.expected["values"]
 
 
 def test_every_rule_fires_somewhere_and_is_silent_somewhere() -> None:

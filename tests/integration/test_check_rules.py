@@ -37,8 +37,9 @@ def test_the_shipped_rule_set_is_ok_and_its_fixtures_are_checked() -> None:
     rs = ruleset()
     fields = len(rs.vocabulary.fields.patient) + len(rs.vocabulary.fields.draft)
     assert lines == [
-        f"OK {CARDS}: {len(rs.rules)} rules, {len(rs.conditions)} named conditions, {len(rs.vocabulary.facts)} "
-        f"facts, {fields} template fields, {len(rs.products)} products, {len(rs.sources)} sources, "
+        f"OK {CARDS}: {len(rs.rules)} rules, {len(rs.conditions)} named conditions, "
+        f"{len(rs.vocabulary.facts)} facts, {fields} template fields, {len(rs.products)} products, "
+        f"{len(rs.sources)} sources, "
         f"{len(rs.profiles)} profiles, {len(rs.services)} services; fixtures checked in {FIXTURES}"
     ]
 

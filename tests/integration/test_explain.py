@@ -304,3 +304,25 @@ def test_explain_shows_the_current_vitamin_d_intake() -> None:
     (d3,) = data["facts"]["medications"]
     assert (d3["product"], d3["daily"]) == ("Cholecalciferol 5000 UNT Oral Tablet", 5000.0)
     assert d3["dose"] == "5,000 IU/day: 1 tablet of 5,000 IU once daily"
+
+
+def test_explain_shows_the_age_read_from_birth_date() -> None:
+    request = REPO / "fixtures" / "patient-view" / "age-infant" / "request.json"
+    data = report(str(request), "--today", TODAY)
+    assert data["facts"]["age"] == {
+        "band": "infant",
+        "months": 7,
+        "birth_date": "2026-04-10",
+        "why_unknown": None,
+    }
+    assert (data["values"]["age.band"], data["values"]["age.months"]) == ("infant", 7)
+    unknown = report(str(request.parent.parent / "age-no-birthdate" / "request.json"), "--today", TODAY)
+    assert unknown["facts"]["age"]["why_unknown"] == "no birth date on record"
+    assert unknown["values"]["age.band"] == "unknown"
+
+
+def test_explain_names_the_kind_of_calcium() -> None:
+    request = REPO / "fixtures" / "patient-view" / "calcium-albumin-corrected" / "request.json"
+    data = report(str(request), "--today", TODAY)
+    assert data["facts"]["calcium"]["kind"] == "albumin-corrected"
+    assert (data["values"]["calcium.kind"], data["values"]["calcium.grade"]) == ("albumin-corrected", "mild")

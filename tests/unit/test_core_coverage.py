@@ -263,9 +263,11 @@ def test_calcium_without_any_limit_cannot_be_judged() -> None:
     calcium = facts(obs("17861-6", valueQuantity={"value": 10.4, "unit": "mg/dL"})).calcium
     assert calcium is not None
     assert calcium_high(None, lab) is None
-    no_default = type(lab)(**{**lab.__dict__, "default_upper_limit": None})
+    no_default = type(lab)(**{**lab.__dict__, "kind_limits": {}})
     assert calcium_high(calcium, no_default) is None
-    assert describe_limit(calcium, lab, "lab range", "default limit") == "10.5 mg/dL (default limit)"
+    assert describe_limit(calcium, lab, "lab range", "default limit for {kind} calcium") == (
+        "10.5 mg/dL (default limit for total calcium)"
+    )
 
 
 # ---------------------------------------------------------------- terminology

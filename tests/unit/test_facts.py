@@ -82,10 +82,28 @@ def test_less_than_five_is_below_five_never_exactly_five(value: dict[str, Any]) 
         assert band_of(vitd.value, profile) == "deficient"
 
 
-def test_straddling_comparator_has_no_band() -> None:
-    vitd = facts(obs("62292-8", **qty(40, "ng/mL", "<"))).vitd
+@pytest.mark.parametrize(
+    ("comparator", "value", "profile", "band"),
+    [
+        # Certainly above every boundary up to the value: the highest band whose lower bound it reaches.
+        (">", 100, "seed", "very-high"),
+        (">=", 150, "seed", "very-high"),  # may be exactly 150: not certainly above 150
+        (">", 150, "seed", "toxicity"),
+        (">", 100, "endocrine-2011", "high"),
+        (">", 100, "iom-2011", "very-high"),
+        (">", 35, "seed", "insufficient"),
+        # Below a value: certainly above no boundary but minus infinity.
+        ("<", 40, "seed", "deficient"),
+        ("<=", 30, "seed", "deficient"),
+        ("<", 35, "iom-2011", "deficient"),
+    ],
+)
+def test_a_straddling_comparator_gets_the_highest_band_it_certainly_reaches(
+    comparator: str, value: float, profile: str, band: str
+) -> None:
+    vitd = facts(obs("62292-8", **qty(value, "ng/mL", comparator))).vitd
     assert vitd is not None
-    assert band_of(vitd.value, ruleset().profiles["seed"]) is None
+    assert band_of(vitd.value, ruleset().profiles[profile]) == band
 
 
 @pytest.mark.parametrize(
@@ -243,9 +261,13 @@ def test_calcium_uses_the_labs_range_when_given() -> None:
     assert calcium_high(facts(resource).calcium, ruleset().facts.labs["calcium"]) is True
 
 
-def test_ionized_calcium_needs_the_labs_range() -> None:
-    no_range = facts(obs("17863-2", **qty(6.0, "mg/dL"))).calcium
-    assert no_range is None
+def test_ionized_calcium_without_a_range_is_judged_against_the_default_adult_range() -> None:
+    lab = ruleset().facts.labs["calcium"]
+    assert calcium_high(facts(obs("17863-2", **qty(6.0, "mg/dL"))).calcium, lab) is True
+    assert calcium_high(facts(obs("1995-0", **qty(1.32, "mmol/L"))).calcium, lab) is False
+    assert calcium_high(facts(obs("1995-0", **qty(1.33, "mmol/L"))).calcium, lab) is True
+    # Never against the total-calcium limit: 10 mg/dL ionized is far above its range.
+    assert calcium_high(facts(obs("17863-2", **qty(10.0, "mg/dL"))).calcium, lab) is True
     ranged = obs("17863-2", **qty(5.6, "mg/dL"))
     ranged["referenceRange"] = [{"high": {"value": 5.3, "unit": "mg/dL"}}]
     assert calcium_high(facts(ranged).calcium, ruleset().facts.labs["calcium"]) is True

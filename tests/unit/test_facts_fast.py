@@ -13,7 +13,15 @@ import pytest
 
 import d3k2.core.facts as facts_module
 from builders import TODAY, ruleset
-from d3k2.core.facts import Evidence, Facts, Measurement, MedicationFact, UnknownMedication, extract_facts
+from d3k2.core.facts import (
+    Evidence,
+    Facts,
+    Measurement,
+    MedicationFact,
+    UnknownMedication,
+    calcium_high,
+    extract_facts,
+)
 from d3k2.core.quantities import Interval
 from d3k2.core.terminology import LOINC, spellings
 from d3k2.service import facts_for
@@ -224,9 +232,10 @@ def test_summed_fractions_keep_comparators() -> None:
     assert measured.reported == "<5 ng/mL + D2 >4 ng/mL"
 
 
-def test_range_only_calcium_needs_a_usable_range() -> None:
+def test_ionized_calcium_uses_a_usable_lab_range_else_the_default_and_the_newest_kind_wins() -> None:
+    lab = ruleset().facts.labs["calcium"]
     no_range = obs(IONIZED, 5.6, "mg/dL", oid="none", when="2026-11-10")
-    not_a_list = obs(IONIZED, 5.6, "mg/dL", oid="text", when="2026-11-09", referenceRange="4.5-5.3")
+    not_a_list = obs(IONIZED, 5.2, "mg/dL", oid="text", when="2026-11-09", referenceRange="4.5-5.3")
     unknown_unit = obs(
         IONIZED,
         5.6,
@@ -243,8 +252,14 @@ def test_range_only_calcium_needs_a_usable_range() -> None:
         when="2026-11-01",
         referenceRange=[{"low": {"value": 1.1}}, "x", {"high": {"value": 1.3, "code": "mmol/L"}}],
     )
-    assert facts(no_range, not_a_list, unknown_unit).calcium is None
-    assert facts(no_range, ranged, not_a_list, unknown_unit).calcium == Measurement(
+    newest = facts(no_range, ranged, not_a_list, unknown_unit).calcium
+    assert newest is not None and newest.source == "Observation/none" and newest.kind == "ionized"
+    assert newest.upper_limit is None and calcium_high(newest, lab) is True  # above 5.29 mg/dL
+    for unusable in (not_a_list, unknown_unit):
+        read = facts(unusable).calcium
+        assert read is not None and read.upper_limit is None
+    assert calcium_high(facts(not_a_list).calcium, lab) is False
+    assert facts(ranged).calcium == Measurement(
         "calcium",
         Interval.exact(5.61),
         "mg/dL",
@@ -256,9 +271,10 @@ def test_range_only_calcium_needs_a_usable_range() -> None:
         False,
         23,
         (),
-        1.3 * 4.008,
+        5.21,  # 1.3 mmol/L converted and rounded as a result is
+        "ionized",
     )
-    # A total calcium, whatever its date, comes first; its own range is kept.
+    # An older total calcium does not beat a newer ionized one; its own range is kept when it is newest.
     total = obs(
         CALCIUM,
         9.9,
@@ -267,8 +283,9 @@ def test_range_only_calcium_needs_a_usable_range() -> None:
         when="2025-01-01",
         referenceRange=[{"high": {"value": 10.2, "unit": "mg/dL"}}],
     )
-    measured = facts(ranged, total).calcium
-    assert measured is not None and measured.source == "Observation/total" and measured.upper_limit == 10.2
+    assert facts(ranged, total).calcium.source == "Observation/ranged"  # type: ignore[union-attr]
+    measured = facts(total).calcium
+    assert measured is not None and measured.kind == "total" and measured.upper_limit == 10.2
     assert measured.stale is True and measured.age_days == 692
 
 
@@ -468,6 +485,7 @@ def test_everything_at_once_is_exact() -> None:
             4,
             (),
             None,
+            "total",
         ),
         pregnancy=(
             Evidence("pregnancy", "pregnancy status: pregnant", "Observation/preg", date(2026, 11, 1)),

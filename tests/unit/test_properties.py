@@ -24,7 +24,7 @@ import fhirkit
 import pytest
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from builders import FIXTURES, TODAY, ruleset
@@ -501,6 +501,7 @@ def test_unit_conversion_round_trips(lab_name, value, comparator) -> None:
 )
 def test_a_result_in_another_unit_reads_as_its_canonical_value(lab_name, value, comparator) -> None:
     lab = ruleset().facts.labs[lab_name]
+    assume(lab.plausible.above < value <= lab.plausible.most)  # others are not used (see test_lab_reading)
     code = {"vitd": "62292-8", "calcium": "17861-6"}[lab_name]
     canonical = facts([_lab(code, value, lab.canonical_unit, comparator)])
     other_unit, factor = next((u, f) for u, f in lab.units.items() if f != 1.0)
@@ -589,3 +590,86 @@ def test_later_time_on_the_same_day_wins() -> None:
     for order in ([morning, evening], [evening, morning]):
         result = facts(order).vitd
         assert result is not None and result.value.lo == 80
+
+
+# ---- a usable result always gets a band, and a card
+
+
+VITD_CARDS = {
+    "vitd-deficient",
+    "vitd-insufficient",
+    "vitd-target",
+    "vitd-high",
+    "vitd-very-high",
+    "vitd-toxicity",
+}
+COMPARATORS = st.sampled_from([None, "<", "<=", ">", ">="])
+
+
+@PROPERTY
+@given(
+    st.floats(min_value=0.1, max_value=999, allow_nan=False).map(lambda v: round(v, 2)),
+    COMPARATORS,
+    st.sampled_from(["ng/mL", "nmol/L"]),
+    st.sampled_from(sorted(ruleset().profiles)),
+)
+@example(100, ">", "ng/mL", "seed")
+@example(35, "<", "ng/mL", "seed")
+@example(150, ">=", "ng/mL", "endocrine-2011")
+def test_every_usable_vitd_result_gets_a_band_and_a_card(value, comparator, unit, profile) -> None:
+    # In nmol/L the same numbers cover 0.04–400 ng/mL.
+    resources = [_lab("62292-8", value, unit, comparator) | {"effectiveDateTime": TODAY.isoformat()}]
+    rs = ruleset()
+    evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=profile)
+    assert evaluation.values["vitd.usable"] is True
+    assert evaluation.values["vitd.band"] in {b.id for b in rs.profiles[profile].bands}
+    cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    shown = [c for c in cards if c["source"]["topic"]["code"] in VITD_CARDS]
+    assert shown, f"no 25(OH)D card for {comparator or ''}{value} {unit} ({profile})"
+    reported = format_interval(Interval.from_comparator(value, comparator), unit, None)
+    assert all(reported in c["detail"] for c in shown), reported
+
+
+@PROPERTY
+@given(st.floats(min_value=1, max_value=200, allow_nan=False).map(lambda v: round(v, 1)), COMPARATORS)
+@example(60, ">")
+@example(45, "<")
+@example(30, ">=")
+def test_every_egfr_result_decides_the_kidney_check(value, comparator) -> None:
+    resources = [_lab("98979-8", value, "mL/min/{1.73_m2}", comparator)]
+    rs = ruleset()
+    evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=rs.default_profile)
+    reading = Interval.from_comparator(value, comparator)
+    band = evaluation.values["egfr.band"]
+    assert band in {"G1", "G2", "G3a", "G3b", "G4", "G5"}
+    # A value that may be below 30 has not certainly reached G3b's lower bound: the caution shows.
+    below_30 = band in ("G4", "G5")
+    assert below_30 == (reading.lt(30) is not False)
+    kidney = "kidney-advanced" in topics_of(build_cards(rs, evaluation, hook_instance="hi", patient_id="p1"))
+    assert kidney == below_30
+    if reading.ge(30) is True:
+        assert not kidney, "a value certainly at or above 30 (such as >60) is not < 30"
+
+
+@PROPERTY
+@given(st.floats(min_value=2, max_value=25, allow_nan=False).map(lambda v: round(v, 2)), COMPARATORS)
+@example(10.5, ">")
+@example(11, "<")
+def test_every_calcium_result_decides_whether_it_is_high(value, comparator) -> None:
+    reading, plausible = (
+        Interval.from_comparator(value, comparator),
+        ruleset().facts.labs["calcium"].plausible,
+    )
+    # Certainly outside 2–25 mg/dL is not used at all (named on the data card; see test_lab_reading).
+    assume(reading.le(plausible.above) is not True and reading.gt(plausible.most) is not True)
+    resources = [_lab("17861-6", value, "mg/dL", comparator)]
+    rs = ruleset()
+    evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=rs.default_profile)
+    high = evaluation.values["calcium.high"]
+    assert high is (Interval.from_comparator(value, comparator).gt(10.5) is True)
+    cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    assert ("hypercalcemia" in topics_of(cards)) == high
+
+
+def topics_of(cards: list[dict[str, Any]]) -> set[str]:
+    return {c["source"]["topic"]["code"] for c in cards}

@@ -41,7 +41,7 @@ def problems(cards: Path, fixtures: Path | None = None) -> list[str]:
 MISTAKES = {
     "unknown fact": (
         [("rules/vitd-toxicity.toml", 'fact = "vitd.band"', 'fact = "vitd.bnd"')],
-        "rules/vitd-toxicity.toml: when.fact: unknown fact 'vitd.bnd' (known: calcium.high, ",
+        "rules/vitd-toxicity.toml: when.fact: unknown fact 'vitd.bnd' (known: age.band, ",
     ),
     "ordering operator on a band": (
         [("rules/vitd-high.toml", '{ fact = "vitd.band", in = ["high"] }', '{ fact = "vitd.band", lt = 3 }')],
@@ -67,7 +67,13 @@ MISTAKES = {
         f"rules/vka-k2.toml: when.all[0].eq: eq = 'yes' does not fit vka.active, a bool ({BOOL_OPS})",
     ),
     "bool compared with a number fact": (
-        [("conditions.toml", '{ fact = "egfr.value", lt = 30 }', '{ fact = "egfr.value", eq = true }')],
+        [
+            (
+                "conditions.toml",
+                '{ fact = "egfr.band", in = ["G4", "G5"] }',
+                '{ fact = "egfr.value", eq = true }',
+            )
+        ],
         "conditions.toml: conditions.kidney-advanced.any[0].eq: eq = True does not fit egfr.value, a number "
         "(use lt, le, gt, ge, eq with a number, or present)",
     ),
@@ -247,7 +253,12 @@ def test_a_value_set_enum_needs_values(cards: Path) -> None:
 
 def test_fitting_tests_load(cards: Path) -> None:
     # A number compared for equality, a band compared with eq and ne, `present` on any fact.
-    edit(cards, "conditions.toml", '{ fact = "egfr.value", lt = 30 }', '{ fact = "egfr.value", eq = 29 }')
+    edit(
+        cards,
+        "conditions.toml",
+        '{ fact = "egfr.band", in = ["G4", "G5"] }',
+        '{ fact = "egfr.value", eq = 29 }',
+    )
     edit(cards, "rules/vitd-toxicity.toml", 'in = ["toxicity"]', 'eq = "toxicity"')
     edit(
         cards,
@@ -274,7 +285,10 @@ def test_several_mistakes_are_named_together(cards: Path) -> None:
     edit(cards, "rules/vka-k2.toml", 'indicator = "warning"', 'indicator = "loud"')
     edit(cards, "rules/k2-with-d3.toml", 'product = "k2-100-daily"', 'product = "k2-1000"')
     edit(
-        cards, "conditions.toml", '{ fact = "egfr.value", lt = 30 }', '{ fact = "egfr.value", in = ["low"] }'
+        cards,
+        "conditions.toml",
+        '{ fact = "egfr.band", in = ["G4", "G5"] }',
+        '{ fact = "egfr.value", in = ["low"] }',
     )
     with pytest.raises(RuleSetError) as raised:
         load_ruleset(cards)

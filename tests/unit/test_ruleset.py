@@ -89,6 +89,19 @@ def test_the_shipped_rule_set_loads() -> None:
         ("services.toml", "{{codes:egfr,", "{{codes:egfrr,", "unknown value set 'egfrr'"),
         ("facts.toml", "[labs.egfr]", "[labs.egfr]\nbroken = [", "facts.toml: not valid TOML"),
         ("valuesets/vka.json", '"id": "vka"', '"id": "vkaa"', "vka.json: id: must equal the file name"),
+        (
+            "facts.toml",
+            "plausible = { above = 0, most = 250",
+            "plausibl = { above = 0, most = 250",
+            "'plausible'",
+        ),
+        ("facts.toml", 'id = "infant", from_months = 0', 'id = "infant", from_months = 1', "age.bands must"),
+        (
+            "facts.toml",
+            'id = "adult", from_months = 216',
+            'id = "adult", from_months = 100',
+            "age.bands must",
+        ),
     ],
 )
 def test_broken_file_stops_startup_naming_file_and_field(

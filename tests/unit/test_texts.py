@@ -41,7 +41,6 @@ def test_the_shipped_texts_keep_their_wording() -> None:
     texts = ruleset().texts
     assert texts.not_on_record == "not on record" and texts.no_date == "no date"
     assert texts.stale.format(days=400) == " (stale: 400 days old)"
-    assert texts.band_uncertain == "band uncertain (value given as a range)"
     assert texts.daily_dose.format(amount="8,000", unit="IU") == "8,000 IU/day"
     assert texts.thresholds.format(name="seed", title="T") == "\n\nThresholds: profile `seed` (T)."
     assert texts.units == {
@@ -119,15 +118,15 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
         )
         answers.append(json.dumps(outcome.response, ensure_ascii=False))
     seen = "\n".join(answers)
-    assert [key for key in marked if f"«{key}»" not in seen] == ["stale", "band_uncertain"]  # next test
+    assert [key for key in marked if f"«{key}»" not in seen] == ["stale"]  # next test
     assert '"unit": "«tablet»"' in seen
     assert "Thresholds: profile" not in seen and "not on record" not in seen
 
 
 def test_a_stale_value_given_as_a_range_is_worded_from_the_file() -> None:
-    """No fixture's card shows these two: a stale result, and a band a comparator leaves open."""
+    """No fixture's card shows a stale result; a band a comparator leaves open names each band it can be."""
     rs = ruleset()
-    texts = dataclasses.replace(rs.texts, stale=" [{days} d]", band_uncertain="«band?»")
+    texts = dataclasses.replace(rs.texts, stale=" [{days} d]")
     vitd = Measurement(
         "vitd",
         Interval.from_comparator(40, "<"),
@@ -143,9 +142,10 @@ def test_a_stale_value_given_as_a_range_is_worded_from_the_file() -> None:
     facts = Facts(today=TODAY, vitd=vitd)
     changed = dataclasses.replace(rs, texts=texts)
     fields = template_fields(changed, facts, "seed", fact_values(changed, facts, "seed"))
-    assert (fields["vitd"].stale, fields["vitd"].band) == (" [900 d]", "«band?»")
+    straddled = "deficient (< 30 ng/mL) or insufficient (30–39 ng/mL)"
+    assert (fields["vitd"].stale, fields["vitd"].band) == (" [900 d]", straddled)
     plain = template_fields(rs, facts, "seed", fact_values(rs, facts, "seed"))
-    assert (plain["vitd"].stale, plain["vitd"].band) == (" (stale: 900 days old)", rs.texts.band_uncertain)
+    assert (plain["vitd"].stale, plain["vitd"].band) == (" (stale: 900 days old)", straddled)
 
 
 # ---------------------------------------------------------------- evidence groups (facts.toml [evidence])

@@ -4,16 +4,17 @@ comparator (`<40`) that straddles a threshold answers "cannot tell", and a rule 
 
 from __future__ import annotations
 
+import math
 from collections import ChainMap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
-from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_high, describe_limit
-from d3k2.core.quantities import Interval, format_number
+from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_grade, calcium_high, describe_limit
+from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
 
@@ -51,18 +52,21 @@ class Evaluation:
 
 
 def band_of(value: Interval, profile: Profile) -> str | None:
-    """The band that holds every possible value, or None when a comparator straddles two bands."""
-    for band in profile.bands:
-        if value.within(band.lower, band.upper, band.lower_open, band.upper_open):
-            return band.id
-    return None
+    """The band of every possible value, or the highest band a straddling comparator certainly reaches."""
+    band = certain_band(value, profile.bands)
+    return band.id if band else None
 
 
-def _band_label(band: str | None, profile: Profile, texts: Texts) -> str:
-    for b in profile.bands:
-        if b.id == band:
-            return b.label
-    return texts.band_uncertain
+def _bands_label(value: Interval, bands: Sequence[Banded]) -> str:
+    """The band's label; a value that straddles bands names each band it may be in."""
+    return " or ".join(b.label for b in possible_bands(value, bands))
+
+
+def _range_note(value: Interval, bands: Sequence[Banded]) -> str:
+    """Why the band is not certain: the lab reported a bound (`>100`), not a number."""
+    if len(possible_bands(value, bands)) < 2:
+        return ""
+    return "above the assay's range" if math.isinf(value.hi) else "below the assay's range"
 
 
 def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, FactValue]:
@@ -78,15 +82,22 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
         values[f"{name}.present"] = measurement is not None
         values[f"{name}.value"] = measurement.value if measurement else None
         values[f"{name}.stale"] = measurement.stale if measurement else None
-    values["calcium.high"] = (
-        calcium_high(facts.calcium, ruleset.facts.labs["calcium"]) if facts.calcium else False
-    )
+    egfr_band = certain_band(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else None
+    values["egfr.band"] = egfr_band.id if egfr_band else None
+    # Only a value certainly above the limit is high: `<11` is not, `>12` is.
+    calcium_lab = ruleset.facts.labs["calcium"]
+    values["calcium.high"] = calcium_high(facts.calcium, calcium_lab) is True
+    values["calcium.kind"] = facts.calcium.kind if facts.calcium else None
+    values["calcium.grade"] = calcium_grade(facts.calcium, calcium_lab)
     for category in ruleset.catalog.by_category.values():
         if category.fact is not None:
             values[category.fact] = bool(facts.meds(category.id))
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
+    # Whole months at "today"; None (and band "unknown") without a usable birthDate.
+    values["age.months"] = facts.age.months
+    values["age.band"] = facts.age.band
     values["meds.unknown"] = bool(facts.unknown_medications)
     daily = _current_daily(_current_d(facts))
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
@@ -158,23 +169,50 @@ def _profile_fields(c: FieldContext) -> SimpleNamespace:
     return SimpleNamespace(name=c.profile_name, title=c.ruleset.profiles[c.profile_name].title)
 
 
+def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str) -> SimpleNamespace:
+    if m is not None and note:
+        fields.notes = f" ({'; '.join((*m.notes, note))})"
+    return fields
+
+
 def _vitd_fields(c: FieldContext) -> SimpleNamespace:
-    texts = c.ruleset.texts
-    vitd = _measurement_fields(c.facts.vitd, texts)
-    band = c.values.get("vitd.band")
-    profile = c.ruleset.profiles[c.profile_name]
-    vitd.band = _band_label(band if isinstance(band, str) else None, profile, texts)
+    m = c.facts.vitd
+    if m is None:
+        vitd = _measurement_fields(m, c.ruleset.texts)
+        vitd.band = "no band (no result)"
+        return vitd
+    bands = c.ruleset.profiles[c.profile_name].bands
+    vitd = _with_note(_measurement_fields(m, c.ruleset.texts), m, _range_note(m.value, bands))
+    vitd.band = _bands_label(m.value, bands)
     return vitd
 
 
+def _egfr_fields(c: FieldContext) -> SimpleNamespace:
+    m = c.facts.egfr
+    bands = c.ruleset.facts.labs["egfr"].bands
+    if m is None or len(possible_bands(m.value, bands)) < 2:
+        return _measurement_fields(m, c.ruleset.texts)
+    return _with_note(_measurement_fields(m, c.ruleset.texts), m, f"could be {_bands_label(m.value, bands)}")
+
+
 def _calcium_fields(c: FieldContext) -> SimpleNamespace:
-    facts, texts = c.facts, c.ruleset.texts
-    calcium = _measurement_fields(facts.calcium, texts)
-    calcium.limit = (
-        describe_limit(facts.calcium, c.ruleset.facts.labs["calcium"], texts.lab_limit, texts.default_limit)
-        if facts.calcium
-        else ""
-    )
+    m = c.facts.calcium
+    calcium = _measurement_fields(m, c.ruleset.texts)
+    calcium.limit = ""
+    calcium.grade = ""
+    if m is None:
+        return calcium
+    lab = c.ruleset.facts.labs["calcium"]
+    # Total, albumin-corrected and ionized calcium are different measurements: the card names which.
+    calcium.shown = f"{m.kind} {m.shown}" if m.kind else m.shown
+    texts = c.ruleset.texts
+    calcium.limit = describe_limit(m, lab, texts.lab_limit, texts.default_limit)
+    grade = c.values.get("calcium.grade")
+    labels = {g.id: g.label for g in lab.grades}
+    if grade in labels:
+        calcium.grade = f" Severity: {labels[str(grade)]}, Minisola 2015."
+    elif grade == "ungraded":
+        calcium.grade = f" Severity: not graded for {m.kind} calcium."
     return calcium
 
 
@@ -211,7 +249,7 @@ def _data_fields(c: FieldContext) -> SimpleNamespace:
 FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     "profile": _profile_fields,
     "vitd": _vitd_fields,
-    "egfr": lambda c: _measurement_fields(c.facts.egfr, c.ruleset.texts),
+    "egfr": _egfr_fields,
     "calcium": _calcium_fields,
     "vka": lambda c: SimpleNamespace(
         names=_names(c.facts, "vka", c.ruleset.texts),

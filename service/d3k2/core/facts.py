@@ -17,9 +17,10 @@ from datetime import UTC, date, datetime
 from operator import itemgetter
 from typing import Any
 
+from d3k2.core.age import NOT_ON_RECORD, Age, AgeConfig, read_age
 from d3k2.core.copies import canonical, unique_resources
 from d3k2.core.dosage import IngredientDose
-from d3k2.core.quantities import Interval, format_interval, format_number
+from d3k2.core.quantities import Interval, LabBand, certain_band, format_exact, format_interval
 from d3k2.core.terminology import LOINC, Terminology, normalise_system, spellings
 
 # A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
@@ -39,12 +40,35 @@ class Unreadable(Exception):
 
 
 @dataclass(frozen=True)
+class AlbuminCorrection:
+    """corrected = measured + coefficient × (normal − albumin), albumin of the same day (Payne)."""
+
+    lab: str  # the albumin lab
+    coefficient: float
+    normal: float  # albumin, in that lab's canonical unit
+    applies_to: str  # the kind corrected ("total")
+    kind: str  # the kind of the result ("albumin-corrected")
+    note: str
+
+
+@dataclass(frozen=True)
+class Plausible:
+    """What a body can have, in the canonical unit: above `above` (zero and negative values are no
+    result) and at most `most`. A result certainly outside is not used, and named."""
+
+    above: float
+    most: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class LabConfig:
     name: str
     label: str
     canonical_unit: str
     units: Mapping[str, float]
     stale_days: int
+    plausible: Plausible  # every lab says what a body can have
     primary: tuple[str, ...] = ()
     fallback: tuple[str, ...] = ()
     total: tuple[str, ...] = ()
@@ -52,11 +76,21 @@ class LabConfig:
     d2_fraction: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     never: tuple[str, ...] = ()
-    range_only: tuple[str, ...] = ()
     default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
-    default_upper_limit: float | None = None
+    # value set → the kind of measurement it is, named on the card (calcium: total, ionized, …).
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    # kind → upper limit (canonical unit) when the lab sends no range.
+    kind_limits: Mapping[str, float] = field(default_factory=dict)
+    # Severity grades above the limit, ascending, for the kinds they are defined for.
+    grades: tuple[LabBand, ...] = ()
+    graded_kinds: tuple[str, ...] = ()
+    correction: AlbuminCorrection | None = None
     source: str = ""
     decimals: int = 2
+    # Categories of the value (eGFR: KDIGO G1–G5), ascending.
+    bands: tuple[LabBand, ...] = ()
+    # Several results of one specimen (several equations): the lowest is used, and the card says so.
+    same_specimen_lowest: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,10 +106,16 @@ class FactsConfig:
     condition_facts: Mapping[str, tuple[str, ...]]
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
-    # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation.
+    # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
+    # same_specimen_lowest.
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]
+    age: AgeConfig
+    # A result dated more than this many days after "today" is not used (clock skew allowed for).
+    future_days: int
+    # A pregnancy status or condition older than this is not a current pregnancy.
+    pregnancy_days: int
     # MedicationStatement statuses that say nothing about whether it is taken: a medication of unknown kind.
     statement_unknown: tuple[str, ...] = ("unknown",)
 
@@ -94,10 +134,12 @@ class Measurement:
     age_days: int
     notes: tuple[str, ...] = ()
     upper_limit: float | None = None  # canonical unit; the lab's range when given
+    kind: str = ""  # calcium: "total", "albumin-corrected" or "ionized"
 
     @property
     def shown(self) -> str:
-        canonical = format_interval(self.value, self.unit)
+        """As reported, with the value the rules used beside it when converted; neither rounded further."""
+        canonical = format_interval(self.value, self.unit, None)
         return self.reported if canonical == self.reported else f"{self.reported} ({canonical})"
 
 
@@ -146,6 +188,7 @@ class Facts:
     incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
     copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
     unknown_medications: tuple[UnknownMedication, ...] = ()
+    age: Age = NOT_ON_RECORD
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -291,12 +334,13 @@ _MAX_ROLES = 4096
 class _Role:
     """What one code list means: a role of one lab (e.g. eGFR "primary") and the code that says so."""
 
-    __slots__ = ("accepted", "code", "fallback", "lab", "role")
+    __slots__ = ("accepted", "code", "fallback", "kind", "lab", "role")
 
-    def __init__(self, lab: LabConfig, role: str, code: str) -> None:
+    def __init__(self, lab: LabConfig, role: str, code: str, kind: str = "") -> None:
         self.lab = lab
         self.role = role
         self.code = code
+        self.kind = kind
         # Where its candidates go: results of an accepted status, and of a fallback status.
         self.accepted = (lab.name, role, True)
         self.fallback = (lab.name, role, False)
@@ -350,7 +394,7 @@ def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[I
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
     converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
-    return converted, format_interval(reported_interval, display_unit)
+    return converted, format_interval(reported_interval, display_unit, None)
 
 
 def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
@@ -363,7 +407,9 @@ def _upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
             unit = _str(high.get("code")) or _str(high.get("unit"))
             factor = lab.units.get(unit or "")
             if factor is not None:
-                return float(high["value"]) * factor
+                # Converted as a result is, so that a result equal to the limit is never above it.
+                limit = float(high["value"])
+                return limit if factor == 1.0 else round(limit * factor, lab.decimals)
     return None
 
 
@@ -380,7 +426,6 @@ def _lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) ->
             ("d2", lab.d2_fraction),
             ("primary", lab.primary),
             ("fallback", lab.fallback),
-            ("range_only", lab.range_only),
         ):
             if concepts & set(sets):
                 return role, code
@@ -440,7 +485,9 @@ class _Lookup:
         for lab in self.config.labs.values():
             role = _lab_role(codes, self.terminology, lab)
             if role is not None:
-                found = _Role(lab, *role)
+                concepts = self.terminology.concepts(LOINC, role[1])
+                kind = next((k for vs, k in lab.kinds.items() if vs in concepts), "")
+                found = _Role(lab, *role, kind)
                 break
         if len(self.roles) >= _MAX_ROLES:
             self.roles.clear()
@@ -475,9 +522,11 @@ class _Collector:
         classify: MedicationClassifier,
         unique: list[Mapping[str, Any]],
         issues: list[str],
+        today: date,
         doses: MedicationDoser | None = None,
     ) -> None:
         self.config = config
+        self.today = today
         self.terminology = terminology
         self.classify = classify
         self.doses = doses
@@ -492,6 +541,7 @@ class _Collector:
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
         self.unknown: list[UnknownMedication] = []
+        self.patients: list[Mapping[str, Any]] = []
         self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
     def report(self, resource: Mapping[str, Any], reason: str) -> None:
@@ -533,12 +583,14 @@ class _Collector:
         if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
             return
         try:
-            _quantity_parts(resource, found.lab, found.code)
+            value, comparator, unit = _quantity_parts(resource, found.lab, found.code)
         except Unreadable as exc:
             self.report(resource, str(exc))
             return
-        upper = _upper_limit(resource, found.lab) if "referenceRange" in resource else None
         text, when, at = moment
+        if not self._usable(found.lab, value, comparator, unit, when):
+            return
+        upper = _upper_limit(resource, found.lab) if "referenceRange" in resource else None
         if at is None:
             at = _instant(text, when)  # fails again, now: reported as it always was
         rid = resource.get("id")
@@ -558,6 +610,25 @@ class _Collector:
         else:
             group.append(candidate)
 
+    def _usable(self, lab: LabConfig, value: float, comparator: str | None, unit: str, when: date) -> bool:
+        """Dated at most `future_days` after today, and certainly possible for a body; else named on the
+        data card (by lab and date, never by id) and not used, so that an older usable result is."""
+        if (when - self.today).days > self.config.future_days:
+            self.issues.append(f"{lab.label} of {when.isoformat()} is dated in the future")
+            return False
+        plausible = lab.plausible
+        reading = Interval.from_comparator(value, comparator)
+        canonical = reading.scaled(lab.units[unit])
+        if canonical.le(plausible.above) is True or canonical.gt(plausible.most) is True:
+            shown = format_interval(reading, unit, None)
+            self.issues.append(f"{lab.label} of {when.isoformat()} is {shown}: {plausible.reason}")
+            return False
+        return True
+
+    def _current_pregnancy(self, when: date | None) -> bool:
+        """Undated evidence counts (a caution is never dropped for a missing date)."""
+        return when is None or (self.today - when).days <= self.config.pregnancy_days
+
     def _pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
         if status not in self.lookup.statuses:
             return
@@ -567,11 +638,11 @@ class _Collector:
             return
         for coding in codings:
             if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
-                self.pregnancy.append(
-                    Evidence(
-                        "pregnancy", "pregnancy status: pregnant", _ref(resource), observation_date(resource)
+                when = observation_date(resource)
+                if self._current_pregnancy(when):
+                    self.pregnancy.append(
+                        Evidence("pregnancy", "pregnancy status: pregnant", _ref(resource), when)
                     )
-                )
                 return
 
     def condition(self, resource: Mapping[str, Any]) -> None:
@@ -589,7 +660,7 @@ class _Collector:
         for fact, valuesets in self.config.condition_facts.items():
             if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, _ref(resource), when))
-        if not concepts.isdisjoint(self.config.pregnancy_conditions):
+        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(when):
             self.pregnancy.append(Evidence("pregnancy", text, _ref(resource), when))
 
     def medication(self, resource: Mapping[str, Any]) -> None:
@@ -704,6 +775,7 @@ def _measurement(
         age_days=age,
         notes=notes + extra,
         upper_limit=upper,
+        kind=found.kind,
     )
 
 
@@ -744,20 +816,82 @@ def _vitd(candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: d
     return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
 
 
+def _specimen(resource: Mapping[str, Any]) -> str | None:
+    specimen = resource.get("specimen")
+    return _str(specimen.get("reference")) if isinstance(specimen, Mapping) else None
+
+
+def _lowest_of_specimen(
+    best: _Candidate, group: tuple[list[_Candidate], list[_Candidate]], config: FactsConfig
+) -> tuple[_Candidate, tuple[str, ...]]:
+    """Of the results of `best`'s specimen (its Specimen, else its moment), the lowest value: labs send
+    one specimen's eGFR by several equations. Chosen by value, then code, then content; never by id."""
+    specimen = _specimen(best[6])
+    same = [
+        c
+        for c in (group[0] or group[1])
+        if c[0] == best[0] or (specimen is not None and _specimen(c[6]) == specimen)
+    ]
+    if len(same) < 2:
+        return best, ()
+    read = sorted(
+        ((_quantity(c[6], c[4].lab, c[4].code), c) for c in same),
+        key=lambda item: (item[0][0].hi, item[0][0].lo, item[1][4].code, canonical(item[1][6])),
+    )
+    if len({(value, text) for (value, text), _c in read}) < 2:
+        return read[0][1], ()
+    listed = ", ".join(f"{text} ({c[4].code})" for (_value, text), c in read)
+    return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
+
+
 def _simple_lab(
     candidates: _Candidates, lab: LabConfig, config: FactsConfig, today: date
 ) -> Measurement | None:
-    best = _newest(*_group(candidates, lab, "primary"))
+    group = _group(candidates, lab, "primary")
+    best = _newest(*group)
     notes: tuple[str, ...] = ()
     if best is None:
-        best = _newest(*_group(candidates, lab, "fallback"))
+        group = _group(candidates, lab, "fallback")
+        best = _newest(*group)
         notes = (config.notes["legacy_equation"],) if best else ()
-    if best is None:
-        accepted, fallback = _group(candidates, lab, "range_only")
-        best = _newest([c for c in accepted if c[5] is not None], [c for c in fallback if c[5] is not None])
+    if best is not None and lab.same_specimen_lowest:
+        best, choice = _lowest_of_specimen(best, group, config)
+        notes += choice
     if best is None:
         return None
-    return _measurement(best, lab, config, today, notes)
+    measured = _measurement(best, lab, config, today, notes)
+    return _albumin_corrected(measured, lab.correction, candidates, config) if lab.correction else measured
+
+
+def _albumin_corrected(
+    measured: Measurement, correction: AlbuminCorrection, candidates: _Candidates, config: FactsConfig
+) -> Measurement:
+    """A total calcium corrected by an albumin of the same day; exact numbers only (a comparator never
+    becomes one)."""
+    albumin_lab = config.labs.get(correction.lab)
+    if measured.kind != correction.applies_to or not measured.value.is_exact or albumin_lab is None:
+        return measured
+    accepted, fallback = _group(candidates, albumin_lab, "primary")
+    albumin = _newest(
+        [c for c in accepted if c[2] == measured.when], [c for c in fallback if c[2] == measured.when]
+    )
+    if albumin is None:
+        return measured
+    value, reported = _quantity(albumin[6], albumin_lab, albumin[4].code)
+    if not value.is_exact:
+        return measured
+    lab = config.labs[measured.analyte]
+    corrected = round(
+        measured.value.lo + correction.coefficient * (correction.normal - value.lo), lab.decimals
+    )
+    basis = f"{correction.note}: measured total {measured.shown}, albumin {reported} of the same day"
+    return replace(
+        measured,
+        value=Interval.exact(corrected),
+        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, None),
+        kind=correction.kind,
+        notes=(*measured.notes, basis),
+    )
 
 
 def _evidence_order(evidence: Evidence) -> tuple[str, str, str]:
@@ -779,7 +913,7 @@ def extract_facts(
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
     unique, copies = unique_resources(resources)
-    collector = _Collector(config, terminology, classify, unique, list(issues), doses)
+    collector = _Collector(config, terminology, classify, unique, list(issues), today, doses)
     observation = collector.observation
     for resource in unique:
         rtype = resource.get("resourceType")
@@ -790,6 +924,8 @@ def extract_facts(
                 collector.condition(resource)
             elif rtype in ("MedicationStatement", "MedicationRequest"):
                 collector.medication(resource)
+            elif rtype == "Patient":
+                collector.patients.append(resource)
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
         except _ERRORS as exc:
             collector.report(resource, f"unreadable ({type(exc).__name__})")
@@ -819,21 +955,38 @@ def extract_facts(
         incomplete=tuple(incomplete),
         copies=tuple(sorted(copies)),
         unknown_medications=tuple(sorted(set(collector.unknown), key=lambda u: (u.source, u.reason, u.name))),
+        age=read_age(collector.patients, today, config.age),
     )
 
 
+def _limit(calcium: Measurement, lab: LabConfig) -> float | None:
+    return calcium.upper_limit if calcium.upper_limit is not None else lab.kind_limits.get(calcium.kind)
+
+
 def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
-    """Above the lab's upper limit, else above the default limit for total calcium."""
+    """Above the lab's upper limit, else above the default limit of its kind (total, ionized, …)."""
     if calcium is None:
         return None
-    limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
+    limit = _limit(calcium, lab)
     if limit is None:
         return None
     return calcium.value.gt(limit)
 
 
+def calcium_grade(calcium: Measurement | None, lab: LabConfig) -> str | None:
+    """ "none" unless certainly high; then the highest grade it certainly reaches, or "ungraded" for a kind
+    without verified grades (ionized)."""
+    if calcium is None:
+        return None
+    if calcium_high(calcium, lab) is not True:
+        return "none"
+    grade = certain_band(calcium.value, lab.grades) if calcium.kind in lab.graded_kinds else None
+    return grade.id if grade else "ungraded"
+
+
 def describe_limit(calcium: Measurement, lab: LabConfig, lab_limit: str, default_limit: str) -> str:
-    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`)."""
-    limit = calcium.upper_limit if calcium.upper_limit is not None else lab.default_upper_limit
-    origin = lab_limit if calcium.upper_limit is not None else default_limit
-    return f"{format_number(limit or 0.0, 2)} {lab.canonical_unit} ({origin})"
+    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`,
+    which may name the calcium `{kind}`)."""
+    limit = _limit(calcium, lab)
+    origin = lab_limit if calcium.upper_limit is not None else default_limit.format(kind=calcium.kind)
+    return f"{format_exact(limit or 0.0)} {lab.canonical_unit} ({origin})"

@@ -17,9 +17,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from d3k2.core.age import AgeConfig
 from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import FactsConfig, LabConfig
+from d3k2.core.facts import AlbuminCorrection, FactsConfig, LabConfig, Plausible
+from d3k2.core.quantities import LabBand
 from d3k2.core.rulecheck import (
     Parts,
     Problems,
@@ -80,6 +82,14 @@ def _guard(read: Callable[[], _T], problems: Problems) -> _T | None:
         return None
 
 
+def _age_config(data: Mapping[str, Any]) -> AgeConfig:
+    bands = tuple((str(b["id"]), int(b["from_months"])) for b in data["bands"])
+    starts = [months for _, months in bands]
+    if not starts or starts[0] != 0 or starts != sorted(set(starts)):
+        raise ValueError("age.bands must start at 0 months and ascend")
+    return AgeConfig(bands=bands, max_years=int(data["max_years"]))
+
+
 def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
     try:
         labs = {
@@ -96,9 +106,15 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 d2_fraction=tuple(lab.get("d2_fraction", ())),
                 exclude=tuple(lab.get("exclude", ())),
                 never=tuple(lab.get("never", ())),
-                range_only=tuple(lab.get("range_only", ())),
                 default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
-                default_upper_limit=lab.get("default_upper_limit"),
+                kinds={str(k): str(v) for k, v in lab.get("kinds", {}).items()},
+                kind_limits={str(k): float(v) for k, v in lab.get("kind_limits", {}).items()},
+                grades=tuple(LabBand(**band) for band in lab.get("grades", ())),
+                graded_kinds=tuple(lab.get("graded_kinds", ())),
+                correction=AlbuminCorrection(**lab["correction"]) if "correction" in lab else None,
+                plausible=Plausible(**lab["plausible"]),
+                bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
+                same_specimen_lowest=bool(lab.get("same_specimen_lowest", False)),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
             )
@@ -124,8 +140,11 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             statement_unknown=tuple(data["medications"]["statement_unknown"]),
             notes={
                 key: str(data["notes"][key])
-                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation")
+                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation", "same_specimen_lowest")
             },
+            age=_age_config(data["age"]),
+            future_days=int(data["observation"]["future_days"]),
+            pregnancy_days=int(data["pregnancy"]["max_age_days"]),
             evidence={str(k): tuple(str(c) for c in v) for k, v in data["evidence"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,55 @@ class Interval:
         return True
 
 
+class Banded(Protocol):
+    """A band of a value line (a profile's 25(OH)D band, a lab's category)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def lower(self) -> float: ...
+    @property
+    def upper(self) -> float: ...
+    @property
+    def lower_open(self) -> bool: ...
+    @property
+    def upper_open(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LabBand:
+    id: str
+    label: str
+    lower: float
+    upper: float
+    lower_open: bool = False
+    upper_open: bool = False
+
+
+_B = TypeVar("_B", bound=Banded)
+
+
+def possible_bands(value: Interval, bands: Sequence[_B]) -> list[_B]:
+    """Every band the true value may lie in."""
+    return [b for b in bands if value.within(b.lower, b.upper, b.lower_open, b.upper_open) is not False]
+
+
+def certain_band(value: Interval, bands: Sequence[_B]) -> _B | None:
+    """The band holding every possible value; for a value given with a comparator that straddles bands
+    (`>100`), the highest band (of `bands`, ascending) whose lower bound it certainly reaches: `>100` is
+    certainly above 80, `<35` certainly above nothing but minus infinity. A comparator thus always gets a
+    band, and never one it may not have reached."""
+    reached = None
+    for band in bands:
+        if value.within(band.lower, band.upper, band.lower_open, band.upper_open):
+            return band
+        if value.gt(band.lower) if band.lower_open else value.ge(band.lower):
+            reached = band
+    return reached
+
+
 def format_number(value: float, decimals: int = 1) -> str:
     """Thousands separators; integers without a trailing .0."""
     if math.isinf(value):
@@ -91,13 +143,27 @@ def format_number(value: float, decimals: int = 1) -> str:
     return f"{value:,.{decimals}f}".rstrip("0").rstrip(".")
 
 
-def format_interval(interval: Interval, unit: str, decimals: int = 1) -> str:
+def format_exact(value: float) -> str:
+    """Every digit the number has (its shortest round-trip form), never rounded: 2.65 is "2.65", not
+    "2.6", so a value is never shown on the other side of a threshold. Thousands separators; finite
+    numbers only (an open bound is written with its comparator)."""
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return format(Decimal(repr(float(value))), ",f")
+
+
+def format_interval(interval: Interval, unit: str, decimals: int | None = 1) -> str:
+    """`decimals` None: the numbers as they are (`format_exact`)."""
+
+    def number(value: float) -> str:
+        return format_exact(value) if decimals is None else format_number(value, decimals)
+
     if interval.is_exact:
-        return f"{format_number(interval.lo, decimals)} {unit}"
+        return f"{number(interval.lo)} {unit}"
     if math.isinf(interval.lo):
         op = "<" if interval.hi_open else "≤"
-        return f"{op}{format_number(interval.hi, decimals)} {unit}"
+        return f"{op}{number(interval.hi)} {unit}"
     if math.isinf(interval.hi):
         op = ">" if interval.lo_open else "≥"
-        return f"{op}{format_number(interval.lo, decimals)} {unit}"
-    return f"{format_number(interval.lo, decimals)}–{format_number(interval.hi, decimals)} {unit}"
+        return f"{op}{number(interval.lo)} {unit}"
+    return f"{number(interval.lo)}–{number(interval.hi)} {unit}"

@@ -22,7 +22,6 @@ class Texts:
     not_on_record: str  # a measurement's value when there is none
     no_date: str  # ... and its date
     stale: str  # after a stale measurement's date; {days}
-    band_uncertain: str  # a value given as a range that straddles two bands
     daily_dose: str  # a draft's daily dose; {amount} {unit}
     unknown_dose: str
     lab_limit: str  # where the calcium upper limit came from: the lab's range
@@ -38,11 +37,10 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "not_on_record": frozenset(),
     "no_date": frozenset(),
     "stale": frozenset({"days"}),
-    "band_uncertain": frozenset(),
     "daily_dose": frozenset({"amount", "unit"}),
     "unknown_dose": frozenset(),
     "lab_limit": frozenset(),
-    "default_limit": frozenset(),
+    "default_limit": frozenset({"kind"}),
     "thresholds": frozenset({"name", "title"}),
 }
 
