@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from builders import SERVICE, close, hook_request, make_app, post
-from d3k2.http.logs import configure_logging
+from d3k2.http.logs import JsonFormatter, configure_logging
 
 
 @pytest.fixture
@@ -96,3 +96,19 @@ def test_gunicorns_own_lines_still_format_once_logging_is_configured(log_stream:
     assert text.startswith(
         f"[{os.getpid()}] [{threading.get_ident()} MainThread] [INFO] Worker exiting (pid: 7)"
     )
+
+
+def test_colour_codes_of_the_development_server_are_not_written_into_json_lines() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    record = logging.makeLogRecord(
+        {
+            "name": "werkzeug",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "\x1b[31m\x1b[1mWARNING\x1b[0m: dev",
+        }
+    )
+    handler.emit(record)
+    assert json.loads(stream.getvalue())["event"] == "WARNING: dev"

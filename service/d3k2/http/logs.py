@@ -40,6 +40,9 @@ def bound() -> dict[str, Any]:
     return dict(_context.get() or {})
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "event", <bound context>, <extra fields>}``; tracebacks under "exc"."""
 
@@ -50,7 +53,8 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            # Werkzeug's development server colours its lines for a terminal; a JSON line is read by machines.
+            "event": _ANSI.sub("", record.getMessage()),
             **bound(),
             **extra,
         }
