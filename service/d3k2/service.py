@@ -13,9 +13,10 @@ from d3k2.core.cards import build_cards, prepare_cards
 from d3k2.core.drafts import DraftReading, read_draft_orders
 from d3k2.core.engine import Evaluation, evaluate
 from d3k2.core.errors import BadRequest, UnknownService
-from d3k2.core.facts import Facts, MedicationClassifier, MedicationDoser, extract_facts
+from d3k2.core.facts import Facts, extract_facts
 from d3k2.core.hooks import CdsRequest, parse_request
 from d3k2.core.medication_reader import medication_doses
+from d3k2.core.record import MedicationClassifier, MedicationDoser
 from d3k2.core.ruleset import ORDER_HOOKS, RuleSet, Service
 from d3k2.fhir.prefetch import Fetcher, Resolved, fetch_medications, resolve
 

@@ -19,9 +19,10 @@ from typing import Any
 
 from d3k2.core.engine import Evaluation, values_snapshot
 from d3k2.core.errors import BadRequest
-from d3k2.core.facts import Evidence, LabConfig, Measurement
 from d3k2.core.hooks import CdsRequest
+from d3k2.core.labs import LabConfig, Measurement
 from d3k2.core.quantities import format_interval
+from d3k2.core.record import Evidence
 from d3k2.core.ruleset import ORDER_HOOKS, RuleSet
 from d3k2.core.terminology import LOINC, RXNORM, SNOMED, UCUM
 from d3k2.fhir.prefetch import Fetcher, Resolved, resources_of

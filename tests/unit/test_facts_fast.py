@@ -13,16 +13,10 @@ import pytest
 
 import d3k2.core.facts as facts_module
 from builders import TODAY, ruleset
-from d3k2.core.facts import (
-    Evidence,
-    Facts,
-    Measurement,
-    MedicationFact,
-    UnknownMedication,
-    calcium_high,
-    extract_facts,
-)
+from d3k2.core.facts import Facts, extract_facts
+from d3k2.core.labs import Measurement, calcium_high
 from d3k2.core.quantities import Interval
+from d3k2.core.record import Evidence, MedicationFact, UnknownMedication
 from d3k2.core.terminology import LOINC, spellings
 from d3k2.service import facts_for
 
@@ -363,7 +357,7 @@ def test_mappings_other_than_dicts_read_alike() -> None:
 
 
 def test_what_code_lists_mean_is_remembered_boundedly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(facts_module, "_MAX_ROLES", 1)
+    monkeypatch.setattr(facts_module, "MAX_ROLES", 1)
     total, d3 = obs(VITD, 20, oid="t"), obs(D3, 30, oid="d3", when="2026-11-02")
     # Code lists no other test sends: each is looked up here first.
     total["code"]["coding"].append({"system": LOINC, "code": "bounded-1"})
@@ -382,8 +376,8 @@ def test_what_code_lists_mean_is_remembered_boundedly(monkeypatch: pytest.Monkey
 
 
 def test_rule_sets_are_remembered_boundedly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(facts_module, "_LOOKUPS", {})
-    monkeypatch.setattr(facts_module, "_MAX_LOOKUPS", 1)
+    monkeypatch.setattr(facts_module, "LOOKUPS", {})
+    monkeypatch.setattr(facts_module, "MAX_LOOKUPS", 1)
     rs = ruleset()
     resource = obs(VITD, 20)
     for config in (rs.facts, replace(rs.facts, accepted_status=("amended",)), rs.facts):
@@ -391,7 +385,7 @@ def test_rule_sets_are_remembered_boundedly(monkeypatch: pytest.MonkeyPatch) -> 
             [resource], today=TODAY, config=config, terminology=rs.terminology, classify=lambda _c: ()
         )
         assert (found.vitd is not None) is (config is rs.facts)
-        assert len(facts_module._LOOKUPS) == 1
+        assert len(facts_module.LOOKUPS) == 1
 
 
 def test_medication_references_resolve_from_one_index() -> None:

@@ -14,8 +14,9 @@ import pytest
 from builders import CARDS, TODAY, fixtures, ruleset
 from d3k2.core.engine import fact_values, template_fields
 from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import Facts, Measurement
+from d3k2.core.facts import Facts
 from d3k2.core.hooks import parse_request
+from d3k2.core.labs import Measurement
 from d3k2.core.loader import load_ruleset
 from d3k2.core.quantities import Interval
 from d3k2.core.ruleset import RuleSet

@@ -11,7 +11,8 @@ import pytest
 from builders import TODAY, ruleset
 from d3k2.core.cards import build_cards
 from d3k2.core.engine import evaluate, fact_values
-from d3k2.core.facts import Facts, UnknownMedication
+from d3k2.core.facts import Facts
+from d3k2.core.record import UnknownMedication
 from d3k2.core.terminology import LOINC
 from d3k2.service import facts_for
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
-from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_grade, calcium_high, describe_limit
+from d3k2.core.facts import Facts
+from d3k2.core.labs import Measurement, calcium_grade, calcium_high, describe_limit
 from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
+from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
 

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 from d3k2.core.age import AgeConfig
 from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.errors import RuleSetError
-from d3k2.core.facts import AlbuminCorrection, FactsConfig, LabConfig, Plausible
+from d3k2.core.facts import FactsConfig
+from d3k2.core.labs import AlbuminCorrection, LabConfig, Plausible
 from d3k2.core.quantities import LabBand
 from d3k2.core.rulecheck import (
     Parts,

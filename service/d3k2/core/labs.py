@@ -1,0 +1,437 @@
+"""Lab results (Observations) → Measurements: vitamin D, eGFR, calcium (and the albumin that corrects it).
+Pure: no Flask, no requests, no clock.
+
+A lab history can hold thousands of results of which only the newest per lab and role is ever
+shown, so Observations are read in two stages:
+
+1. Triage (every Observation, `d3k2.core.facts`): its LOINC codes → lab and role (looked up once per
+   code list), its status, its date and time, and every check that makes a result unreadable (number,
+   unit, comparator, date). An unreadable result is reported whatever its age, exactly as if it had
+   been read in full. What is kept of a readable one is a light `Candidate` tuple.
+2. Selection (a few candidates): `_newest` picks the newest per lab and role; only the picked
+   ones are read in full (value interval in the canonical unit, reported text, source).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+from d3k2.core.copies import canonical
+from d3k2.core.quantities import Interval, LabBand, certain_band, format_exact, format_interval
+from d3k2.core.readers import Unreadable, instant, nonempty_str, parse_date, ref_of
+from d3k2.core.terminology import LOINC, Terminology
+
+if TYPE_CHECKING:  # the config of the whole reading, of which the labs are part
+    from d3k2.core.facts import FactsConfig
+
+_COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
+
+
+@dataclass(frozen=True)
+class AlbuminCorrection:
+    """corrected = measured + coefficient × (normal − albumin), albumin of the same day (Payne)."""
+
+    lab: str  # the albumin lab
+    coefficient: float
+    normal: float  # albumin, in that lab's canonical unit
+    applies_to: str  # the kind corrected ("total")
+    kind: str  # the kind of the result ("albumin-corrected")
+    note: str
+
+
+@dataclass(frozen=True)
+class Plausible:
+    """What a body can have, in the canonical unit: above `above` (zero and negative values are no
+    result) and at most `most`. A result certainly outside is not used, and named."""
+
+    above: float
+    most: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    name: str
+    label: str
+    canonical_unit: str
+    units: Mapping[str, float]
+    stale_days: int
+    plausible: Plausible  # every lab says what a body can have
+    primary: tuple[str, ...] = ()
+    fallback: tuple[str, ...] = ()
+    total: tuple[str, ...] = ()
+    d3_fraction: tuple[str, ...] = ()
+    d2_fraction: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    never: tuple[str, ...] = ()
+    default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
+    # value set → the kind of measurement it is, named on the card (calcium: total, ionized, …).
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    # kind → upper limit (canonical unit) when the lab sends no range.
+    kind_limits: Mapping[str, float] = field(default_factory=dict)
+    # Severity grades above the limit, ascending, for the kinds they are defined for.
+    grades: tuple[LabBand, ...] = ()
+    graded_kinds: tuple[str, ...] = ()
+    correction: AlbuminCorrection | None = None
+    source: str = ""
+    decimals: int = 2
+    # Categories of the value (eGFR: KDIGO G1–G5), ascending.
+    bands: tuple[LabBand, ...] = ()
+    # Several results of one specimen (several equations): the lowest is used, and the card says so.
+    same_specimen_lowest: bool = False
+
+
+@dataclass(frozen=True)
+class Measurement:
+    analyte: str
+    value: Interval  # in the canonical unit
+    unit: str  # canonical unit
+    reported: str  # as sent, e.g. "45 nmol/L" or "<5 ng/mL"
+    when: date
+    status: str
+    source: str  # "Observation/<id>"
+    code: str
+    stale: bool
+    age_days: int
+    notes: tuple[str, ...] = ()
+    upper_limit: float | None = None  # canonical unit; the lab's range when given
+    kind: str = ""  # calcium: "total", "albumin-corrected" or "ionized"
+
+    @property
+    def shown(self) -> str:
+        """As reported, with the value the rules used beside it when converted; neither rounded further."""
+        canonical = format_interval(self.value, self.unit, None)
+        return self.reported if canonical == self.reported else f"{self.reported} ({canonical})"
+
+
+# (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
+# the one with the greatest (at, "Observation/<id>") and every source of a candidate starts with
+# "Observation/"; `id` is "(no id)" for a result without one, as in its source.
+Candidate = tuple[datetime, str, date, str, "Role", float | None, Mapping[str, Any]]
+_NEWEST_KEY = itemgetter(0, 1)
+
+
+class Role:
+    """What one code list means: a role of one lab (e.g. eGFR "primary") and the code that says so."""
+
+    __slots__ = ("accepted", "code", "fallback", "kind", "lab", "role")
+
+    def __init__(self, lab: LabConfig, role: str, code: str, kind: str = "") -> None:
+        self.lab = lab
+        self.role = role
+        self.code = code
+        self.kind = kind
+        # Where its candidates go: results of an accepted status, and of a fallback status.
+        self.accepted = (lab.name, role, True)
+        self.fallback = (lab.name, role, False)
+
+
+def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[float, str | None, str]:
+    """(value, comparator, unit) as reported, the unit one `lab` understands; else Unreadable."""
+    quantity = resource.get("valueQuantity")
+    if type(quantity) is dict or isinstance(quantity, Mapping):
+        raw: Any = quantity.get("value")
+        kind = type(raw)
+        if (
+            kind is not float
+            and kind is not int
+            and (isinstance(raw, bool) or not isinstance(raw, int | float))
+        ):
+            raise Unreadable("valueQuantity.value is not a number")
+        comparator = quantity.get("comparator")
+        if comparator is not None:
+            comparator = nonempty_str(comparator)
+        unit = quantity.get("code")
+        if not (isinstance(unit, str) and unit):
+            unit = nonempty_str(quantity.get("unit"))
+        if unit is None:
+            raise Unreadable("valueQuantity has no unit")
+        if unit not in lab.units and nonempty_str(quantity.get("unit")) in lab.units:
+            unit = str(quantity["unit"])
+        value = float(raw)
+    elif isinstance(resource.get("valueString"), str):
+        match = _COMPARATOR_STRING.match(resource["valueString"])
+        if not match:
+            raise Unreadable("valueString is not a number")
+        comparator = match.group(1)
+        value = float(match.group(2).replace(",", "."))
+        unit = (match.group(3) or "").strip() or lab.default_unit_by_code.get(code)
+        if unit is None:
+            raise Unreadable("valueString has no unit")
+    else:
+        raise Unreadable("no valueQuantity or valueString")
+    if comparator is not None and comparator not in ("<", "<=", ">", ">=", "="):
+        raise Unreadable(f"comparator {comparator!r} not understood")
+    if unit not in lab.units:
+        raise Unreadable(f"unit {unit!r} not understood for {lab.label}")
+    return value, comparator, unit
+
+
+def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
+    """(interval in the canonical unit, reported text) of a result triage found readable."""
+    value, comparator, unit = quantity_parts(resource, lab, code)
+    factor = lab.units[unit]
+    reported_interval = Interval.from_comparator(value, comparator)
+    display_unit = lab.canonical_unit if factor == 1.0 else unit
+    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
+    return converted, format_interval(reported_interval, display_unit, None)
+
+
+def upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
+    ranges = resource.get("referenceRange")
+    if not isinstance(ranges, list):
+        return None
+    for rng in ranges:
+        high = rng.get("high") if isinstance(rng, Mapping) else None
+        if isinstance(high, Mapping) and isinstance(high.get("value"), int | float):
+            unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit"))
+            factor = lab.units.get(unit or "")
+            if factor is not None:
+                # Converted as a result is, so that a result equal to the limit is never above it.
+                limit = float(high["value"])
+                return limit if factor == 1.0 else round(limit * factor, lab.decimals)
+    return None
+
+
+def lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
+    for code in codes:
+        if code in lab.never:
+            continue
+        concepts = terminology.concepts(LOINC, code)
+        if concepts & set(lab.exclude):
+            continue
+        for role, sets in (
+            ("total", lab.total),
+            ("d3", lab.d3_fraction),
+            ("d2", lab.d2_fraction),
+            ("primary", lab.primary),
+            ("fallback", lab.fallback),
+        ):
+            if concepts & set(sets):
+                return role, code
+    return None
+
+
+def moment_of(text: str) -> tuple[str, date, datetime | None] | None:
+    """(text, date, sortable instant) of a date text: `parse_date` and `instant` with one parse.
+    No instant when working it out fails: it is then worked out again where reading the result
+    would have failed, to report the same reason."""
+    stripped = text.strip()
+    if len(stripped) in (4, 7, 10):  # a date without a time: parse_date's own ways
+        when = parse_date(text)
+        if when is None:
+            return None
+        return text, when, instant(text, when)
+    try:
+        moment = datetime.fromisoformat(stripped.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    zone = moment.tzinfo
+    if zone is UTC:  # as `instant` would give, without its second parse
+        return text, moment.date(), moment
+    if zone is None:
+        return text, moment.date(), moment.replace(tzinfo=UTC)
+    try:
+        return text, moment.date(), moment.astimezone(UTC)
+    except OverflowError:
+        return text, moment.date(), None
+
+
+# ---------------------------------------------------------------- stage 2: the newest results
+
+
+def _newest(accepted: list[Candidate], fallback: list[Candidate]) -> Candidate | None:
+    """Newest by time; final beats preliminary; ties broken by id, then content, never by Bundle order."""
+    candidates = accepted or fallback
+    if not candidates:
+        return None
+    best = max(candidates, key=_NEWEST_KEY)
+    # Results without an id, and different copies of one result (`unique_resources`), can share (at, id).
+    tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
+    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: canonical(c[6]))
+
+
+def _measurement(
+    candidate: Candidate,
+    lab: LabConfig,
+    config: FactsConfig,
+    today: date,
+    notes: tuple[str, ...],
+    summed: tuple[Interval, str] | None = None,
+) -> Measurement:
+    """Stage 2: the picked result read in full (or its value and text `summed` with another's)."""
+    _at, _id, when, status, found, upper, resource = candidate
+    if summed is None:
+        value, reported = _quantity(resource, found.lab, found.code)
+    else:
+        (value, reported), upper = summed, None
+    age = (today - when).days
+    extra = (config.notes["preliminary"],) if status == "preliminary" else ()
+    return Measurement(
+        analyte=lab.name,
+        value=value,
+        unit=lab.canonical_unit,
+        reported=reported,
+        when=when,
+        status=status,
+        source=ref_of(resource),
+        code=found.code,
+        stale=age > lab.stale_days,
+        age_days=age,
+        notes=notes + extra,
+        upper_limit=upper,
+        kind=found.kind,
+    )
+
+
+Candidates = dict[tuple[str, str, bool], list[Candidate]]
+
+
+def _group(candidates: Candidates, lab: LabConfig, role: str) -> tuple[list[Candidate], list[Candidate]]:
+    """(accepted-status, fallback-status) results of one lab and role."""
+    return candidates.get((lab.name, role, True), []), candidates.get((lab.name, role, False), [])
+
+
+def read_vitd(candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date) -> Measurement | None:
+    """Total first; the D3 fraction (plus a same-day D2 fraction) only for a date without a total."""
+    totals = _group(candidates, lab, "total")
+    total_dates = {c[2] for group in totals for c in group}
+    d3_accepted, d3_fallback = _group(candidates, lab, "d3")
+    best_total = _newest(*totals)
+    best_d3 = _newest(
+        [c for c in d3_accepted if c[2] not in total_dates],
+        [c for c in d3_fallback if c[2] not in total_dates],
+    )
+    if best_d3 is None or (best_total is not None and best_total[2] >= best_d3[2]):
+        return _measurement(best_total, lab, config, today, ()) if best_total else None
+    day = best_d3[2]
+    d2_accepted, d2_fallback = _group(candidates, lab, "d2")
+    d2 = _newest([c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day])
+    if d2 is None:
+        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"],))
+    d3_value, d3_reported = _quantity(best_d3[6], best_d3[4].lab, best_d3[4].code)
+    d2_value, d2_reported = _quantity(d2[6], d2[4].lab, d2[4].code)
+    combined = Interval(
+        d3_value.lo + d2_value.lo,
+        d3_value.hi + d2_value.hi,
+        d3_value.lo_open or d2_value.lo_open,
+        d3_value.hi_open or d2_value.hi_open,
+    )
+    summed = (combined, f"{d3_reported} + D2 {d2_reported}")
+    return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
+
+
+def _specimen(resource: Mapping[str, Any]) -> str | None:
+    specimen = resource.get("specimen")
+    return nonempty_str(specimen.get("reference")) if isinstance(specimen, Mapping) else None
+
+
+def _lowest_of_specimen(
+    best: Candidate, group: tuple[list[Candidate], list[Candidate]], config: FactsConfig
+) -> tuple[Candidate, tuple[str, ...]]:
+    """Of the results of `best`'s specimen (its Specimen, else its moment), the lowest value: labs send
+    one specimen's eGFR by several equations. Chosen by value, then code, then content; never by id."""
+    specimen = _specimen(best[6])
+    same = [
+        c
+        for c in (group[0] or group[1])
+        if c[0] == best[0] or (specimen is not None and _specimen(c[6]) == specimen)
+    ]
+    if len(same) < 2:
+        return best, ()
+    read = sorted(
+        ((_quantity(c[6], c[4].lab, c[4].code), c) for c in same),
+        key=lambda item: (item[0][0].hi, item[0][0].lo, item[1][4].code, canonical(item[1][6])),
+    )
+    if len({(value, text) for (value, text), _c in read}) < 2:
+        return read[0][1], ()
+    listed = ", ".join(f"{text} ({c[4].code})" for (_value, text), c in read)
+    return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
+
+
+def read_simple_lab(
+    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date
+) -> Measurement | None:
+    group = _group(candidates, lab, "primary")
+    best = _newest(*group)
+    notes: tuple[str, ...] = ()
+    if best is None:
+        group = _group(candidates, lab, "fallback")
+        best = _newest(*group)
+        notes = (config.notes["legacy_equation"],) if best else ()
+    if best is not None and lab.same_specimen_lowest:
+        best, choice = _lowest_of_specimen(best, group, config)
+        notes += choice
+    if best is None:
+        return None
+    measured = _measurement(best, lab, config, today, notes)
+    return _albumin_corrected(measured, lab.correction, candidates, config) if lab.correction else measured
+
+
+def _albumin_corrected(
+    measured: Measurement, correction: AlbuminCorrection, candidates: Candidates, config: FactsConfig
+) -> Measurement:
+    """A total calcium corrected by an albumin of the same day; exact numbers only (a comparator never
+    becomes one)."""
+    albumin_lab = config.labs.get(correction.lab)
+    if measured.kind != correction.applies_to or not measured.value.is_exact or albumin_lab is None:
+        return measured
+    accepted, fallback = _group(candidates, albumin_lab, "primary")
+    albumin = _newest(
+        [c for c in accepted if c[2] == measured.when], [c for c in fallback if c[2] == measured.when]
+    )
+    if albumin is None:
+        return measured
+    value, reported = _quantity(albumin[6], albumin_lab, albumin[4].code)
+    if not value.is_exact:
+        return measured
+    lab = config.labs[measured.analyte]
+    corrected = round(
+        measured.value.lo + correction.coefficient * (correction.normal - value.lo), lab.decimals
+    )
+    basis = f"{correction.note}: measured total {measured.shown}, albumin {reported} of the same day"
+    return replace(
+        measured,
+        value=Interval.exact(corrected),
+        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, None),
+        kind=correction.kind,
+        notes=(*measured.notes, basis),
+    )
+
+
+def _limit(calcium: Measurement, lab: LabConfig) -> float | None:
+    return calcium.upper_limit if calcium.upper_limit is not None else lab.kind_limits.get(calcium.kind)
+
+
+def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
+    """Above the lab's upper limit, else above the default limit of its kind (total, ionized, …)."""
+    if calcium is None:
+        return None
+    limit = _limit(calcium, lab)
+    if limit is None:
+        return None
+    return calcium.value.gt(limit)
+
+
+def calcium_grade(calcium: Measurement | None, lab: LabConfig) -> str | None:
+    """ "none" unless certainly high; then the highest grade it certainly reaches, or "ungraded" for a kind
+    without verified grades (ionized)."""
+    if calcium is None:
+        return None
+    if calcium_high(calcium, lab) is not True:
+        return "none"
+    grade = certain_band(calcium.value, lab.grades) if calcium.kind in lab.graded_kinds else None
+    return grade.id if grade else "ungraded"
+
+
+def describe_limit(calcium: Measurement, lab: LabConfig, lab_limit: str, default_limit: str) -> str:
+    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`,
+    which may name the calcium `{kind}`)."""
+    limit = _limit(calcium, lab)
+    origin = lab_limit if calcium.upper_limit is not None else default_limit.format(kind=calcium.kind)
+    return f"{format_exact(limit or 0.0)} {lab.canonical_unit} ({origin})"

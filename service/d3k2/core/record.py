@@ -1,0 +1,200 @@
+"""Conditions, pregnancy and medications on record → Evidence and MedicationFacts. Pure: no Flask, no
+requests, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from d3k2.core.dosage import IngredientDose
+from d3k2.core.readers import (
+    codeable_text,
+    medication_text,
+    nonempty_str,
+    observation_date,
+    parse_date,
+    ref_of,
+    status_code,
+)
+from d3k2.core.terminology import Terminology
+
+if TYPE_CHECKING:  # the config of the whole reading, of which the record is part
+    from d3k2.core.facts import FactsConfig
+
+# A medication classifier maps a medication CodeableConcept to (category, name, matched_by) triples.
+MedicationClassifier = Callable[[object], Sequence[tuple[str, str, str]]]
+# A dose reader maps (medication CodeableConcept, dosage instructions) to the daily dose of each ingredient.
+MedicationDoser = Callable[[object, object], Sequence[IngredientDose]]
+# Categories whose current products carry their daily dose (CLINICAL.md 5: a current vitamin D product).
+DOSED = frozenset({"vitamin-d"})
+
+
+@dataclass(frozen=True)
+class Evidence:
+    concept: str
+    text: str
+    source: str
+    when: date | None = None
+
+
+@dataclass(frozen=True)
+class MedicationFact:
+    category: str
+    name: str
+    status: str
+    source: str
+    matched_by: str  # "code" | "name"
+    # A dosed category (`DOSED`) only: the product as the record names it, and its daily dose (in the
+    # category's unit; None when the dose cannot be read) with the arithmetic or the reason.
+    product: str = ""
+    daily: float | None = None
+    dose: str = ""
+
+
+@dataclass(frozen=True)
+class UnknownMedication:
+    """A medication on record whose kind cannot be told (CLINICAL.md 5): it may be a vitamin K antagonist."""
+
+    name: str  # as the record names it; "" when it names none
+    reason: str
+    source: str
+
+
+def evidence_order(evidence: Evidence) -> tuple[str, str, str]:
+    return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
+
+
+class RecordReader:
+    """Reads conditions, pregnancy and medications; the lab triage (`d3k2.core.facts`) builds on it."""
+
+    def __init__(
+        self,
+        config: FactsConfig,
+        terminology: Terminology,
+        classify: MedicationClassifier,
+        unique: list[Mapping[str, Any]],
+        today: date,
+        statuses: Mapping[str, bool],
+        doses: MedicationDoser | None = None,
+    ) -> None:
+        self.config = config
+        self.today = today
+        self.terminology = terminology
+        self.classify = classify
+        self.doses = doses
+        self.unique = unique
+        # Observation status → accepted (True) or fallback (False): a pregnancy status of either counts.
+        self.statuses = statuses
+        self.pregnancy: list[Evidence] = []
+        self.conditions: dict[str, list[Evidence]] = {}
+        self.medications: list[MedicationFact] = []
+        self.unknown: list[UnknownMedication] = []
+        self.index: dict[str, list[Mapping[str, Any]]] | None = None
+
+    def _current_pregnancy(self, when: date | None) -> bool:
+        """Undated evidence counts (a caution is never dropped for a missing date)."""
+        return when is None or (self.today - when).days <= self.config.pregnancy_days
+
+    def pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
+        if status not in self.statuses:
+            return
+        answer = resource.get("valueCodeableConcept")
+        codings = answer.get("coding") if isinstance(answer, Mapping) else None
+        if not isinstance(codings, list):
+            return
+        for coding in codings:
+            if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
+                when = observation_date(resource)
+                if self._current_pregnancy(when):
+                    self.pregnancy.append(
+                        Evidence("pregnancy", "pregnancy status: pregnant", ref_of(resource), when)
+                    )
+                return
+
+    def condition(self, resource: Mapping[str, Any]) -> None:
+        verification = status_code(resource.get("verificationStatus"))
+        if verification in self.config.ignored_verification_status:
+            return
+        clinical = status_code(resource.get("clinicalStatus"))
+        if clinical is not None and clinical not in self.config.active_clinical_status:
+            return
+        concepts = self.terminology.concepts_of(resource.get("code"))
+        if not concepts:
+            return
+        text = codeable_text(resource["code"]) or "condition"
+        when = parse_date(resource.get("onsetDateTime")) or parse_date(resource.get("recordedDate"))
+        for fact, valuesets in self.config.condition_facts.items():
+            if not concepts.isdisjoint(valuesets):
+                self.conditions.setdefault(fact, []).append(Evidence(fact, text, ref_of(resource), when))
+        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(when):
+            self.pregnancy.append(Evidence("pregnancy", text, ref_of(resource), when))
+
+    def medication(self, resource: Mapping[str, Any]) -> None:
+        status = nonempty_str(resource.get("status")) or ""
+        statement = resource.get("resourceType") == "MedicationStatement"
+        unknown_status = statement and status in self.config.statement_unknown
+        if not unknown_status and status not in (
+            self.config.statement_current if statement else self.config.request_current
+        ):
+            return
+        codeable = resource.get("medicationCodeableConcept")
+        if codeable is None:
+            reference = resource.get("medicationReference")
+            target = reference.get("reference") if isinstance(reference, Mapping) else None
+            found = self._resolve(resource, target) if isinstance(target, str) else []
+            if not found:
+                display = reference.get("display") if isinstance(reference, Mapping) else None
+                name = display if isinstance(display, str) else ""
+                self.unknown.append(UnknownMedication(name, "medication not found", ref_of(resource)))
+                if not name:
+                    return
+                # The display is still a name to match (a labelled guess): a warfarin stays a warfarin.
+                codeables: list[object] = [{"text": name}]
+            else:  # every copy of the Medication (`unique_resources`): what any of them is counts
+                codeables = [medication.get("code") for medication in found]
+        else:
+            codeables = [codeable]
+        if unknown_status:
+            named = sorted({name for one in codeables for _c, name, _m in self.classify(one)})
+            texts = [medication_text(one) for one in codeables]
+            name = ", ".join(named) or next((t for t in texts if t), "")
+            self.unknown.append(UnknownMedication(name, "status unknown", ref_of(resource)))
+            return
+        for one in codeables:
+            for category, name, matched_by in self.classify(one):
+                fact = MedicationFact(category, name, status, ref_of(resource), matched_by)
+                if category in DOSED:
+                    fact = self._dosed(fact, one, resource)
+                self.medications.append(fact)
+
+    def _dosed(self, fact: MedicationFact, codeable: object, resource: Mapping[str, Any]) -> MedicationFact:
+        dosages = resource.get(
+            "dosage" if resource.get("resourceType") == "MedicationStatement" else "dosageInstruction"
+        )
+        found = self.doses(codeable, dosages) if self.doses is not None else ()
+        dose = next((d for d in found if d.concept == fact.category and d.name == fact.name), None)
+        product = medication_text(codeable) or fact.name
+        if dose is None:
+            return replace(fact, product=product, dose="dose unknown: not read")
+        return replace(fact, product=product, daily=dose.daily, dose=dose.arithmetic)
+
+    def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:
+        if target.startswith("#"):
+            contained = resource.get("contained")
+            if isinstance(contained, list):
+                for item in contained:
+                    if isinstance(item, Mapping) and item.get("id") == target[1:]:
+                        return [item]
+            return []
+        if self.index is None:  # built on the first reference: most requests have none
+            self.index = {}
+            for candidate in self.unique:
+                rtype = candidate.get("resourceType")
+                rid = candidate.get("id")
+                if isinstance(rtype, str) and isinstance(rid, str):
+                    self.index.setdefault(f"{rtype}/{rid}", []).append(candidate)
+        key = target.rsplit("/", 2)
+        short = "/".join(key[-2:]) if len(key) >= 2 else target
+        return self.index.get(short, [])
