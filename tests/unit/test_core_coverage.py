@@ -540,9 +540,15 @@ def cards(tmp_path: Path) -> Path:
         (
             "rules/k2-with-d3.toml",
             'product = "k2-100-daily"',
-            'product = "k2-100-daily"\ndelete_draft = true',
+            "delete_draft = false",
             "rules/k2-with-d3.toml: suggestions.0: Value error, "
-            "a suggestion needs exactly one of product or delete_draft",
+            "a suggestion needs a product, delete_draft, or both",
+        ),
+        (
+            "rules/k2-with-d3.toml",
+            'product = "k2-100-daily"',
+            'product = "k2-100-daily"\ndelete_draft = true',
+            "rules/k2-with-d3.toml: suggestions[0].delete_draft: only a draft rule has a draft to delete",
         ),
         (
             "services.toml",

@@ -163,15 +163,14 @@ def _suggestion(
     result: dict[str, Any] = {"label": label, "uuid": card_uuid(card_id, "suggestion", label)}
     if suggestion.recommended:
         result["isRecommended"] = True
+    actions: list[dict[str, Any]] = []
     if suggestion.delete_draft:
         assert finding.draft is not None
-        result["actions"] = [
-            {"type": "delete", "description": label, "resourceId": finding.draft.reference},
-        ]
-        return result
-    assert suggestion.product is not None
-    resource = _for_patient(_resource(ruleset, suggestion.product, today), patient_id)
-    result["actions"] = [{"type": "create", "description": label, "resource": resource}]
+        actions.append({"type": "delete", "description": label, "resourceId": finding.draft.reference})
+    if suggestion.product is not None:
+        resource = _for_patient(_resource(ruleset, suggestion.product, today), patient_id)
+        actions.append({"type": "create", "description": label, "resource": resource})
+    result["actions"] = actions
     return result
 
 

@@ -19,6 +19,7 @@ from d3k2.core.quantities import Banded, Interval, certain_band, format_number, 
 from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
+from d3k2.core.vitamers import d2_fields, d2_values
 
 FactValue = bool | str | float | Interval | None
 
@@ -103,6 +104,7 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["meds.unknown"] = bool(facts.unknown_medications)
     daily = _current_daily(_current_d(facts))
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
+    values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
     return values
@@ -260,6 +262,7 @@ FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2", c.ruleset.texts)),
     "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac", c.ruleset.texts)),
     "current_d": _current_d_fields,
+    "current_d2": lambda c: d2_fields(c.facts),
     "evidence": _evidence_fields,
     "data": _data_fields,
 }
@@ -414,6 +417,7 @@ def _interval_text(value: Interval) -> str:
 def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, FactValue]:
     return {
         "draft.concept": ingredient.concept,
+        "draft.ingredient": ingredient.name,
         "draft.has_vitamin_d": any(i.concept == "vitamin-d" for i in draft.ingredients),
         "draft.daily": Interval.exact(ingredient.daily) if ingredient.daily is not None else None,
         "draft.weekly": Interval.exact(ingredient.weekly) if ingredient.weekly is not None else None,

@@ -237,6 +237,8 @@ def _check_references(rule: Rule, path: Path, parts: Parts, problems: Problems) 
     for i, suggestion in enumerate(rule.suggestions):
         if suggestion.product is not None and suggestion.product not in parts.products:
             problems.add(path, f"suggestions[{i}].product", f"unknown product {suggestion.product!r}")
+        if suggestion.delete_draft and rule.scope != "draft":
+            problems.add(path, f"suggestions[{i}].delete_draft", "only a draft rule has a draft to delete")
         for profile in suggestion.profiles or []:
             if profile not in parts.profiles:
                 problems.add(path, f"suggestions[{i}].profiles", f"unknown profile {profile!r}")

@@ -163,8 +163,10 @@ class Suggestion(_Strict):
 
     @model_validator(mode="after")
     def _one_action(self) -> Suggestion:
-        if (self.product is None) == (not self.delete_draft):
-            raise ValueError("a suggestion needs exactly one of product or delete_draft")
+        # Both: a replacement, the draft deleted and the product created in one suggestion, so that
+        # accepting it never leaves the old draft beside the new order.
+        if self.product is None and not self.delete_draft:
+            raise ValueError("a suggestion needs a product, delete_draft, or both")
         return self
 
 
