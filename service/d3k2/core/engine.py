@@ -14,6 +14,7 @@ from typing import Any
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_grade, calcium_high, describe_limit
+from d3k2.core.orderset import OrderSet, combined_text, order_set, partner_names, set_values, total_text
 from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
@@ -419,7 +420,9 @@ def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, Fa
     }
 
 
-def _draft_fields(draft: DraftOrder, ingredient: IngredientDose, texts: Texts) -> SimpleNamespace:
+def _draft_fields(
+    draft: DraftOrder, ingredient: IngredientDose, texts: Texts, the_set: OrderSet
+) -> SimpleNamespace:
     daily = (
         texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
         if ingredient.daily is not None and ingredient.unit
@@ -430,6 +433,10 @@ def _draft_fields(draft: DraftOrder, ingredient: IngredientDose, texts: Texts) -
         arithmetic=ingredient.arithmetic,
         daily=daily,
         basis=ingredient.basis,
+        combined=combined_text(the_set, texts.unknown_dose),
+        total=total_text(the_set, texts.unknown_dose),
+        vka_drafts=partner_names(the_set, "vka"),
+        k_drafts=partner_names(the_set, "vitamin-k2", "vitamin-k1"),
     )
 
 
@@ -444,9 +451,16 @@ class _DraftScope:
     fields: Mapping[str, SimpleNamespace] | None = None
 
 
-def _draft_scopes(drafts: DraftReading | None, values: Mapping[str, FactValue]) -> list[_DraftScope]:
+def _draft_scopes(
+    drafts: DraftReading | None, values: Mapping[str, FactValue], the_set: OrderSet
+) -> list[_DraftScope]:
     return [
-        _DraftScope(draft, ingredient, {**values, **_draft_values(draft, ingredient)}, {})
+        _DraftScope(
+            draft,
+            ingredient,
+            {**values, **_draft_values(draft, ingredient), **set_values(the_set, draft, ingredient)},
+            {},
+        )
         for draft in (drafts.orders if drafts else ())
         for ingredient in draft.ingredients
     ]
@@ -479,7 +493,10 @@ def evaluate(
                 findings.append(Finding(rule, indicator, fields, values))
             continue
         if scopes is None:
-            scopes = _draft_scopes(drafts, values)
+            the_set = order_set(
+                drafts.orders if drafts else (), drafts.unselected if drafts else (), _current_d(facts)
+            )
+            scopes = _draft_scopes(drafts, values, the_set)
         for scope in scopes:
             draft, ingredient = scope.draft, scope.ingredient
             reasons = [] if trace else None
@@ -489,7 +506,7 @@ def evaluate(
             if fired:
                 if scope.fields is None:
                     scope.fields = ChainMap(
-                        {"draft": _draft_fields(draft, ingredient, ruleset.texts)}, fields
+                        {"draft": _draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
                     )
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
