@@ -417,6 +417,7 @@ def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, Fa
         "draft.daily": Interval.exact(ingredient.daily) if ingredient.daily is not None else None,
         "draft.weekly": Interval.exact(ingredient.weekly) if ingredient.weekly is not None else None,
         "draft.dose_known": ingredient.daily is not None,
+        "draft.strength": Interval.exact(ingredient.strength) if ingredient.strength is not None else None,
     }
 
 
