@@ -14,7 +14,7 @@ from typing import Any
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts, Measurement, MedicationFact, calcium_grade, calcium_high, describe_limit
-from d3k2.core.orderset import OrderSet, combined_text, order_set, partner_names, set_values, total_text
+from d3k2.core.orderset import OrderSet, draft_fields, order_set, set_values
 from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
@@ -421,26 +421,6 @@ def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, Fa
     }
 
 
-def _draft_fields(
-    draft: DraftOrder, ingredient: IngredientDose, texts: Texts, the_set: OrderSet
-) -> SimpleNamespace:
-    daily = (
-        texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
-        if ingredient.daily is not None and ingredient.unit
-        else texts.unknown_dose
-    )
-    return SimpleNamespace(
-        name=draft.medication_text or ingredient.name,
-        arithmetic=ingredient.arithmetic,
-        daily=daily,
-        basis=ingredient.basis,
-        combined=combined_text(the_set, texts.unknown_dose),
-        total=total_text(the_set, texts.unknown_dose),
-        vka_drafts=partner_names(the_set, "vka"),
-        k_drafts=partner_names(the_set, "vitamin-k2", "vitamin-k1"),
-    )
-
-
 @dataclass(slots=True)
 class _DraftScope:
     """One ingredient of one draft order: the fact values draft rules see, read once for every rule."""
@@ -507,7 +487,7 @@ def evaluate(
             if fired:
                 if scope.fields is None:
                     scope.fields = ChainMap(
-                        {"draft": _draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
+                        {"draft": draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
                     )
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder
 from d3k2.core.facts import MedicationFact
 from d3k2.core.quantities import Interval, format_number
+from d3k2.core.texts import Texts
 
 VITAMIN_D = "vitamin-d"
 
@@ -131,3 +133,24 @@ def total_text(the_set: OrderSet, unknown: str) -> str:
 
 def partner_names(the_set: OrderSet, *concepts: str) -> str:
     return ", ".join(n for c in concepts for n in the_set.names.get(c, ())) or "none"
+
+
+def draft_fields(
+    draft: DraftOrder, ingredient: IngredientDose, texts: Texts, the_set: OrderSet
+) -> SimpleNamespace:
+    """The {draft.*} template fields of one ingredient of one draft order, with the set it is judged in."""
+    daily = (
+        texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
+        if ingredient.daily is not None and ingredient.unit
+        else texts.unknown_dose
+    )
+    return SimpleNamespace(
+        name=_name(draft, ingredient),
+        arithmetic=ingredient.arithmetic,
+        daily=daily,
+        basis=ingredient.basis,
+        combined=combined_text(the_set, texts.unknown_dose),
+        total=total_text(the_set, texts.unknown_dose),
+        vka_drafts=partner_names(the_set, "vka"),
+        k_drafts=partner_names(the_set, "vitamin-k2", "vitamin-k1"),
+    )
