@@ -163,7 +163,11 @@ def _structured_schedule(dosage: Mapping[str, Any], catalog: MedicationCatalog) 
 # daily, not AM): honoured in Timing.code only.
 _PLAIN_WORD_CODES = {"AM", "PM", "BED", "WK", "MO"}
 _NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
-_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|(?:" + "|".join(_NUMBER_WORDS) + r")\b"
+# Thousands separators: a comma, or a space before an IU unit only ("50 000 IU"; "2 500 mcg" is not one).
+_NUM = (
+    r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?=\s*(?:iu|units?|unt)\b)"
+    r"|\d+(?:\.\d+)?|(?:" + "|".join(_NUMBER_WORDS) + r")\b"
+)
 _TEXT_AMOUNT = re.compile(rf"(?<![\w.,])({_NUM})\s*([a-zµμ\[{{][^\s,;:()]*)")
 _TIME_WORDS = re.compile(r"(times?|x|hours?|hrs?|h|days?|weeks?|wks?|months?|years?)\.?$")
 _UNIT_WORDS = {
@@ -174,6 +178,9 @@ _UNIT_WORDS = {
 }  # fmt: skip
 _UNIT_ALT = "|".join(sorted(_UNIT_WORDS, key=len, reverse=True))
 _TEXT_EVERY_N = re.compile(rf"\bevery\s+({_NUM})\s+({_UNIT_ALT})\b")
+# "q week", "qwk", "q7d", "q 2 weeks", "q1w": every N periods (QD, QID, QOD... are timing codes, tried first).
+_Q_UNITS = {**_UNIT_WORDS, "d": "d", "w": "wk"}
+_TEXT_Q = re.compile(r"\bq\.?\s*(\d+)?\s*(" + "|".join(sorted(_Q_UNITS, key=len, reverse=True)) + r")\b")
 _TEXT_TIMES = re.compile(
     rf"\b(once|twice|thrice|(?:{_NUM})\s*(?:times|x))\s*(?:a|per|each|every|/|in\s+a)?\s*({_UNIT_ALT})\b"
 )
@@ -187,13 +194,14 @@ _TEXT_ONCE_PER = [
         ),
         ("1", "1", "d"),
     ),
+    (re.compile(r"\bevery\s+other\s+week\b"), ("1", "2", "wk")),
     (re.compile(r"\b(weekly|every\s+week|per\s+week)\b"), ("1", "1", "wk")),
     (re.compile(r"\b(monthly|every\s+month|per\s+month)\b"), ("1", "1", "mo")),
 ]
 
 
 def _text_number(text: str) -> Decimal:
-    return Decimal(_NUMBER_WORDS[text]) if text in _NUMBER_WORDS else Decimal(text.replace(",", ""))
+    return Decimal(_NUMBER_WORDS[text]) if text in _NUMBER_WORDS else Decimal(re.sub(r"[,\s]", "", text))
 
 
 def _text_dose(text: str, catalog: MedicationCatalog) -> _Dose | str:
@@ -236,6 +244,15 @@ def _text_schedule(text: str, catalog: MedicationCatalog) -> _Schedule | str:
         schedule = _schedule_from_code(word, catalog) if word.upper() not in _PLAIN_WORD_CODES else None
         if schedule:
             return schedule
+    match = _TEXT_Q.search(text)
+    if match:
+        period = Decimal(match.group(1) or 1)
+        if period <= 0:
+            return "interval of zero in dosage text"
+        unit = _Q_UNITS[match.group(2)]
+        if unit == "d" and period == 7:  # q7d is weekly: "50,000 IU/week", not "7,142.86 IU/day"
+            return _Schedule(Decimal(1), Decimal(1), "wk")
+        return _Schedule(Decimal(1), period, unit)
     for pattern, (times, every, unit) in _TEXT_ONCE_PER:
         if pattern.search(text):
             return _Schedule(Decimal(times), Decimal(every), unit)

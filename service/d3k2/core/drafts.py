@@ -36,6 +36,8 @@ class DraftOrder:
 class DraftReading:
     orders: tuple[DraftOrder, ...]
     skipped: tuple[str, ...]
+    # order-select: the drafts not selected. They are not judged, but the judged ones are judged beside them.
+    unselected: tuple[DraftOrder, ...] = ()
 
 
 _JUDGED = {"MedicationRequest", "MedicationOrder"}  # MedicationOrder: DSTU2 (sandbox against a DSTU2 server)
@@ -155,6 +157,7 @@ def read_draft_orders(
     wanted = [s for s in selections if isinstance(s, str) and s] if isinstance(selections, Sequence) else []
     entries, skipped = _entries(draft_orders)
     orders: list[DraftOrder] = []
+    unselected: list[DraftOrder] = []
     for index, (resource, full_url) in enumerate(entries):
         if not is_map(resource):
             skipped.append(f"entry {index}: not a resource")
@@ -174,6 +177,7 @@ def read_draft_orders(
         )
         if wanted and not _selected(reference, full_url, wanted):
             skipped.append(f"entry {index}: {quote(reference)} not in selections")
+            unselected.append(_read_order(resource, reference, medications))
             continue
         orders.append(_read_order(resource, reference, medications))
-    return DraftReading(tuple(orders), tuple(skipped))
+    return DraftReading(tuple(orders), tuple(skipped), tuple(unselected))

@@ -15,6 +15,7 @@ from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts
 from d3k2.core.labs import Measurement, calcium_grade, calcium_high, describe_limit
+from d3k2.core.orderset import OrderSet, draft_fields, order_set, set_values
 from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
 from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
@@ -422,21 +423,8 @@ def _draft_values(draft: DraftOrder, ingredient: IngredientDose) -> dict[str, Fa
         "draft.daily": Interval.exact(ingredient.daily) if ingredient.daily is not None else None,
         "draft.weekly": Interval.exact(ingredient.weekly) if ingredient.weekly is not None else None,
         "draft.dose_known": ingredient.daily is not None,
+        "draft.strength": Interval.exact(ingredient.strength) if ingredient.strength is not None else None,
     }
-
-
-def _draft_fields(draft: DraftOrder, ingredient: IngredientDose, texts: Texts) -> SimpleNamespace:
-    daily = (
-        texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
-        if ingredient.daily is not None and ingredient.unit
-        else texts.unknown_dose
-    )
-    return SimpleNamespace(
-        name=draft.medication_text or ingredient.name,
-        arithmetic=ingredient.arithmetic,
-        daily=daily,
-        basis=ingredient.basis,
-    )
 
 
 @dataclass(slots=True)
@@ -450,9 +438,16 @@ class _DraftScope:
     fields: Mapping[str, SimpleNamespace] | None = None
 
 
-def _draft_scopes(drafts: DraftReading | None, values: Mapping[str, FactValue]) -> list[_DraftScope]:
+def _draft_scopes(
+    drafts: DraftReading | None, values: Mapping[str, FactValue], the_set: OrderSet
+) -> list[_DraftScope]:
     return [
-        _DraftScope(draft, ingredient, {**values, **_draft_values(draft, ingredient)}, {})
+        _DraftScope(
+            draft,
+            ingredient,
+            {**values, **_draft_values(draft, ingredient), **set_values(the_set, draft, ingredient)},
+            {},
+        )
         for draft in (drafts.orders if drafts else ())
         for ingredient in draft.ingredients
     ]
@@ -485,7 +480,10 @@ def evaluate(
                 findings.append(Finding(rule, indicator, fields, values))
             continue
         if scopes is None:
-            scopes = _draft_scopes(drafts, values)
+            the_set = order_set(
+                drafts.orders if drafts else (), drafts.unselected if drafts else (), _current_d(facts)
+            )
+            scopes = _draft_scopes(drafts, values, the_set)
         for scope in scopes:
             draft, ingredient = scope.draft, scope.ingredient
             reasons = [] if trace else None
@@ -495,7 +493,7 @@ def evaluate(
             if fired:
                 if scope.fields is None:
                     scope.fields = ChainMap(
-                        {"draft": _draft_fields(draft, ingredient, ruleset.texts)}, fields
+                        {"draft": draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
                     )
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))

@@ -52,7 +52,17 @@ NO_PRODUCT = Product((), None)
 
 # "<ingredient words> <number> <unit>": the number must stand alone (not the 3 of "D3", the 2 of "K 2" is
 # rejected because no unit follows it) and the unit must not start a ratio ("2 MG/ML" is a concentration).
-_STRENGTH = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([a-zµμ\[][a-zµμ\[\]]*)(?![\w\]]|\s*/)", re.IGNORECASE)
+# Thousands separators: "5,000 IU" is 5,000, never the "000 IU" after the comma; a space separates thousands
+# ("50 000 IU") only before an IU unit, so that "Vitamin K 2 100 MCG" stays 100 mcg.
+_STRENGTH = re.compile(
+    r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?=\s*(?:iu|units?|unt)\b)"
+    r"|\d+(?:\.\d+)?)\s*([a-zµμ\[][a-zµμ\[\]]*)(?![\w\]]|\s*/)",
+    re.IGNORECASE,
+)
+
+
+def _number(text: str) -> Decimal:
+    return Decimal(re.sub(r"[,\s\u00a0\u202f]", "", text))
 
 
 def _parse_part(part: str, catalog: MedicationCatalog) -> tuple[str, str | None, Decimal | None]:
@@ -60,7 +70,7 @@ def _parse_part(part: str, catalog: MedicationCatalog) -> tuple[str, str | None,
     for match in _STRENGTH.finditer(part):
         unit = catalog.unit_of(match.group(2))
         if unit is not None:
-            return part[: match.start()].strip(), unit, Decimal(match.group(1))
+            return part[: match.start()].strip(), unit, _number(match.group(1))
     return part.strip(), None, None
 
 
