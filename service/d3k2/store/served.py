@@ -5,11 +5,12 @@ a wait; a full queue drops the new rows and counts them). The writer thread, sta
 enqueue in each process, inserts them in batches of up to ``batch_rows`` rows once ``batch_rows`` are
 queued or the oldest row is ``interval`` seconds old, and retries a failed batch with exponential
 backoff (by default for about five minutes: 0.5, 1, 2, 4, 8, then every 15 s, 25 attempts in all). Its
-connections are bounded in time (d3k2.store.schema), and it is the only thread that writes them: a database that is down or frozen stalls this thread, never an answer. ``flush`` asks the thread
-to write what is queued now and waits for it (feedback and the report, so that feedback on a card this
-process has just served finds its rule); while a failed batch waits for its retry a flush neither
-retries it nor uses up one of its attempts (each feedback POST flushes: in an outage they used up the
-retries in seconds and the rows were dropped). ``close`` writes the queue and stops the thread.
+connections are bounded in time (d3k2.store.schema), and it is the only thread that writes them: a
+database that is down or frozen stalls this thread, never an answer. ``flush`` asks the thread to write
+what is queued now and waits for it (feedback and the report, so that feedback on a card this process
+has just served finds its rule); while a failed batch waits for its retry a flush neither retries it
+nor uses up one of its attempts (each feedback POST flushes: in an outage they used up the retries in
+seconds and the rows were dropped). ``close`` writes the queue and stops the thread.
 
 gunicorn builds the app in each worker, so the thread is the worker's own. A store built before a fork
 (--preload) is noticed by its process id: the child's first enqueue begins a queue and thread of its
