@@ -14,13 +14,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_database_stall import frozen, timed
 
 from builders import stop
 from d3k2.config import Settings
-from d3k2.http.jti import JtiStore, PostgresJtiStore, open_jti_store
+from d3k2.http.jti import CLAIM_TIMEOUT, JtiStore, PostgresJtiStore, open_jti_store
 from d3k2.store.feedback import FeedbackStore
 from fhir_server import free_port
 from jwt_keys import BASE_URL, ISSUER, NOW, es384, jwks
+from postgres import running_postgres
 
 
 def migrated(url: str) -> None:
@@ -163,3 +165,34 @@ def test_a_token_replayed_on_another_instance_is_refused(postgres_url: str, tmp_
     finally:
         for process, _, _ in servers:
             stop(process)
+
+
+def test_a_frozen_postgresql_costs_a_claim_at_most_its_timeout(tmp_path: Path) -> None:
+    """SIGSTOP on every PostgreSQL process: the kept connection's query would wait forever (statement_timeout
+    is the frozen server's to enforce). The claim gives up after CLAIM_TIMEOUT and the local file takes it
+    and the next ones (reconnecting runs in a thread of its own); thawed, the claims are shared again."""
+    with running_postgres() as server:
+        url = server.create_database()
+        migrated(url)
+        store = open_jti_store(Settings(data_dir=tmp_path, database_url=url))
+        other = open_jti_store(Settings(data_dir=tmp_path / "other", database_url=url))
+        assert isinstance(store, PostgresJtiStore)
+        try:
+            assert store.claim(ISSUER, "before", NOW + 300, NOW)
+            with frozen(server):
+                for n in range(3):
+                    taken, took = timed(lambda n=n: store.claim(ISSUER, f"frozen-{n}", NOW + 300, NOW))
+                    assert taken
+                    assert took < CLAIM_TIMEOUT + 1.0  # a bound on a hang, not a speed claim
+                assert not store.claim(ISSUER, "frozen-0", NOW + 300, NOW)  # the file refuses the replay
+            thawed = False
+            for n in range(200):  # the background reconnection, once RETRY_AFTER has passed
+                key = f"probe-{n}"
+                if store.claim(ISSUER, key, NOW + 300, NOW) and not other.claim(ISSUER, key, NOW + 300, NOW):
+                    thawed = True  # the claim went to PostgreSQL, where the other store saw it
+                    break
+                time.sleep(0.1)
+            assert thawed
+        finally:
+            store.close()
+            other.close()

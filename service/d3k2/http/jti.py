@@ -5,8 +5,9 @@ Two stores, one contract (``claim``), chosen by ``open_jti_store``:
 - ``JtiStore``: a SQLite file (WAL mode) that every worker process of one machine shares.
 - ``PostgresJtiStore``: the ``jti_claims`` table of the feedback database (migration 0002) when that is
   PostgreSQL, so that every instance behind a load balancer refuses a token another one has seen. When
-  PostgreSQL fails it falls back to the local file for ``RETRY_AFTER`` seconds (each machine still refuses
-  its own replays; answers keep flowing) and says so in the log.
+  PostgreSQL fails, is frozen (a claim waits at most ``CLAIM_TIMEOUT``) or is being reconnected to (in a
+  background thread), the local file takes the claims (each machine still refuses its own replays;
+  answers keep flowing), for at least ``RETRY_AFTER`` seconds, and the log says so.
 
 A claim is one statement on a connection the store keeps (a new connection, a delete of expired rows and
 an fsync on every call cost 1.4 ms, most of an authenticated call): an upsert that takes a key that is new
@@ -38,6 +39,7 @@ log = logging.getLogger("d3k2.http.jti")
 EXPIRE_EVERY = 60.0  # seconds of token time between two deletes of expired rows
 RETRY_AFTER = 5.0  # seconds on the local file after PostgreSQL failed, before trying it again
 STATEMENT_TIMEOUT_MS = 1000
+CLAIM_TIMEOUT = 0.5  # seconds a claim may wait for PostgreSQL before the local file takes it
 
 
 def _key(iss: str, jti: str) -> str:
@@ -88,9 +90,18 @@ class JtiStore:
             self._conn = None
 
 
+class _BoundedConnection(psycopg.Connection[Any]):
+    """Every wait for the server bounded by ``CLAIM_TIMEOUT``: a frozen PostgreSQL (SIGSTOP) takes a query
+    into its kernel's buffers and never answers, and its statement_timeout is its own to enforce."""
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        return super().wait(gen, interval, CLAIM_TIMEOUT if timeout is None else timeout)
+
+
 class PostgresJtiStore:
     """Seen ``jti`` values in the feedback database (PostgreSQL), shared by every instance; ``local`` takes
-    the claims while PostgreSQL fails."""
+    the claims while PostgreSQL fails or is being reconnected to, so that an auth check never waits for
+    more than ``CLAIM_TIMEOUT`` (only a process's first claim waits for a connection)."""
 
     _CLAIM = (
         "INSERT INTO jti_claims (key, expires) VALUES (%s, %s) "
@@ -100,47 +111,85 @@ class PostgresJtiStore:
     def __init__(self, conninfo: str, local: JtiStore) -> None:
         self._conninfo = conninfo
         self.local = local
+        self._begin_process()
+
+    def _begin_process(self) -> None:
+        # At construction and in a forked child: the parent's connection, lock and thread are not its own.
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
-        self._pid = 0
+        self._connected_once = False
+        self._connecting = False
         self._next_expiry = 0.0
         self._local_until = 0.0
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._pid != os.getpid():
-            self._conn = psycopg.connect(
-                self._conninfo,
-                autocommit=True,
-                connect_timeout=CONNECT_TIMEOUT,
-                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            )
-            self._pid = os.getpid()
-        return self._conn
+    def _connect(self) -> psycopg.Connection[Any]:
+        return _BoundedConnection.connect(
+            self._conninfo,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        )
 
     def claim(self, iss: str, jti: str, expires: float, now: float) -> bool:
         """Record the pair; False when it was recorded before and has not expired (a replay)."""
-        if time.monotonic() >= self._local_until:
-            with self._lock:
+        if self._pid != os.getpid():
+            self._begin_process()
+        with self._lock:
+            conn = self._usable()
+            if conn is not None:
                 try:
-                    conn = self._connection()
                     if now >= self._next_expiry:
                         conn.execute("DELETE FROM jti_claims WHERE expires < %s", (int(now),))
                         self._next_expiry = now + EXPIRE_EVERY
                     cursor = conn.execute(self._CLAIM, (_key(iss, jti), int(expires) + 1, int(now)))
                     return cursor.rowcount == 1
                 except psycopg.Error as exc:
-                    self._drop_connection()
-                    self._local_until = time.monotonic() + RETRY_AFTER
-                    log.warning(
-                        "jti store: PostgreSQL failed (%s); replays are refused per machine for %g s",
-                        type(exc).__name__,
-                        RETRY_AFTER,
-                    )
+                    self._failed(exc)
         return self.local.claim(iss, jti, expires, now)
+
+    def _usable(self) -> psycopg.Connection[Any] | None:
+        """The connection, or None while there is none (a reconnection is started, off the caller's
+        path). The caller holds the lock."""
+        if self._conn is not None:
+            return self._conn
+        if not self._connected_once:  # the process's first claim: worth its wait, once
+            self._connected_once = True
+            try:
+                self._conn = self._connect()
+            except psycopg.Error as exc:
+                self._failed(exc)
+            return self._conn
+        if not self._connecting and time.monotonic() >= self._local_until:
+            self._connecting = True
+            threading.Thread(target=self._reconnect, name="d3k2-jti-connect", daemon=True).start()
+        return None
+
+    def _reconnect(self) -> None:
+        try:
+            conn = self._connect()
+        except psycopg.Error as exc:
+            with self._lock:
+                self._connecting = False
+                self._failed(exc)
+            return
+        with self._lock:
+            self._connecting = False
+            self._conn = conn
+
+    def _failed(self, exc: psycopg.Error) -> None:
+        """PostgreSQL failed: the local file for ``RETRY_AFTER`` seconds. The caller holds the lock."""
+        self._drop_connection()
+        self._local_until = time.monotonic() + RETRY_AFTER
+        log.warning(
+            "jti store: PostgreSQL failed (%s); replays are refused per machine for %g s",
+            type(exc).__name__,
+            RETRY_AFTER,
+        )
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
+        if conn is not None:
             with contextlib.suppress(psycopg.Error):  # a connection already broken
                 conn.close()
 
