@@ -1,8 +1,9 @@
-"""Logs of full requests carry a request id but never a JWT, an access token or patient data.
+"""Logs of full requests carry a request id but never a JWT, an access token, patient data or resource ids.
 
 A patient-view call with a verified JWT, a fhirAuthorization token, prefetched data and keys fetched from a
-loopback FHIR server; then feedback, a replayed token, a forged one and a bad body. Every log record, at
-DEBUG, is checked as pytest captures it (message, args, extra fields) and as the JSON formatter writes it.
+loopback FHIR server (a Medication read by its id among them); then feedback, a replayed token, a forged
+one and a bad body. Every log record, at DEBUG, is checked as pytest captures it (message, args, extra
+fields) and as the JSON formatter writes it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ FAMILY, GIVEN = "Quillfeather", "Xanthippe"
 BIRTH_DATE = "1951-03-07"
 VITD_VALUE, EGFR_VALUE = 13.579, 24.681
 ACCESS_TOKEN = "at-7f3e9c1d-fhir-access-token"
+MEDICATION_ID = "zqx-med-9931"
 SERVICE = "/cds-services/d3k2-patient-view"
 
 
@@ -40,6 +42,7 @@ class FhirStub(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.authorizations: list[str | None] = []
+        self.paths: list[str] = []
 
     @property
     def base_url(self) -> str:
@@ -52,7 +55,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.authorizations.append(self.headers.get("Authorization"))
+        self.server.paths.append(self.path)
         body = b'{"resourceType":"Bundle","type":"searchset","total":0,"entry":[]}'
+        if "/Medication/" in self.path:  # the read of a medication a statement points at
+            medication = {"resourceType": "Medication", "id": self.path.rsplit("/", 1)[1]}
+            body = json.dumps({**medication, "code": {"text": "cholecalciferol 1000 IU"}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/fhir+json")
         self.send_header("Content-Length", str(len(body)))
@@ -122,6 +129,16 @@ def patient_view(fhir_server: str) -> dict[str, Any]:
             "patient": patient,
             "vitd": _searchset(_observation("logs-vitd-1", "62292-8", VITD_VALUE, "ng/mL")),
             "egfr": _searchset(_observation("logs-egfr-1", "98979-8", EGFR_VALUE, "mL/min/{1.73_m2}")),
+            # Points at a Medication nobody sent: it is read from the FHIR server, by its id.
+            "medstatements": _searchset(
+                {
+                    "resourceType": "MedicationStatement",
+                    "id": "logs-ms-1",
+                    "status": "active",
+                    "subject": {"reference": f"Patient/{PATIENT_ID}"},
+                    "medicationReference": {"reference": f"Medication/{MEDICATION_ID}"},
+                }
+            ),
         },
     }
 
@@ -188,6 +205,7 @@ def test_logs_of_full_requests_hold_no_tokens_and_no_patient_data(
     # The fetch really happened, with the token, so its absence from the logs means something.
     assert fhir_stub.authorizations
     assert set(fhir_stub.authorizations) == {f"Bearer {ACCESS_TOKEN}"}
+    assert any(path.endswith(f"/Medication/{MEDICATION_ID}") for path in fhir_stub.paths)
     assert len(caplog.records) >= 5
 
     forbidden = {
@@ -202,6 +220,7 @@ def test_logs_of_full_requests_hold_no_tokens_and_no_patient_data(
         "the birth date": BIRTH_DATE,
         "the 25(OH)D value": str(VITD_VALUE),
         "the eGFR value": str(EGFR_VALUE),
+        "a medication id": MEDICATION_ID,
     }
     written = lines.getvalue()
     assert written
@@ -215,3 +234,5 @@ def test_logs_of_full_requests_hold_no_tokens_and_no_patient_data(
     request_lines = [json.loads(line) for line in written.splitlines() if '"event":"request"' in line]
     assert len(request_lines) == 5
     assert all(line.get("request_id") for line in request_lines)
+    # The medication read is counted on the request line, by kind, not named.
+    assert "medications:1 ok 0 failed" in str(request_lines[0].get("fetched"))

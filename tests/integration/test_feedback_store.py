@@ -4,6 +4,7 @@ a database that is down (503 for feedback, 200 for cards), and the governance re
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from builders import (
     rows,
     sandbox_feedback,
 )
-from d3k2.core.hooks import parse_feedback
+from d3k2.core.hooks import FeedbackItem, parse_feedback
 from d3k2.store.feedback import FeedbackStore
 from d3k2.store.schema import StoreUnavailable, cards_served, feedback
 from d3k2.tools.cli import main
@@ -125,7 +126,7 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
 def test_migrate_twice_is_a_no_op(store: FeedbackStore) -> None:
     store.migrate()
     with store.engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM d3k2_alembic_version")).scalar() == "0001"
+        assert connection.execute(text("SELECT version_num FROM d3k2_alembic_version")).scalar() == "0002"
 
 
 # ---------------------------------------------------------------- the report
@@ -369,3 +370,76 @@ def test_feedback_card_id_too_long_is_400(tmp_path: Path) -> None:
         assert answer.status_code == 400
     finally:
         close(app)
+
+
+# ---------------------------------------------------------------- NUL, hidden parameters, error logs
+
+NUL_COMMENT = "patient declined\x00 see Quillfeather note"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"card": "c1", "outcome": "overridden", "overrideReason": {"userComment": NUL_COMMENT}},
+        {"card": "c1\x00", "outcome": "overridden"},
+        {"card": "c1", "outcome": "overridden", "overrideReason": {"reason": {"code": "judg\x00ement"}}},
+    ],
+    ids=["comment", "card", "reason-code"],
+)
+def test_nul_in_feedback_is_400_on_every_database(
+    db_url: str, tmp_path: Path, item: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL refuses NUL in text: it was a 500 whose log line quoted the comment."""
+    app = make_app(tmp_path, db_url)
+    try:
+        answer = post(app.test_client(), f"/cds-services/{SERVICE}/feedback", {"feedback": [item]})
+        assert answer.status_code == 400, answer.get_json()
+        assert "NUL" in answer.get_json()["detail"]
+        assert rows(app.extensions["d3k2.store"], feedback) == []
+    finally:
+        close(app)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_database_errors_hide_the_statement_parameters(postgres_url: str) -> None:
+    """An item that reaches PostgreSQL with a NUL (past the request model) fails without quoting it."""
+    s = FeedbackStore(postgres_url)
+    try:
+        s.migrate()
+        item = FeedbackItem(card="c1", outcome="overridden", overrideReason={"userComment": NUL_COMMENT})
+        with pytest.raises(Exception) as raised:
+            s.record_feedback(SERVICE, [item])
+        assert "Quillfeather" not in str(raised.value)
+        assert "hidden" in str(raised.value)
+    finally:
+        s.close()
+
+
+def test_an_unhandled_error_logs_its_class_and_frames_not_its_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(tmp_path)
+
+    def failing(*_args: Any, **_kwargs: Any) -> None:
+        try:
+            raise KeyError("reason text: Quillfeather")
+        except KeyError as exc:
+            raise RuntimeError("comment: Quillfeather declined") from exc
+
+    monkeypatch.setattr(app.extensions["d3k2.store"], "record_feedback", failing)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            item = {"card": "c1", "outcome": "overridden"}
+            answer = post(app.test_client(), f"/cds-services/{SERVICE}/feedback", {"feedback": [item]})
+    finally:
+        close(app)
+    assert answer.status_code == 500
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert "builtins.RuntimeError at " in message
+    assert "caused by builtins.KeyError at " in message
+    assert "failing" in message
+    assert errors[0].exc_info is None
+    for record in caplog.records:
+        assert "Quillfeather" not in record.getMessage()

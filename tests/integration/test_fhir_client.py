@@ -398,3 +398,92 @@ def test_bad_responses_are_outcomes(stub: StubServer, reply: Reply, error: str) 
     settings = Settings(fhir_budget=5.0, fhir_max_bytes=1000)
     outcome = fetch(settings, stub.base_url, {"patient": "Patient/p1"})["patient"]
     assert (outcome.error, outcome.resource) == (error, None)
+
+
+# ---------------------------------------------------------------- a slow-drip server
+
+
+class DripServer(ThreadingHTTPServer):
+    """Sends one byte every ``every`` seconds, forever: in the status line (path /status) or in a body
+    announced as large (any other path). Each read of a client finishes well within its timeout."""
+
+    daemon_threads = True
+
+    def __init__(self, every: float) -> None:
+        super().__init__(("127.0.0.1", 0), _DripHandler)
+        self.every = every
+        self.stopping = threading.Event()
+        self.cut = 0  # connections the client closed while the server was dripping
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/fhir"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet."""
+
+
+class _DripHandler(BaseHTTPRequestHandler):
+    server: DripServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/fhir/status"):
+            head = b""
+        else:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100000\r\n\r\n"
+        try:
+            self.wfile.write(head)
+            self.wfile.flush()
+            payload = b"HTTP/1.1 200 OK\r\n" if not head else b'{"resourceType":"Patient"' + b" " * 99_000
+            for byte in payload:
+                if self.server.stopping.wait(self.server.every):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:
+            with self.server.lock:
+                self.server.cut += 1
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def drip() -> Iterator[DripServer]:
+    server = DripServer(every=0.3)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_slow_drip_server_is_cut_at_the_budget_and_frees_the_fetch_threads(
+    drip: DripServer, stub: StubServer
+) -> None:
+    """Reads of 0.3 s each never reach the 1 s timeout: the budget (1.5 s) must end them. Before, the
+    threads stayed blocked for as long as the server dripped, and the next calls found none free."""
+    settings = Settings(fhir_budget=1.5, fhir_timeout=1.0, fhir_workers=2)
+    with FhirClient(settings) as client:
+        dripped = client.fetch_many(drip.base_url, {"head": "status", "body": "Patient/p1"}, None)
+        assert {key: outcome.error for key, outcome in dripped.items()} == {
+            "head": "timed out after 1.5 s budget",
+            "body": "timed out after 1.5 s budget",
+        }
+        for _ in range(2):  # both workers are free again, call after call
+            healthy = client.fetch_many(stub.base_url, {"a": "Patient/a", "b": "Patient/b"}, None)
+            assert {key: outcome.error for key, outcome in healthy.items()} == {"a": None, "b": None}
+            assert all(outcome.resource for outcome in healthy.values())
+    # The client closed both dripping connections (the server's next byte found them gone).
+    for _ in range(100):
+        if drip.cut == 2:
+            break
+        time.sleep(0.05)
+    assert drip.cut == 2

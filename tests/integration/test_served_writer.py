@@ -49,9 +49,10 @@ from d3k2.http.app import create_app
 from d3k2.http.metrics import metrics_of
 from d3k2.store import served as sv
 from d3k2.store.feedback import FeedbackStore
-from d3k2.store.schema import cards_served, feedback
+from d3k2.store.schema import StoreUnavailable, cards_served, feedback
 from d3k2.store.served import DROPPED_AFTER_RETRIES, DROPPED_AT_CLOSE, DROPPED_QUEUE_FULL, WRITE_ERROR
 from fhir_server import free_port
+from postgres import running_postgres
 
 WAIT = 30.0  # bounds a hang only; every wait below ends on an Event
 
@@ -436,14 +437,17 @@ def test_an_answer_never_waits_for_a_hung_write(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_flush_cuts_the_backoff_short(store: FeedbackStore) -> None:
+def test_a_flush_during_the_backoff_neither_retries_nor_uses_an_attempt(store: FeedbackStore) -> None:
+    """Each feedback POST flushes: in an outage those flushes used up a batch's attempts in seconds."""
     writer = store.served
-    writer.backoff = 3600.0
+    writer.backoff, writer.max_attempts = 3600.0, 2
     FailInserts(store, times=1)
     store.enqueue_cards(SERVICE, answer(0))
-    assert store.flush() is False
-    assert (writer.queued, writer.stats.write_errors) == (2, 1)  # kept for the retry, an hour away
-    assert store.flush() is True  # retried now
+    assert store.flush() is False  # the first attempt, which fails
+    for _ in range(5):
+        assert store.flush() is False  # at once: the retry is an hour away and keeps its attempts
+    assert (writer.queued, writer.stats.write_errors, writer.stats.dropped) == (2, 1, 0)
+    writer.close()  # the thread's own last attempt, which succeeds
     assert served_uuids(store) == ["a-0", "b-0"]
 
 
@@ -519,17 +523,17 @@ def test_the_writer_survives_a_database_error_and_retries(tmp_path: Path) -> Non
 def test_a_batch_is_dropped_after_its_last_attempt(
     store: FeedbackStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    FailInserts(store, times=3)
+    failing = FailInserts(store, times=3)
     writer = store.served
-    writer.max_attempts, writer.backoff = 3, 3600.0  # only the flushes retry
+    writer.max_attempts, writer.backoff = 3, 0.001
     events = Events()
     writer.listener = events
     store.enqueue_cards(SERVICE, answer(0))
     with caplog.at_level(logging.WARNING, logger="d3k2.store.served"):
-        assert [store.flush(), store.flush()] == [False, False]  # kept for a retry
-        assert writer.queued == 2
-        assert store.flush() is False  # the third failure: dropped
-    assert writer.queued == 0
+        assert store.flush() is False  # the first attempt; the thread retries twice more, then drops
+        with writer._cond:
+            assert writer._cond.wait_for(lambda: writer.stats.dropped_after_retries == 2, WAIT)
+    assert (failing.left, writer.queued) == (0, 0)
     assert (writer.stats.write_errors, writer.stats.dropped_after_retries) == (3, 2)
     assert events.seen == [(WRITE_ERROR, 2)] * 3 + [(DROPPED_AFTER_RETRIES, 2)]
     messages = [r.getMessage() for r in caplog.records]
@@ -540,6 +544,34 @@ def test_a_batch_is_dropped_after_its_last_attempt(
     store.enqueue_cards(SERVICE, answer(1))
     assert store.flush() is True  # the next batch goes through
     assert served_uuids(store) == ["a-1", "b-1"]
+
+
+def test_rows_queued_through_a_postgres_outage_are_all_written(tmp_path: Path) -> None:
+    """PostgreSQL stopped while answers queue cards and feedback POSTs (each a flush) fail with 503: with
+    the default five attempts, the flushes used them up and the batch was dropped. Now the thread's own
+    retries, seconds apart, outlast the outage and every row is written once the server is back."""
+    with running_postgres() as server:
+        store = new_store(server.create_database(), backoff=1.0, max_backoff=8.0, max_attempts=5)
+        writer = store.served
+        try:
+            store.enqueue_cards(SERVICE, answer(0))
+            assert store.flush() is True
+            server.stop()
+            for i in range(1, 11):
+                store.enqueue_cards(SERVICE, answer(i))
+                with pytest.raises(StoreUnavailable):
+                    store.record_feedback(SERVICE, parse_feedback(sandbox_feedback("accepted")).feedback)
+            assert writer.stats.write_errors >= 1
+            assert writer.stats.dropped == 0
+            server.start()
+            with writer._cond:
+                assert writer._cond.wait_for(lambda: writer.stats.written == 22, WAIT)
+            assert writer.stats.dropped == 0
+            assert sorted(served_uuids(store)) == sorted(
+                uuid for i in range(11) for uuid in (f"a-{i}", f"b-{i}")
+            )
+        finally:
+            store.close()
 
 
 def test_close_drops_what_a_failing_database_cannot_take(tmp_path: Path) -> None:

@@ -37,8 +37,9 @@ from d3k2.core.engine import (
     fact_values,
     template_fields,
 )
+from d3k2.core.errors import BadRequest
 from d3k2.core.facts import Facts
-from d3k2.core.hooks import parse_request
+from d3k2.core.hooks import parse_feedback, parse_request
 from d3k2.core.medication_reader import MedicationReader
 from d3k2.core.medications import classify_medication
 from d3k2.core.quantities import Interval
@@ -467,3 +468,22 @@ def test_prepare_stops_on_a_product_that_is_not_valid_r4() -> None:
     bad = product.model_copy(update={"code": product.code.model_copy(update={"code": " spaced"})})
     with pytest.raises(ValidationError, match=r"coding\.0\.code"):
         prepare(dataclasses.replace(rs, products={**rs.products, "bad": bad}))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"feedback": [{"card": "c1", "outcome": "accepted", "note\x00": 1}]},
+        {"feedback": [{"card": "c1", "outcome": "accepted", "acceptedSuggestions": ["a", "b\x00"]}]},
+        {"card": "c1", "outcome": "overridden", "overrideReason": {"userComment": "x\x00"}},
+    ],
+    ids=["key", "list", "single-item"],
+)
+def test_feedback_with_a_nul_anywhere_is_refused(payload: dict[str, Any]) -> None:
+    with pytest.raises(BadRequest, match="NUL"):
+        parse_feedback(payload)
+
+
+def test_feedback_numbers_and_nulls_are_no_nul() -> None:
+    parsed = parse_feedback({"feedback": [{"card": "c1", "outcome": "accepted", "extra": [1, None, 2.5]}]})
+    assert parsed.feedback[0].card == "c1"

@@ -138,10 +138,30 @@ class FeedbackItem(BaseModel):
         return data
 
 
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in any string of ``value``, keys included (JSON's nesting)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     feedback: list[FeedbackItem] = Field(min_length=1)
+
+    # PostgreSQL refuses NUL in text: a comment, card id or reason code holding one must be the sender's
+    # error (400), never the database's (a 500 whose error would carry the clinician's text).
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _holds_nul(data):
+            raise ValueError("text must not contain the NUL character (U+0000)")
+        return data
 
 
 def parse_feedback(payload: Any) -> FeedbackRequest:

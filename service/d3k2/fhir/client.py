@@ -7,9 +7,11 @@ raises (before any connection is made).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -22,8 +24,10 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import orjson
 import requests
+import urllib3.connection
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from d3k2.config import Settings
 from d3k2.core.errors import FhirServerNotAllowed
@@ -162,11 +166,97 @@ def _no_request_lines(record: logging.LogRecord) -> bool:
     return record.levelno > logging.DEBUG
 
 
+# ---------------------------------------------------------------- the budget inside reads
+#
+# A read timeout bounds each recv, not a response: a server that sends a byte every 1.5 s keeps a 2 s
+# timeout from ever firing, and its fetch thread blocked long after the answer went out (the next calls
+# on the worker then found no free thread). Each fetch therefore has a _Guard: every socket it reads from
+# is registered while it reads, and when the budget is spent fetch_many shuts those sockets down, which
+# ends a blocked read at once, whatever phase (status line, headers, body) it is in.
+
+
+class _Guard:
+    """The socket one fetch is reading from; ``abort`` shuts it down, now and on any later read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._aborted = False
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._aborted:
+                self._sockets.append(sock)
+                return
+        _shut(sock)
+
+    def release(self) -> None:
+        """The read is over: its connection goes back to the pool, for another fetch to reuse."""
+        with self._lock:
+            self._sockets.clear()
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown (also under TLS): it wakes a recv blocked in another thread, which
+    # close() does not, and the pool sees the connection dropped and does not reuse it.
+    with contextlib.suppress(OSError):  # already closed by the reader or the server
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_fetching = threading.local()  # .guard: the _Guard of the fetch this thread runs
+
+
+def _watch_response(sock: socket.socket | None) -> None:
+    guard: _Guard | None = getattr(_fetching, "guard", None)
+    if guard is not None and sock is not None:
+        guard.watch(sock)
+
+
+def _done_reading() -> None:
+    guard: _Guard | None = getattr(_fetching, "guard", None)
+    if guard is not None:
+        guard.release()
+
+
+class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        # The request is sent (the connection new or reused); what may drip from here on is guarded.
+        _watch_response(self.sock)
+        return super().getresponse()
+
+
+class _GuardedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        _watch_response(self.sock)
+        return super().getresponse()
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
 def _new_session(settings: Settings) -> requests.Session:
     session = requests.Session()
     # No retries: a refused connection does not heal within milliseconds, and a retried connect timeout
     # would spend the whole budget twice over; the key is reported missing and the next hook call tries again.
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.fhir_workers, max_retries=0)
+    adapter = _GuardedAdapter(pool_connections=4, pool_maxsize=settings.fhir_workers, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     # One session serves every patient and user: no cookie may carry state from one call to the next, and
@@ -210,9 +300,16 @@ class FhirClient:
             )
         started = time.monotonic()
         deadline = started + self._settings.fhir_budget
+        guards = {key: _Guard() for key in queries}
         futures: dict[str, Future[FetchOutcome]] = {
             key: self._pool.submit(
-                self._fetch_one, key, build_url(base_url, query), base_origin, access_token, deadline
+                self._guarded,
+                guards[key],
+                key,
+                build_url(base_url, query),
+                base_origin,
+                access_token,
+                deadline,
             )
             for key, query in queries.items()
         }
@@ -222,8 +319,9 @@ class FhirClient:
             if future.done():
                 outcomes[key] = future.result()
                 continue
-            # A running worker cannot be interrupted; it stops at its own timeout, bounded by the deadline.
+            # Not started: cancelled. Running: its socket is shut down, so the thread is free at once.
             future.cancel()
+            guards[key].abort()
             outcome = FetchOutcome(
                 key=key,
                 resource=None,
@@ -234,6 +332,15 @@ class FhirClient:
             _log(outcome, status=None)
             outcomes[key] = outcome
         return outcomes
+
+    def _guarded(
+        self, guard: _Guard, key: str, url: str, base_origin: str, access_token: str | None, deadline: float
+    ) -> FetchOutcome:
+        _fetching.guard = guard
+        try:
+            return self._fetch_one(key, url, base_origin, access_token, deadline)
+        finally:
+            _fetching.guard = None
 
     def _fetch_one(
         self, key: str, url: str, base_origin: str, access_token: str | None, deadline: float
@@ -292,12 +399,16 @@ class FhirClient:
                     raise _FetchFailed(f"HTTP {status}", status)
                 body = self._read_bounded(response, deadline)
         except requests.RequestException as exc:
+            if time.monotonic() >= deadline:  # the guard shut the socket: the budget, not the server
+                raise _FetchFailed(self._budget_spent()) from exc
             reason = _reason(exc)
             if reason == "timed out" and timeout < self._settings.fhir_timeout:
                 reason = self._budget_spent()
             elif reason == "timed out":
                 reason = f"timed out after {timeout:g} s"
             raise _FetchFailed(reason) from exc
+        finally:
+            _done_reading()
         try:
             resource = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -211,6 +211,10 @@ def resolve(
     return result
 
 
+# The fetch key of a Medication read (``medication-1``, ...); ``Resolved.fetched`` names the reference.
+MEDICATION_KEY = "medication"
+
+
 def unresolved_medications(resources: list[dict[str, Any]]) -> list[str]:
     targets: list[str] = []
     for resource in resources:
@@ -233,8 +237,10 @@ def fetch_medications(resolved: Resolved, request: CdsRequest, fetcher: Fetcher 
     if not wanted or fetcher is None or not request.fhirServer:
         return
     token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
-    outcomes = fetcher.fetch_many(request.fhirServer, {ref: ref for ref in wanted}, token)
-    for ref, outcome in outcomes.items():
+    # Keyed by position, not by reference: the fetcher logs its keys, and a resource id is no log's.
+    refs = {f"{MEDICATION_KEY}-{n}": ref for n, ref in enumerate(wanted, 1)}
+    outcomes = fetcher.fetch_many(request.fhirServer, refs, token)
+    for key, outcome in outcomes.items():
         if outcome.error is None and outcome.resource is not None:
             resolved.resources.append(outcome.resource)
-        resolved.fetched[ref] = outcome.error or "ok"
+        resolved.fetched[refs[key]] = outcome.error or "ok"

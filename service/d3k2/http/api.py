@@ -93,8 +93,18 @@ def post_service(service_id: str) -> Response:
 
 
 def _fetched(fetched: dict[str, str]) -> str | None:
-    """Which prefetch keys were fetched from the FHIR server, and how each went (none: not logged)."""
-    return ",".join(f"{k}:{'ok' if v == 'ok' else 'failed'}" for k, v in sorted(fetched.items())) or None
+    """Which prefetch keys were fetched from the FHIR server, and how each went (none: not logged).
+    Medications read by reference are counted (``medications:2 ok 1 failed``): their ids stay out."""
+    named, reads = [], {"ok": 0, "failed": 0}
+    for key, how in sorted(fetched.items()):
+        went = "ok" if how == "ok" else "failed"
+        if key.startswith("Medication/"):
+            reads[went] += 1
+        else:
+            named.append(f"{key}:{went}")
+    if reads["ok"] or reads["failed"]:
+        named.append(f"medications:{reads['ok']} ok {reads['failed']} failed")
+    return ",".join(named) or None
 
 
 def _store() -> FeedbackStore:

@@ -72,7 +72,13 @@ def create_app(
     @app.errorhandler(Exception)
     def _any(exc: Exception) -> Response:
         if not isinstance(exc, D3K2Error):
-            log.exception("unhandled error (a bug) on %s %s", request.method, request.url_rule)
+            # The class and frames only: an exception's message may quote what the request sent.
+            log.error(
+                "unhandled error (a bug) on %s %s: %s",
+                request.method,
+                request.url_rule,
+                logs.error_summary(exc),
+            )
         return _answer_error(exc)
 
     @app.after_request

@@ -28,7 +28,7 @@ from flask import Request
 
 from d3k2.config import ConfigError, Settings
 from d3k2.core.errors import Unauthorized
-from d3k2.http.jti import JtiStore
+from d3k2.http.jti import JtiStore, PostgresJtiStore, open_jti_store
 
 log = logging.getLogger("d3k2.http.auth")
 
@@ -259,7 +259,9 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
 
 
 class Verifier:
-    def __init__(self, issuers: Mapping[str, Issuer], cache: JwksCache, replay: JtiStore) -> None:
+    def __init__(
+        self, issuers: Mapping[str, Issuer], cache: JwksCache, replay: JtiStore | PostgresJtiStore
+    ) -> None:
         self._issuers = issuers
         self._cache = cache
         self._replay = replay
@@ -372,7 +374,7 @@ class Authenticator:
         issuers = trusted_issuers(settings) if mode != "off" else {}
         if mode == "required" and not issuers:
             raise ConfigError("D3K2_AUTH=required but no issuer is trusted: set D3K2_TRUST_FILE")
-        verifier = Verifier(issuers, JwksCache(settings.jwks_ttl, fetch), JtiStore(settings.jti_path))
+        verifier = Verifier(issuers, JwksCache(settings.jwks_ttl, fetch), open_jti_store(settings))
         return cls(mode, verifier, settings.public_base_url)
 
     def audience(self, req: Request) -> str:

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -25,6 +26,22 @@ _context: ContextVar[dict[str, Any] | None] = ContextVar("d3k2_log_context", def
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 log = logging.getLogger("d3k2.http")
+
+
+def error_summary(exc: BaseException) -> str:
+    """An exception for an error log: the class of each exception in its chain and the frames it was
+    raised through, never a message (a database error's message may quote a clinician's comment)."""
+    parts = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+        kind = type(current)
+        parts.append(f"{kind.__module__}.{kind.__qualname__}" + (f" at {where}" if where else ""))
+        current = current.__cause__ or current.__context__
+    return "; caused by ".join(parts)
 
 
 def bind(**fields: Any) -> None:

@@ -124,12 +124,14 @@ def database_url(raw: str) -> URL:
 
 
 def open_engine(url: URL) -> Engine:
+    """The engine of ``url``. Its errors never carry the statement's parameters (``hide_parameters``):
+    they are clinicians' comments and reasons, and an error may reach a log."""
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # No pre-ping: a SQLite file has no connection that can go stale.
-        engine = create_engine(url, connect_args={"timeout": STATEMENT_TIMEOUT})
+        engine = create_engine(url, hide_parameters=True, connect_args={"timeout": STATEMENT_TIMEOUT})
         event.listen(engine, "connect", _sqlite_pragmas)
     elif url.get_backend_name() == "postgresql":
         # Not pooled: a pooled connection to a frozen server hangs its next query (its statement_timeout
@@ -138,13 +140,14 @@ def open_engine(url: URL) -> Engine:
         engine = create_engine(
             url,
             poolclass=NullPool,
+            hide_parameters=True,
             connect_args={
                 "connect_timeout": CONNECT_TIMEOUT,
                 "options": f"-c statement_timeout={int(STATEMENT_TIMEOUT * 1000)}",
             },
         )
     else:
-        engine = create_engine(url)
+        engine = create_engine(url, hide_parameters=True)
     event.listen(engine, "connect", _remember_pid)
     event.listen(engine, "checkout", _refuse_other_process)
     return engine

@@ -4,10 +4,13 @@ A hook answer only queues its rows (``ServedWriter.enqueue``: microseconds, neve
 a wait; a full queue drops the new rows and counts them). The writer thread, started by the first
 enqueue in each process, inserts them in batches of up to ``batch_rows`` rows once ``batch_rows`` are
 queued or the oldest row is ``interval`` seconds old, and retries a failed batch with exponential
-backoff. Its connections are bounded in time (d3k2.store.schema), and it is the only thread that writes
-them: a database that is down or frozen stalls this thread, never an answer. ``flush`` asks the thread
-to write what is queued now and waits for it (feedback and the report, so that feedback on a card this
-process has just served finds its rule); ``close`` writes the queue and stops the thread.
+backoff (by default for about five minutes: 0.5, 1, 2, 4, 8, then every 15 s, 25 attempts in all). Its
+connections are bounded in time (d3k2.store.schema), and it is the only thread that writes them: a
+database that is down or frozen stalls this thread, never an answer. ``flush`` asks the thread to write
+what is queued now and waits for it (feedback and the report, so that feedback on a card this process
+has just served finds its rule); while a failed batch waits for its retry a flush neither retries it
+nor uses up one of its attempts (each feedback POST flushes: in an outage they used up the retries in
+seconds and the rows were dropped). ``close`` writes the queue and stops the thread.
 
 gunicorn builds the app in each worker, so the thread is the worker's own. A store built before a fork
 (--preload) is noticed by its process id: the child's first enqueue begins a queue and thread of its
@@ -180,7 +183,7 @@ class ServedWriter:
         batch_rows: int = 500,
         interval: float = 1.0,
         capacity: int = 50_000,
-        max_attempts: int = 5,
+        max_attempts: int = 25,
         backoff: float = 0.5,
         max_backoff: float = 15.0,
         warn_every: float = 10.0,
@@ -207,6 +210,7 @@ class ServedWriter:
         self._first_at: float | None = None  # when the queue last went from empty to not empty
         self._batch: list[dict[str, Any]] = []  # taken from the queue: being written, or waiting to retry
         self._attempts = 0
+        self._backing_off = False  # the thread waits for the retry of a failed batch
         self._flush_wanted = False
         # Rows accepted in this process, and how many of them (in queue order) are written or dropped:
         # a flush waits for the second to reach what the first was when it was called.
@@ -304,8 +308,12 @@ class ServedWriter:
 
         if delay is not None:
             until = time.monotonic() + delay
-            while waiting() and (left := until - time.monotonic()) > 0:
-                cond.wait(left)
+            self._backing_off = True  # what a flush reads: this pause is the retry's, not to be cut
+            try:
+                while waiting() and (left := until - time.monotonic()) > 0:
+                    cond.wait(left)
+            finally:
+                self._backing_off = False
             return
         while waiting() and len(self._pending) < self.batch_rows:
             if not self._pending:
@@ -324,7 +332,8 @@ class ServedWriter:
             full = pending // self.batch_rows if full_only else -(-pending // self.batch_rows)
             batches = bool(self._batch) + full
         for _ in range(batches):
-            if not self._write_batch():
+            # A batch dropped after its last attempt needs no pause: the next one begins its own retries.
+            if not self._write_batch() and self._batch:
                 return min(self.backoff * 2.0 ** max(self._attempts - 1, 0), self.max_backoff)
         return None
 
@@ -378,6 +387,8 @@ class ServedWriter:
         # Counted last: a flush returns on this count, and by then the failure is logged and reported.
         with self._cond:
             self.stats.write_errors += 1
+            # The flush that asked for this attempt has its answer; the retry keeps its backoff.
+            self._flush_wanted = False
             if dropped:
                 self._batch, self._attempts = [], 0
                 self.stats.dropped_after_retries += len(batch)
@@ -386,12 +397,15 @@ class ServedWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Have the thread write the rows queued before the call, now, and wait: True when they are all
-        in the database. One attempt per batch (it cuts a backoff short): after a failure the rows stay
-        queued for the thread's retries. ``timeout`` bounds the wait (a batch that hangs)."""
+        in the database. One attempt per batch; after a failure the rows stay queued for the thread's
+        retries. While a failed batch waits for its retry, False at once: the retry keeps its backoff
+        and its attempts. ``timeout`` bounds the wait (a batch that hangs)."""
         if self._pid != os.getpid():
             self._own_process(start=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if self._backing_off:  # the database is failing: the thread retries on its own schedule
+                return False
             target, errors = self._accepted, self.stats.write_errors
             thread = self._thread
             self._flush_wanted = True

@@ -1,0 +1,198 @@
+"""The jti store in the feedback database (PostgreSQL): one table every instance shares, so a token
+replayed on another instance is refused; the local file takes over while PostgreSQL fails. And two
+separate d3k2 processes sharing one PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_database_stall import frozen, timed
+
+from builders import stop
+from d3k2.config import Settings
+from d3k2.http.jti import CLAIM_TIMEOUT, JtiStore, PostgresJtiStore, open_jti_store
+from d3k2.store.feedback import FeedbackStore
+from fhir_server import free_port
+from jwt_keys import BASE_URL, ISSUER, NOW, es384, jwks
+from postgres import running_postgres
+
+
+def migrated(url: str) -> None:
+    store = FeedbackStore(url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
+def test_the_store_is_the_feedback_database_when_it_is_postgresql(tmp_path: Path) -> None:
+    pg = open_jti_store(Settings(data_dir=tmp_path, database_url="postgresql://d3k2@127.0.0.1:1/d3k2"))
+    sqlite = open_jti_store(Settings(data_dir=tmp_path))
+    assert isinstance(pg, PostgresJtiStore)
+    assert isinstance(sqlite, JtiStore)
+    pg.close()
+    sqlite.close()
+
+
+def test_instances_share_their_claims_in_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    migrated(postgres_url)
+    settings = [Settings(data_dir=tmp_path / name, database_url=postgres_url) for name in ("a", "b")]
+    first, second = (open_jti_store(s) for s in settings)
+    try:
+        assert first.claim(ISSUER, "j1", NOW + 300, NOW)
+        assert not second.claim(ISSUER, "j1", NOW + 300, NOW + 1)  # the other machine's file knows nothing
+        assert not first.claim(ISSUER, "j1", NOW + 300, NOW + 2)
+        assert second.claim(ISSUER, "j1", NOW + 700, NOW + 400)  # expired: the id may be used again
+        assert second.claim("https://other.test", "j1", NOW + 300, NOW + 400)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_expired_claims_are_deleted_in_batches(postgres_url: str, tmp_path: Path) -> None:
+    migrated(postgres_url)
+    store = open_jti_store(Settings(data_dir=tmp_path, database_url=postgres_url))
+    assert isinstance(store, PostgresJtiStore)
+    try:
+        for n in range(5):
+            assert store.claim(ISSUER, f"old-{n}", NOW + 10, NOW)
+        assert store.claim(ISSUER, "late", NOW + 300, NOW + 30)  # within the batch interval: kept
+        assert count(postgres_url) == 6
+        assert store.claim(ISSUER, "later", NOW + 300, NOW + 61)  # the next batch: the five are gone
+        assert count(postgres_url) == 2
+    finally:
+        store.close()
+
+
+def count(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM jti_claims").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_postgresql_down_falls_back_to_the_local_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = f"postgresql://d3k2@127.0.0.1:{free_port()}/d3k2"
+    store = open_jti_store(Settings(data_dir=tmp_path, database_url=down))
+    try:
+        assert store.claim(ISSUER, "j1", NOW + 300, NOW)
+        assert not store.claim(ISSUER, "j1", NOW + 300, NOW + 1)  # the file refuses the replay
+        assert "jti store: PostgreSQL failed (OperationalError)" in caplog.text
+        assert "j1" not in caplog.text
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- two processes, one PostgreSQL
+
+
+def _serve(tmp_path: Path, name: str, url: str, trust: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "D3K2_ENV": "test",
+        "D3K2_AUTH": "required",
+        "D3K2_TRUST_FILE": str(trust),
+        "D3K2_PUBLIC_BASE_URL": BASE_URL,  # both instances behind one public name, as behind a balancer
+        "D3K2_DATABASE_URL": url,
+        "D3K2_DATA_DIR": str(tmp_path / name),  # each its own jti file: only PostgreSQL is shared
+        "D3K2_HOST": "127.0.0.1",
+        "D3K2_PORT": str(port),
+    }
+    log_path = tmp_path / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "d3k2"), "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    return process, f"http://127.0.0.1:{port}", log_path
+
+
+def _wait_up(base: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    for _ in range(300):
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"d3k2 serve did not come up:\n{log_path.read_text(errors='replace')}")
+
+
+def _discovery(base: str, token: str) -> int:
+    request = urllib.request.Request(f"{base}/cds-services", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_a_token_replayed_on_another_instance_is_refused(postgres_url: str, tmp_path: Path) -> None:
+    trust = tmp_path / "trust.json"
+    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    servers = [_serve(tmp_path, name, postgres_url, trust) for name in ("a", "b")]
+    try:
+        for process, base, log_path in servers:
+            _wait_up(base, process, log_path)
+        (_, first, _), (_, second, _) = servers
+        now = int(time.time())
+
+        def token() -> str:
+            return es384().sign(iat=now - 5, exp=now + 240)
+
+        used = token()
+        assert _discovery(first, used) == 200
+        assert _discovery(second, used) == 401  # the replay, on the other instance
+        assert _discovery(first, used) == 401
+        assert _discovery(second, token()) == 200  # a fresh token is welcome on either
+    finally:
+        for process, _, _ in servers:
+            stop(process)
+
+
+def test_a_frozen_postgresql_costs_a_claim_at_most_its_timeout(tmp_path: Path) -> None:
+    """SIGSTOP on every PostgreSQL process: the kept connection's query would wait forever (statement_timeout
+    is the frozen server's to enforce). The claim gives up after CLAIM_TIMEOUT and the local file takes it
+    and the next ones (reconnecting runs in a thread of its own); thawed, the claims are shared again."""
+    with running_postgres() as server:
+        url = server.create_database()
+        migrated(url)
+        store = open_jti_store(Settings(data_dir=tmp_path, database_url=url))
+        other = open_jti_store(Settings(data_dir=tmp_path / "other", database_url=url))
+        assert isinstance(store, PostgresJtiStore)
+        try:
+            assert store.claim(ISSUER, "before", NOW + 300, NOW)
+            with frozen(server):
+                for n in range(3):
+                    taken, took = timed(lambda n=n: store.claim(ISSUER, f"frozen-{n}", NOW + 300, NOW))
+                    assert taken
+                    assert took < CLAIM_TIMEOUT + 1.0  # a bound on a hang, not a speed claim
+                assert not store.claim(ISSUER, "frozen-0", NOW + 300, NOW)  # the file refuses the replay
+            thawed = False
+            for n in range(200):  # the background reconnection, once RETRY_AFTER has passed
+                key = f"probe-{n}"
+                if store.claim(ISSUER, key, NOW + 300, NOW) and not other.claim(ISSUER, key, NOW + 300, NOW):
+                    thawed = True  # the claim went to PostgreSQL, where the other store saw it
+                    break
+                time.sleep(0.1)
+            assert thawed
+        finally:
+            store.close()
+            other.close()
