@@ -40,7 +40,7 @@ fuzz: $(STAMP)
 # The pre-launch attack of issue 24, replayed (a few minutes): each class of tests/http/test_attack.py with
 # more examples, the edge (gunicorn, nginx, slow clients), the log checks and both fuzzers; zero 5xx, no token
 # or patient data in any log line. `make test` runs the same tests bounded.
-ATTACK_EXAMPLES ?= 200
+ATTACK_EXAMPLES ?= 100
 attack: $(STAMP)
 	D3K2_ATTACK_EXAMPLES=$(ATTACK_EXAMPLES) D3K2_FUZZ_EXAMPLES=$(ATTACK_EXAMPLES) \
 	  D3K2_PROPERTY_EXAMPLES=$$(( $(ATTACK_EXAMPLES) * 3 )) \

@@ -110,7 +110,7 @@ def bearer(token: str) -> dict[str, str]:
 # ---------------------------------------------------------------- 1. the audience
 
 
-hosts = st.from_regex(r"\A[a-z][a-z0-9-]{0,20}(\.[a-z]{2,6}){0,2}(:[0-9]{1,5})?\Z")
+hosts = st.from_regex(r"\A[a-z][a-z0-9-]{0,20}(\.[a-z]{2,6}){0,2}(:[0-9]{1,4})?\Z")
 
 
 @ATTACK
@@ -269,8 +269,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         yield running
 
 
+# A size line that starts with a hex digit may be a valid size larger than the body sent: the server would
+# rightly wait for the rest. Every other line is malformed.
+malformed_sizes = st.one_of(
+    st.sampled_from(["zz", "-1", "0x10", " 1", "+5", "1_0", "\u00bd"]),
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12).filter(
+        lambda size: size[0] not in "0123456789abcdefABCDEF"
+    ),
+)
+
+
 @ATTACK
-@given(size=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12))
+@given(size=malformed_sizes)
 def test_any_chunk_size_line_is_answered_without_5xx(served: tuple[str, Path], size: str) -> None:
     base, _log = served
     head = (
@@ -278,7 +288,7 @@ def test_any_chunk_size_line_is_answered_without_5xx(served: tuple[str, Path], s
         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     status, answer = raw(base, head.encode() + size.encode() + b'\r\n{"feedback": []}\r\n0\r\n\r\n')
-    assert 0 < status < 500, answer[:300]
+    assert status == 400, answer[:300]
 
 
 @ATTACK
