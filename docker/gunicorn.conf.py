@@ -1,7 +1,8 @@
 """gunicorn settings for d3k2: sync workers, JSON logs from the app, Prometheus multi-process metrics.
 
 Environment: D3K2_HOST / D3K2_PORT (bind), GUNICORN_WORKERS (default 2 x CPUs + 1, at most 8),
-GUNICORN_TIMEOUT (seconds, default 30), PROMETHEUS_MULTIPROC_DIR (required: metrics of all workers).
+GUNICORN_TIMEOUT (seconds, default 30), PROMETHEUS_MULTIPROC_DIR (required: metrics of all workers),
+D3K2_FORWARDED_ALLOW_IPS (the proxies whose X-Forwarded-* headers are believed; default none).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ workers = int(os.environ.get("GUNICORN_WORKERS", str(min(8, 2 * (os.cpu_count() 
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 20
 keepalive = 5
+# gunicorn believes X-Forwarded-Proto/-For (and would let SCRIPT_NAME through) from 127.0.0.1 unless told
+# otherwise: anyone on the host could then change the URL the app sees. Nobody is trusted unless the
+# operator names the proxy; the JWT audience comes from D3K2_PUBLIC_BASE_URL, not from these headers.
+forwarded_allow_ips = os.environ.get("D3K2_FORWARDED_ALLOW_IPS", "")
+# SCRIPT_NAME / PATH_INFO as request headers from a trusted proxy: d3k2 is mounted at the root (a prefix
+# belongs in D3K2_PUBLIC_BASE_URL), and one that does not prefix the path made gunicorn answer 500.
+forwarder_headers = ""
 # The app logs one JSON line per request (d3k2.http.logs); gunicorn's own access log would repeat it.
 accesslog = None
 errorlog = "-"

@@ -48,6 +48,9 @@ class Settings:
     auth: str | None = None  # off | optional | required; None: required in production, else optional
     trust_file: Path | None = None
     public_base_url: str | None = None  # external scheme://host[:port][/prefix] when behind a proxy
+    # Production without public_base_url would take the JWT audience from the client's Host header, which
+    # anyone can set: allowed only when the operator says that every Host reaching d3k2 is trusted.
+    trust_host_header: bool = False
     jti_db: Path | None = None  # None: <data_dir>/jti.sqlite3
     jwks_ttl: float = 300.0
     max_json_depth: int = 64
@@ -110,15 +113,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     base = Settings()
     allowed_raw = env.get("D3K2_FHIR_ALLOWED")
-    allowed = (
-        tuple(part.strip().rstrip("/") for part in allowed_raw.split(",") if part.strip())
-        if allowed_raw is not None
-        else base.fhir_allowed
-    )
     environment = env.get("D3K2_ENV", base.env)
     if environment not in ("dev", "production", "test"):
         raise ConfigError(f"D3K2_ENV must be dev, production or test, got {environment!r}")
-    return Settings(
+    if allowed_raw is not None:
+        allowed = tuple(part.strip().rstrip("/") for part in allowed_raw.split(",") if part.strip())
+    else:
+        # Production fetches from no FHIR server until told which: loopback ports of the host are not an
+        # EHR, and a request naming one would receive the bearer token.
+        allowed = () if environment == "production" else base.fhir_allowed
+    settings = Settings(
         env=environment,
         host=env.get("D3K2_HOST", base.host),
         port=_int(env, "D3K2_PORT", base.port),
@@ -142,7 +146,27 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_json_depth=max(1, _int(env, "D3K2_MAX_JSON_DEPTH", base.max_json_depth)),
         max_prefetch_entries=_int(env, "D3K2_MAX_PREFETCH_ENTRIES", base.max_prefetch_entries),
         preview=_preview(env),
+        trust_host_header=_flag(env, "D3K2_TRUST_HOST_HEADER"),
     )
+    check_audience(settings)
+    return settings
+
+
+def check_audience(settings: Settings) -> None:
+    """Production refuses to start when the JWT audience would come from the Host header."""
+    if settings.env == "production" and not settings.public_base_url and not settings.trust_host_header:
+        raise ConfigError(
+            "D3K2_ENV=production requires D3K2_PUBLIC_BASE_URL (the external URL the EHR calls, which JWTs "
+            "name in aud); only on a single host whose every client is trusted, set D3K2_TRUST_HOST_HEADER=1 "
+            "to take it from the Host header instead"
+        )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "")
+    if raw not in ("", "0", "1"):
+        raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def _preview(env: Mapping[str, str]) -> bool | None:

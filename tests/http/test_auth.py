@@ -628,15 +628,15 @@ def test_trust_file_errors_name_the_problem(tmp_path: Path, content: Any, messag
 
 def test_required_without_trusted_issuers_fails_at_startup(ruleset: RuleSet, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="D3K2_TRUST_FILE"):
-        create_app(Settings(env="production", data_dir=tmp_path), ruleset)
+        create_app(Settings(env="production", data_dir=tmp_path, public_base_url=BASE_URL), ruleset)
 
 
 @pytest.mark.parametrize(
     ("env", "mode"),
     [
         ({}, "optional"),
-        ({"D3K2_ENV": "production"}, "required"),
-        ({"D3K2_ENV": "production", "D3K2_AUTH": "off"}, "off"),
+        ({"D3K2_ENV": "production", "D3K2_PUBLIC_BASE_URL": BASE_URL}, "required"),
+        ({"D3K2_ENV": "production", "D3K2_TRUST_HOST_HEADER": "1", "D3K2_AUTH": "off"}, "off"),
         ({"D3K2_ENV": "dev", "D3K2_AUTH": "required"}, "required"),
     ],
 )

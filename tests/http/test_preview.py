@@ -24,7 +24,9 @@ HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
 
 def make_client(tmp_path: Path, **changes: Any):
-    settings = Settings(env="dev", cards_dir=CARDS, data_dir=tmp_path, auth="off", fhir_budget=2.0)
+    settings = Settings(
+        env="dev", cards_dir=CARDS, data_dir=tmp_path, auth="off", fhir_budget=2.0, trust_host_header=True
+    )
     return create_app(settings.with_overrides(**changes), ruleset()).test_client()
 
 
@@ -132,8 +134,8 @@ def test_preview_can_be_turned_on_outside_dev(tmp_path: Path) -> None:
         ({}, True),
         ({"D3K2_ENV": "dev"}, True),
         ({"D3K2_ENV": "test"}, False),
-        ({"D3K2_ENV": "production"}, False),
-        ({"D3K2_ENV": "production", "D3K2_PREVIEW": "on"}, True),
+        ({"D3K2_ENV": "production", "D3K2_TRUST_HOST_HEADER": "1"}, False),
+        ({"D3K2_ENV": "production", "D3K2_TRUST_HOST_HEADER": "1", "D3K2_PREVIEW": "on"}, True),
         ({"D3K2_ENV": "dev", "D3K2_PREVIEW": "off"}, False),
         ({"D3K2_PREVIEW": ""}, True),
     ],

@@ -5,24 +5,44 @@ the service would otherwise guess: a request without hook, hookInstance or conte
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from d3k2.core.errors import BadRequest
+from d3k2.core.errors import BadRequest, PayloadTooLarge
 
 # FHIR R4 id: also what makes a patient id safe to put in a query template.
 FHIR_ID = re.compile(r"\A[A-Za-z0-9\-.]{1,64}\Z")
+# RFC 6750 b64token: what may follow "Bearer " in the Authorization header sent to the FHIR server.
+# Anything else (a non-Latin-1 character) cannot be put in an HTTP header at all.
+B64TOKEN = re.compile(r"\A[A-Za-z0-9\-._~+/]+=*\Z")
+MAX_TOKEN_LENGTH = 16 * 1024
+
+# Feedback is stored as it comes: bounded so that one POST cannot fill the database or hold a worker.
+MAX_FEEDBACK_ITEMS = 100
+MAX_ID_LENGTH = 128  # a card's uuid, a suggestion's id (the store's card_uuid column has this width)
+MAX_CODE_LENGTH = 256  # a reason's system, code
+MAX_TEXT_LENGTH = 4000  # a clinician's comment, a reason's display
+MAX_SUGGESTIONS = 20
 
 
 class FhirAuthorization(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    access_token: str
+    access_token: str = Field(max_length=MAX_TOKEN_LENGTH)
     token_type: str = "Bearer"  # noqa: S105 (the token type, not a secret)
     expires_in: int | None = None
     scope: str | None = None
     subject: str | None = None
+
+    @field_validator("access_token")
+    @classmethod
+    def _b64token(cls, value: str) -> str:
+        # The message never repeats the token.
+        if not B64TOKEN.match(value):
+            raise ValueError("must be an RFC 6750 bearer token (letters, digits and -._~+/ only)")
+        return value
 
 
 class HookContext(BaseModel):
@@ -88,22 +108,22 @@ def parse_request(payload: Any) -> CdsRequest:
 class Coding(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    system: str | None = None
-    code: str | None = None
-    display: str | None = None
+    system: str | None = Field(default=None, max_length=MAX_CODE_LENGTH)
+    code: str | None = Field(default=None, max_length=MAX_CODE_LENGTH)
+    display: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH)
 
 
 class OverrideReason(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     reason: Coding | None = None
-    userComment: str | None = None
+    userComment: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH)
 
 
 class AcceptedSuggestion(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    id: str
+    id: str = Field(max_length=MAX_ID_LENGTH)
 
 
 class FeedbackItem(BaseModel):
@@ -111,11 +131,30 @@ class FeedbackItem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    card: str = Field(min_length=1)
+    card: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     outcome: Literal["accepted", "overridden"]
-    acceptedSuggestions: list[AcceptedSuggestion] = []
+    acceptedSuggestions: list[AcceptedSuggestion] = Field(default=[], max_length=MAX_SUGGESTIONS)
     overrideReason: OverrideReason | None = None
-    outcomeTimestamp: str | None = None
+    outcomeTimestamp: str | None = Field(default=None, max_length=64)
+
+    @field_validator("outcomeTimestamp")
+    @classmethod
+    def _instant(cls, value: str | None) -> str | None:
+        """Lenient: a text that is no ISO instant is kept as text. One that is, but lies outside the
+        years 1 to 9999 once moved to UTC ("0001-01-01T00:00:00+14:00"), cannot be stored as an instant."""
+        if not value:
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+        try:
+            # A time without an offset is read as UTC (d3k2.store.feedback): nothing to move.
+            if parsed.tzinfo is not None:
+                parsed.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must be an instant between the years 1 and 9999 in UTC") from None
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -169,6 +208,9 @@ def parse_feedback(payload: Any) -> FeedbackRequest:
         payload = {"feedback": [payload]}
     if not isinstance(payload, dict):
         raise BadRequest("the body must be a JSON object with a feedback list")
+    items = payload.get("feedback")
+    if isinstance(items, list) and len(items) > MAX_FEEDBACK_ITEMS:
+        raise PayloadTooLarge(f"the feedback list has {len(items)} items; at most {MAX_FEEDBACK_ITEMS}")
     try:
         return FeedbackRequest.model_validate(payload)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Request, Response, current_app, request
+from gunicorn.http.errors import ParseException  # type: ignore[import-untyped]
 
 from d3k2.config import Settings
 from d3k2.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -35,7 +36,13 @@ def json_body(req: Request, settings: Settings) -> Any:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {req.content_type or 'none'!r}"
         )
-    raw = req.get_data(cache=False)
+    try:
+        raw = req.get_data(cache=False)
+    except (OSError, ParseException):
+        # The server decodes a chunked body while the app reads it: gunicorn raises its ParseException
+        # (InvalidChunkSize for a chunk size "zz", ChunkMissingTerminator) or NoMoreData (an IOError, the
+        # client gone mid-body), Werkzeug's own server an OSError. The client's fault: 400, not 500.
+        raise BadRequest("the request body could not be read (malformed chunked encoding)") from None
     limit = settings.max_body_bytes
     if raw and req.content_length is None and len(raw) >= limit:
         # A chunked body is cut at the limit by Werkzeug without an error: what reached it was too large.

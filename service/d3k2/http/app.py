@@ -6,9 +6,9 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from d3k2.config import ConfigError, Settings, from_env
+from d3k2.config import ConfigError, Settings, check_audience, from_env
 from d3k2.core.errors import D3K2Error, Unauthorized
 from d3k2.core.loader import load_ruleset
 from d3k2.core.ruleset import RuleSet
@@ -36,6 +36,7 @@ def create_app(
         known = ", ".join(sorted(ruleset.profiles))
         raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
     authenticator = Authenticator.from_settings(settings)
+    check_audience(settings)
     # No app-wide /static: the preview blueprint serves its own files, only when it is enabled.
     app = Flask("d3k2", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -100,6 +101,10 @@ def error_answer(exc: BaseException, max_body_bytes: int) -> tuple[int, dict[str
         return exc.status, exc.body(), {}
     if isinstance(exc, RequestEntityTooLarge):
         return 413, _error("payload-too-large", f"the body is larger than {max_body_bytes} bytes"), {}
+    if isinstance(exc, MethodNotAllowed):
+        # RFC 9110 15.5.6: a 405 MUST say which methods the resource does support.
+        allowed = ", ".join(sorted(exc.valid_methods or ()))
+        return 405, _error("method-not-allowed", f"this URL answers {allowed}"), {"Allow": allowed}
     if isinstance(exc, HTTPException):
         code = (exc.name or "error").lower().replace(" ", "-")
         return exc.code or 500, _error(code, exc.description or code), {}

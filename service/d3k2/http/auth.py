@@ -11,6 +11,7 @@ Nothing here logs or echoes a token or its claims other than the issuer.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import tomllib
@@ -252,10 +253,18 @@ class JwksCache:
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float:
+    """A time claim as seconds. NaN and infinities (JSON parsers admit them) compare false with everything,
+    so they would pass every time check, and a 400-digit integer does not fit a float: both refused."""
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Unauthorized(f"claim {name} must be a number of seconds")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise Unauthorized(f"claim {name} must be a finite number of seconds")
+    return seconds
 
 
 class Verifier:

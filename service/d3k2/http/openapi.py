@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from d3k2 import __version__
-from d3k2.core.hooks import FHIR_ID
+from d3k2.core.hooks import (
+    B64TOKEN,
+    FHIR_ID,
+    MAX_CODE_LENGTH,
+    MAX_FEEDBACK_ITEMS,
+    MAX_ID_LENGTH,
+    MAX_SUGGESTIONS,
+    MAX_TEXT_LENGTH,
+    MAX_TOKEN_LENGTH,
+)
 from d3k2.core.ruleset import ORDER_HOOKS, RuleSet
 
 SPEC_VERSION = "3.1.0"
@@ -34,23 +43,28 @@ ERRORS: dict[str, str] = {
     "405": "method not allowed on this path",
     "412": "data the rules need was neither prefetched nor fetchable, and nothing the rules read arrived"
     " under any other key; `keys` names the prefetch keys",
-    "413": "the body, or the number of prefetched resources, is over the limit",
+    "413": "the body, the number of prefetched resources or the number of feedback items is over the limit",
     "415": "Content-Type is not application/json (or application/fhir+json)",
     "503": "the feedback database is unreachable (feedback only; hook calls keep answering)",
 }
 
 
 def _errors(*statuses: str) -> dict[str, Any]:
-    return {status: _error(ERRORS[status]) for status in statuses}
+    answers = {status: _error(ERRORS[status]) for status in statuses}
+    if "412" in answers:
+        # The 412 always names the prefetch keys the EHR should send (CDS Hooks 2.0.1 "Prefetch").
+        schema = {"allOf": [_ref("Error"), {"required": ["keys"]}]}
+        answers["412"] = {"description": ERRORS["412"], "content": {JSON: {"schema": schema}}}
+    return answers
 
 
 def _coding() -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            "system": {"type": "string"},
-            "code": {"type": "string"},
-            "display": {"type": "string"},
+            "system": {"type": "string", "maxLength": MAX_CODE_LENGTH},
+            "code": {"type": "string", "maxLength": MAX_CODE_LENGTH},
+            "display": {"type": "string", "maxLength": MAX_TEXT_LENGTH},
         },
     }
 
@@ -86,8 +100,23 @@ def _context(hook: str | None) -> dict[str, Any]:
         "encounterId": {"type": "string"},
     }
     if hook is None or hook in ORDER_HOOKS:
-        properties["draftOrders"] = _ref("Bundle")
-        properties["selections"] = {"type": "array", "items": {"type": "string"}}
+        # d3k2.core.drafts reads what EHRs and the sandbox send: what it cannot use is named, never a 400.
+        properties["draftOrders"] = {
+            "description": (
+                "read leniently: a Bundle (spec), a list of resources or of Bundle entries, or one resource; "
+                "unreadable orders are skipped and named in the card"
+            ),
+            "anyOf": [
+                _ref("Bundle"),
+                {"type": "array", "items": {"type": "object"}},
+                _ref("Resource"),
+                {"type": "null"},
+            ],
+        }
+        properties["selections"] = {
+            "description": "references of the selected draft orders; one string is read as a list of one",
+            "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+        }
     if hook is None or hook == "medication-prescribe":
         properties["medications"] = {"anyOf": [_ref("Bundle"), {"type": "array", "items": _ref("Resource")}]}
     return {"type": "object", "required": ["patientId"], "properties": properties}
@@ -117,7 +146,11 @@ def _cds_request(hook: str | None, prefetch_keys: list[str]) -> dict[str, Any]:
                 "type": "object",
                 "required": ["access_token"],
                 "properties": {
-                    "access_token": {"type": "string"},
+                    "access_token": {
+                        "type": "string",
+                        "pattern": B64TOKEN.pattern.replace("\\A", "^").replace("\\Z", "$"),
+                        "maxLength": MAX_TOKEN_LENGTH,
+                    },
                     "token_type": {"type": "string"},
                     "expires_in": {"type": "integer"},
                     "scope": {"type": "string"},
@@ -261,23 +294,42 @@ def _schemas() -> dict[str, Any]:
                 "spec 2.0 shape; older shapes (overrideReason as a bare Coding, an overrideReasons list, "
                 "acceptedSuggestions as strings, a single item without the list) are accepted too"
             ),
-            "properties": {"feedback": {"type": "array", "minItems": 1, "items": _ref("FeedbackItem")}},
+            "properties": {
+                "feedback": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_FEEDBACK_ITEMS,
+                    "items": _ref("FeedbackItem"),
+                }
+            },
         },
         "FeedbackItem": {
             "type": "object",
             "required": ["card", "outcome"],
             "properties": {
-                "card": {"type": "string", "minLength": 1},
+                "card": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
                 "outcome": {"enum": ["accepted", "overridden"]},
                 "acceptedSuggestions": {
                     "type": "array",
-                    "items": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+                    "maxItems": MAX_SUGGESTIONS,
+                    "items": {
+                        "type": "object",
+                        "required": ["id"],
+                        "properties": {"id": {"type": "string", "maxLength": MAX_ID_LENGTH}},
+                    },
                 },
                 "overrideReason": {
                     "type": "object",
-                    "properties": {"reason": _ref("Coding"), "userComment": {"type": "string"}},
+                    "properties": {
+                        "reason": _ref("Coding"),
+                        "userComment": {"type": "string", "maxLength": MAX_TEXT_LENGTH},
+                    },
                 },
-                "outcomeTimestamp": {"type": "string"},
+                "outcomeTimestamp": {
+                    "type": "string",
+                    "maxLength": 64,
+                    "description": "an ISO 8601 instant; one outside years 1-9999 in UTC is a 400",
+                },
             },
         },
         "FeedbackReceipt": {
