@@ -26,12 +26,16 @@ DEFICIENT = {
 }
 
 
+# An adult: the D3 and K2 cards these tests look at are adult regimens (CLINICAL.md 3a).
+ADULT = {"resourceType": "Patient", "id": "p1", "birthDate": "1970-05-01"}
+
+
 def statement(status: str = "active", **medication: Any) -> dict[str, Any]:
     return {"resourceType": "MedicationStatement", "id": "s", "status": status, **medication}
 
 
 def facts(*resources: Any) -> Facts:
-    return facts_for(ruleset(), [DEFICIENT, *resources], TODAY)
+    return facts_for(ruleset(), [ADULT, DEFICIENT, *resources], TODAY)
 
 
 def cards(found: Facts) -> list[dict[str, Any]]:
