@@ -177,13 +177,19 @@ def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str) -> Sim
 
 def _vitd_fields(c: FieldContext) -> SimpleNamespace:
     m = c.facts.vitd
+    texts = c.ruleset.texts
     if m is None:
-        vitd = _measurement_fields(m, c.ruleset.texts)
+        vitd = _measurement_fields(m, texts)
         vitd.band = "no band (no result)"
+        vitd.line = texts.vitd_none
         return vitd
     bands = c.ruleset.profiles[c.profile_name].bands
-    vitd = _with_note(_measurement_fields(m, c.ruleset.texts), m, _range_note(m.value, bands))
+    vitd = _with_note(_measurement_fields(m, texts), m, _range_note(m.value, bands))
     vitd.band = _bands_label(m.value, bands)
+    stale = texts.stale.format(days=m.age_days) if m.stale else ""
+    vitd.line = texts.vitd_line.format(
+        shown=vitd.shown, date=vitd.date, notes=vitd.notes, band=vitd.band, stale=stale
+    )
     return vitd
 
 
@@ -257,6 +263,7 @@ FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     ),
     "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2", c.ruleset.texts)),
     "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac", c.ruleset.texts)),
+    "analog": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-d-analog", c.ruleset.texts)),
     "current_d": _current_d_fields,
     "evidence": _evidence_fields,
     "data": _data_fields,

@@ -27,6 +27,8 @@ class Texts:
     lab_limit: str  # where the calcium upper limit came from: the lab's range
     default_limit: str  # ... or the default
     thresholds: str  # appended to the detail of a card that reads 25(OH)D; {name} {title} of the profile
+    vitd_line: str  # {vitd.line}: the newest 25(OH)D in one phrase; {shown} {date} {notes} {band} {stale}
+    vitd_none: str  # ... when there is none
     # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
     units: Mapping[str, str]
 
@@ -42,6 +44,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "lab_limit": frozenset(),
     "default_limit": frozenset({"kind"}),
     "thresholds": frozenset({"name", "title"}),
+    "vitd_line": frozenset({"shown", "date", "notes", "band", "stale"}),
+    "vitd_none": frozenset(),
 }
 
 
