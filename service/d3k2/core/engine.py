@@ -99,6 +99,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["age.months"] = facts.age.months
     values["age.band"] = facts.age.band
     values["meds.unknown"] = bool(facts.unknown_medications)
+    # Some practice differs by profile: K2 pairing and testing without a reason are the seed article's.
+    values["profile"] = profile_name
     daily = _current_daily(_current_d(facts))
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
