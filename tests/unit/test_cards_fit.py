@@ -178,3 +178,23 @@ def test_every_golden_suggestion_fits_the_patient(fixture: Any) -> None:
             daily = daily_iu(resource)
             if daily is not None:
                 assert daily <= ceiling(months) or is_course(resource), (card["summary"], daily)
+
+
+def test_cards_come_by_indicator_then_rule_priority() -> None:
+    # Sorted by topic code the K2 card would stand above the deficiency card that carries the D3 order.
+    cards = answer([patient(480), vitd(12)], "seed")
+    assert [c["source"]["topic"]["code"] for c in cards] == ["vitd-deficient", "k2-with-d3"]
+    rs = ruleset()
+    warfarin = {
+        **CURRENT_D3,
+        "id": "w",
+        "medicationCodeableConcept": {
+            "coding": [{"system": RXNORM, "code": "855332", "display": "warfarin 5 MG"}]
+        },
+    }
+    found = answer([patient(480), vitd(12), warfarin], "seed")
+    order = [(c["indicator"], c["source"]["topic"]["code"]) for c in found]
+    ranks = {"critical": 0, "warning": 1, "info": 2}
+    priorities = {r.topic.code: r.priority for r in rs.rules}
+    assert order == sorted(order, key=lambda o: (ranks[o[0]], priorities[o[1]]))
+    assert order[0] == ("warning", "vka-k2")

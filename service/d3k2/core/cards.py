@@ -201,7 +201,7 @@ def build_cards(
 ) -> list[dict[str, Any]]:
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
     today = evaluation.facts.today
-    cards: list[dict[str, Any]] = []
+    ranked: list[tuple[int, int, str, dict[str, Any]]] = []
     for finding in evaluation.findings:
         rule = finding.rule
         sources = [ruleset.sources[s] for s in rule.sources]
@@ -235,6 +235,8 @@ def build_cards(
             card["selectionBehavior"] = "at-most-one"
         if rule.override_reasons:
             card["overrideReasons"] = [reason.model_dump() for reason in rule.override_reasons]
-        cards.append(card)
-    cards.sort(key=lambda c: (_INDICATOR_ORDER[c["indicator"]], c["source"]["topic"]["code"], c["uuid"]))
-    return cards
+        ranked.append((_INDICATOR_ORDER[finding.indicator], rule.priority, card_id, card))
+    # Most urgent first, then the rule set's own order (a deficiency card with its order stands above the
+    # K2 card that pairs with it); the uuid only breaks ties between draft-order cards of one rule.
+    ranked.sort(key=lambda r: r[:3])
+    return [r[3] for r in ranked]
