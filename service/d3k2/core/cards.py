@@ -46,7 +46,8 @@ def _render(template: str, fields: Mapping[str, Any]) -> str:
 def _summary(text: str) -> str:
     text = " ".join(text.split())
     # A summary starts with a capital even when it opens with a field ("warfarin with vitamin K2 ...").
-    text = text[:1].upper() + text[1:]
+    if text[:1].islower() and not text[1:2].isupper():  # "warfarin ..." → "Warfarin ...", "eGFR" stays
+        text = text[:1].upper() + text[1:]
     return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2].rstrip() + "…"
 
 
