@@ -316,7 +316,8 @@ def test_absent_keys_are_fetched_from_the_fhir_server(client, fhir_server: FhirS
     fhir_server.load(_transaction("api-absent"))
     response = post(client, "/cds-services/d3k2-patient-view", _request(fhir_server, "api-absent"))
     assert response.status_code == 200
-    assert set(topics(response.get_json())) == {"vka-k2", "vitd-deficient"}
+    # The server's Patient has no birthDate: the value is shown without a dose (CLINICAL.md 3a).
+    assert set(topics(response.get_json())) == {"vka-k2", "vitd-low-age-unknown"}
 
 
 def test_null_key_means_no_data_and_is_not_refetched(client, fhir_server: FhirServer) -> None:
@@ -358,8 +359,8 @@ def test_bearer_token_is_sent_and_paging_is_followed(client, fhir_server_auth: F
     fhir_server_auth.load(_transaction("api-auth", n_vitd=12))
     response = post(client, "/cds-services/d3k2-patient-view", _request(fhir_server_auth, "api-auth"))
     cards = response.get_json()["cards"]
-    assert set(topics({"cards": cards})) == {"vka-k2", "vitd-deficient"}
-    deficient = next(c for c in cards if c["source"]["topic"]["code"] == "vitd-deficient")
+    assert set(topics({"cards": cards})) == {"vka-k2", "vitd-low-age-unknown"}  # no birthDate on the server
+    deficient = next(c for c in cards if c["source"]["topic"]["code"] == "vitd-low-age-unknown")
     assert "2026-01-12" in deficient["summary"], "the newest of 12 results (second page) was read"
 
 

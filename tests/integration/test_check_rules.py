@@ -97,7 +97,7 @@ MISTAKES = {
         "rules/k2-with-d3.toml",
         '{ ref = "k2-blocked" }',
         '{ ref = "k2-blockd" }',
-        "when.all[3].not.ref",
+        "when.all[1].not.ref",
     ),
     "unknown profile": (
         "rules/vitd-deficient.toml",

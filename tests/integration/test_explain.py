@@ -125,7 +125,8 @@ def test_what_if_vitd_in_nmol_pregnancy_and_calcium(bundle_file: Path) -> None:
     assert data["facts"]["vitd"]["value"].startswith("60.")  # 150 nmol/L ÷ 2.496
     assert data["values"]["vitd.band"] == "high"
     assert data["facts"]["pregnancy"][0]["source"] == "Condition/whatif-pregnant"
-    assert verdicts(data)["pregnancy-d3"] == "fired"
+    # "As per prenatal care" never stands beside a card that blocks or stops vitamin D (CLINICAL.md 3b).
+    assert verdicts(data)["pregnancy-d3"] == "silent"
     assert verdicts(data)["hypercalcemia"] == "fired"
 
 

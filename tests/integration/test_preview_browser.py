@@ -252,7 +252,8 @@ def hostile_bundle() -> dict[str, Any]:
                     "clinicalStatus": active,
                     "code": {
                         "coding": [{"system": "http://snomed.info/sct", "code": "31541009"}],
-                        "text": IMG,
+                        # Both on the granulomatous card: pregnancy has no card beside it (it blocks D3).
+                        "text": f"{IMG} {SCRIPT}",
                     },
                     "subject": patient,
                 }
@@ -314,7 +315,8 @@ def test_hostile_fhir_text_is_shown_literally_never_run(preview: Page, how: str)
     )
     assert injected == 0
     topics = [topic for topic, _c, _s in preview.cards()]
-    assert {"granulomatous", "vka-k2", "pregnancy-d3"} <= set(topics)
+    # Pregnancy beside granulomatous disease: no "as per prenatal care" card beside the one that blocks D3.
+    assert {"granulomatous", "vka-k2"} <= set(topics) and "pregnancy-d3" not in topics
     cards_text = page.text_content("#cards") or ""
     explanation = page.text_content("#explanation") or ""
     assert IMG in cards_text

@@ -595,9 +595,11 @@ def test_later_time_on_the_same_day_wins() -> None:
 # ---- a usable result always gets a band, and a card
 
 
+# Without a Patient the age is unknown: a low value gets the card that shows it without a dose.
 VITD_CARDS = {
     "vitd-deficient",
     "vitd-insufficient",
+    "vitd-low-age-unknown",
     "vitd-target",
     "vitd-high",
     "vitd-very-high",

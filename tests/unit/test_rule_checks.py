@@ -140,8 +140,8 @@ MISTAKES = {
     ),
     "unknown named condition": (
         [("rules/k2-with-d3.toml", '{ ref = "k2-blocked" }', '{ ref = "k2-blockd" }')],
-        "rules/k2-with-d3.toml: when.all[3].not.ref: unknown named condition 'k2-blockd' "
-        "(known: dosing-blocked, ",
+        "rules/k2-with-d3.toml: when.all[1].not.ref: unknown named condition 'k2-blockd' "
+        "(known: adult-regimen, child-regimen, dosing-blocked, ",
     ),
     "named condition referring to itself": (
         [

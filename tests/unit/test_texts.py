@@ -43,7 +43,7 @@ def test_the_shipped_texts_keep_their_wording() -> None:
     assert texts.not_on_record == "not on record" and texts.no_date == "no date"
     assert texts.stale.format(days=400) == " (stale: 400 days old)"
     assert texts.daily_dose.format(amount="8,000", unit="IU") == "8,000 IU/day"
-    assert texts.thresholds.format(name="seed", title="T") == "\n\nThresholds: profile `seed` (T)."
+    assert texts.thresholds.format(title="T") == "\n\n25(OH)D bands: T."
     assert texts.units == {
         "{tbl}": "tablet",
         "{capsule}": "capsule",
@@ -121,7 +121,7 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
     seen = "\n".join(answers)
     assert [key for key in marked if f"«{key}»" not in seen] == ["stale"]  # next test
     assert '"unit": "«tablet»"' in seen
-    assert "Thresholds: profile" not in seen and "not on record" not in seen
+    assert "25(OH)D bands:" not in seen and "not on record" not in seen
 
 
 def test_a_stale_value_given_as_a_range_is_worded_from_the_file() -> None:
@@ -186,7 +186,7 @@ def test_a_rule_may_use_only_the_evidence_groups_there_are(tmp_path: Path) -> No
     rs = load_ruleset(cards)
     facts = _facts_of("ckd-stage4-condition", rs)
     evidence = template_fields(rs, facts, "seed", fact_values(rs, facts, "seed"))["evidence"]
-    assert "Condition/" in evidence.kidney and not hasattr(evidence, "ckd")
+    assert "Chronic kidney disease" in evidence.kidney and not hasattr(evidence, "ckd")
     assert evidence.granulomatous == evidence.hypercalcemia == evidence.pregnancy == "none"
 
 

@@ -27,12 +27,16 @@ DEFICIENT = {
 }
 
 
+# An adult: the D3 and K2 cards these tests look at are adult regimens (CLINICAL.md 3a).
+ADULT = {"resourceType": "Patient", "id": "p1", "birthDate": "1970-05-01"}
+
+
 def statement(status: str = "active", **medication: Any) -> dict[str, Any]:
     return {"resourceType": "MedicationStatement", "id": "s", "status": status, **medication}
 
 
 def facts(*resources: Any) -> Facts:
-    return facts_for(ruleset(), [DEFICIENT, *resources], TODAY)
+    return facts_for(ruleset(), [ADULT, DEFICIENT, *resources], TODAY)
 
 
 def cards(found: Facts) -> list[dict[str, Any]]:
@@ -100,10 +104,10 @@ def test_a_medication_of_unknown_kind_blocks_k2_and_is_named(resource: dict[str,
     assert "k2-with-d3" not in shown
     assert not any("no vitamin k antagonist" in (c["summary"] + c["detail"]).lower() for c in answer)
     data = next(c for c in answer if c["source"]["topic"]["code"] == "data-incomplete")
-    assert (
-        f"{unknown.name or 'a medication without a name'} ({unknown.source}: {unknown.reason})"
-        in data["detail"]
-    )
+    # Named by the kind of record, not its id (CLINICAL.md 6a).
+    kinds = {"MedicationStatement": "medication list", "MedicationRequest": "prescription"}
+    kind = kinds[unknown.source.split("/")[0]]
+    assert f"{unknown.name or 'a medication without a name'} ({kind}: {unknown.reason})" in data["detail"]
 
 
 def test_a_statement_of_unknown_status_is_not_a_current_medication() -> None:

@@ -45,6 +45,9 @@ def _render(template: str, fields: Mapping[str, Any]) -> str:
 
 def _summary(text: str) -> str:
     text = " ".join(text.split())
+    # A summary starts with a capital even when it opens with a field ("warfarin with vitamin K2 ...").
+    if text[:1].islower() and not text[1:2].isupper():  # "warfarin ..." → "Warfarin ...", "eGFR" stays
+        text = text[:1].upper() + text[1:]
     return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2].rstrip() + "…"
 
 
@@ -200,7 +203,7 @@ def build_cards(
 ) -> list[dict[str, Any]]:
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
     today = evaluation.facts.today
-    cards: list[dict[str, Any]] = []
+    ranked: list[tuple[int, int, str, dict[str, Any]]] = []
     for finding in evaluation.findings:
         rule = finding.rule
         sources = [ruleset.sources[s] for s in rule.sources]
@@ -234,6 +237,8 @@ def build_cards(
             card["selectionBehavior"] = "at-most-one"
         if rule.override_reasons:
             card["overrideReasons"] = [reason.model_dump() for reason in rule.override_reasons]
-        cards.append(card)
-    cards.sort(key=lambda c: (_INDICATOR_ORDER[c["indicator"]], c["source"]["topic"]["code"], c["uuid"]))
-    return cards
+        ranked.append((_INDICATOR_ORDER[finding.indicator], rule.priority, card_id, card))
+    # Most urgent first, then the rule set's own order (a deficiency card with its order stands above the
+    # K2 card that pairs with it); the uuid only breaks ties between draft-order cards of one rule.
+    ranked.sort(key=lambda r: r[:3])
+    return [r[3] for r in ranked]

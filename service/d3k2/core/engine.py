@@ -21,6 +21,7 @@ from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
 from d3k2.core.texts import Texts
 from d3k2.core.vitamers import d2_fields, d2_values
+from d3k2.core.wording import REFERENCE, evidence_of, evidence_text, names_of, record_kind
 
 FactValue = bool | str | float | Interval | None
 
@@ -103,6 +104,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["age.months"] = facts.age.months
     values["age.band"] = facts.age.band
     values["meds.unknown"] = bool(facts.unknown_medications)
+    # Some practice differs by profile: K2 pairing and testing without a reason are the seed article's.
+    values["profile"] = profile_name
     daily = _current_daily(_current_d(facts))
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
     values.update(d2_values(facts))
@@ -140,16 +143,6 @@ def _current_d_fields(c: FieldContext) -> SimpleNamespace:
     return SimpleNamespace(names=names, daily=daily)
 
 
-def _names(facts: Facts, category: str, texts: Texts) -> str:
-    names = sorted({m.name for m in facts.meds(category)})
-    return ", ".join(names) if names else texts.none
-
-
-def _evidence(facts: Facts, texts: Texts, *concepts: str) -> str:
-    items = [e for c in concepts for e in facts.conditions.get(c, ())]
-    return "; ".join(sorted({f"{e.text} ({e.source})" for e in items})) or texts.none
-
-
 def _measurement_fields(m: Measurement | None, texts: Texts) -> SimpleNamespace:
     if m is None:
         return SimpleNamespace(
@@ -182,13 +175,19 @@ def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str) -> Sim
 
 def _vitd_fields(c: FieldContext) -> SimpleNamespace:
     m = c.facts.vitd
+    texts = c.ruleset.texts
     if m is None:
-        vitd = _measurement_fields(m, c.ruleset.texts)
+        vitd = _measurement_fields(m, texts)
         vitd.band = "no band (no result)"
+        vitd.line = texts.vitd_none
         return vitd
     bands = c.ruleset.profiles[c.profile_name].bands
-    vitd = _with_note(_measurement_fields(m, c.ruleset.texts), m, _range_note(m.value, bands))
+    vitd = _with_note(_measurement_fields(m, texts), m, _range_note(m.value, bands))
     vitd.band = _bands_label(m.value, bands)
+    stale = texts.stale.format(days=m.age_days) if m.stale else ""
+    vitd.line = texts.vitd_line.format(
+        shown=vitd.shown, date=vitd.date, notes=vitd.notes, band=vitd.band, stale=stale
+    )
     return vitd
 
 
@@ -223,24 +222,30 @@ def _calcium_fields(c: FieldContext) -> SimpleNamespace:
 
 def _evidence_fields(c: FieldContext) -> SimpleNamespace:
     facts, texts = c.facts, c.ruleset.texts
-    groups = {name: _evidence(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()}
-    pregnancy = "; ".join(sorted({f"{e.text} ({e.source})" for e in facts.pregnancy})) or texts.none
+    groups = {
+        name: evidence_of(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()
+    }
+    pregnancy = evidence_text(list(facts.pregnancy), texts)
     return SimpleNamespace(**groups, pregnancy=pregnancy)
 
 
 def _data_fields(c: FieldContext) -> SimpleNamespace:
-    facts = c.facts
-    problems = list(facts.missing) + list(facts.issues)
+    facts, texts = c.facts, c.ruleset.texts
+    # The readers name each record by its id, which a clinician cannot use: the card names its kind instead.
+    problems = [
+        REFERENCE.sub(lambda r: record_kind(r.group(0), texts), p) for p in (*facts.missing, *facts.issues)
+    ]
     issues = "; ".join(problems) if problems else c.ruleset.texts.none
     paragraphs = [f"Not used: {issues}."] if problems else []
     if facts.copies:
         paragraphs.append(
-            f"Two different copies of the same record were sent ({', '.join(facts.copies)}): "
+            f"Two different copies of the same record were sent "
+            f"({', '.join(sorted({record_kind(r, c.ruleset.texts) for r in facts.copies}))}): "
             "cautions from either are kept."
         )
     if facts.unknown_medications:
         unknown = "; ".join(
-            f"{m.name or 'a medication without a name'} ({m.source}: {m.reason})"
+            f"{m.name or 'a medication without a name'} ({record_kind(m.source, texts)}: {m.reason})"
             for m in facts.unknown_medications
         )
         paragraphs.append(
@@ -257,11 +262,12 @@ FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     "egfr": _egfr_fields,
     "calcium": _calcium_fields,
     "vka": lambda c: SimpleNamespace(
-        names=_names(c.facts, "vka", c.ruleset.texts),
-        sources=", ".join(sorted({m.source for m in c.facts.meds("vka")})),
+        names=names_of(c.facts, "vka", c.ruleset.texts),
+        sources=", ".join(sorted({record_kind(m.source, c.ruleset.texts) for m in c.facts.meds("vka")})),
     ),
-    "k2": lambda c: SimpleNamespace(names=_names(c.facts, "vitamin-k2", c.ruleset.texts)),
-    "doac": lambda c: SimpleNamespace(names=_names(c.facts, "doac", c.ruleset.texts)),
+    "k2": lambda c: SimpleNamespace(names=names_of(c.facts, "vitamin-k2", c.ruleset.texts)),
+    "doac": lambda c: SimpleNamespace(names=names_of(c.facts, "doac", c.ruleset.texts)),
+    "analog": lambda c: SimpleNamespace(names=names_of(c.facts, "vitamin-d-analog", c.ruleset.texts)),
     "current_d": _current_d_fields,
     "current_d2": lambda c: d2_fields(c.facts),
     "evidence": _evidence_fields,

@@ -26,7 +26,12 @@ class Texts:
     unknown_dose: str
     lab_limit: str  # where the calcium upper limit came from: the lab's range
     default_limit: str  # ... or the default
-    thresholds: str  # appended to the detail of a card that reads 25(OH)D; {name} {title} of the profile
+    thresholds: str  # appended to the detail of a card that reads 25(OH)D; {title} of the profile
+    vitd_line: str  # {vitd.line}: the newest 25(OH)D in one phrase; {shown} {date} {notes} {band} {stale}
+    vitd_none: str  # ... when there is none
+    evidence_dated: str  # a condition or observation on record with its date; {text} {date}
+    from_statement: str  # where a medication is on record: a MedicationStatement
+    from_request: str  # ... a MedicationRequest
     # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
     units: Mapping[str, str]
 
@@ -41,7 +46,12 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "unknown_dose": frozenset(),
     "lab_limit": frozenset(),
     "default_limit": frozenset({"kind"}),
-    "thresholds": frozenset({"name", "title"}),
+    "thresholds": frozenset({"title"}),
+    "vitd_line": frozenset({"shown", "date", "notes", "band", "stale"}),
+    "vitd_none": frozenset(),
+    "evidence_dated": frozenset({"text", "date"}),
+    "from_statement": frozenset(),
+    "from_request": frozenset(),
 }
 
 
