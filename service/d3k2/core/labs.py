@@ -84,6 +84,9 @@ class LabConfig:
     bands: tuple[LabBand, ...] = ()
     # Several results of one specimen (several equations): the lowest is used, and the card says so.
     same_specimen_lowest: bool = False
+    # Which of disagreeing copies of one result is the cautious one: "highest" (25(OH)D, calcium: the
+    # toxicity and hypercalcemia cards) or "lowest" (eGFR: the kidney card; albumin: the higher correction).
+    cautious: str = "highest"
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class Measurement:
 
 # (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
 # the one with the greatest (at, "Observation/<id>") and every source of a candidate starts with
-# "Observation/"; `id` is "(no id)" for a result without one, as in its source.
+# "Observation/"; `id` is `NO_ID` for a result without one, as in its source.
 Candidate = tuple[datetime, str, date, str, "Role", float | None, Mapping[str, Any]]
 _NEWEST_KEY = itemgetter(0, 1)
 
@@ -245,15 +248,34 @@ def moment_of(text: str) -> tuple[str, date, datetime | None] | None:
 # ---------------------------------------------------------------- stage 2: the newest results
 
 
-def _newest(accepted: list[Candidate], fallback: list[Candidate]) -> Candidate | None:
-    """Newest by time; final beats preliminary; ties broken by id, then content, never by Bundle order."""
+NO_ID = "(no id)"
+
+
+def _newest(
+    accepted: list[Candidate], fallback: list[Candidate], lab: LabConfig, config: FactsConfig
+) -> tuple[Candidate | None, tuple[str, ...]]:
+    """Newest by time; final beats preliminary; never by Bundle order. Copies of one record (same id, which
+    `unique_resources` keeps when it cannot tell which is newer), whatever their date or status, and results
+    without an id at the same moment: the most cautious of them (`LabConfig.cautious`), and the card names
+    the disagreement, so that no copy removes a caution another supports."""
     candidates = accepted or fallback
     if not candidates:
-        return None
+        return None, ()
     best = max(candidates, key=_NEWEST_KEY)
-    # Results without an id, and different copies of one result (`unique_resources`), can share (at, id).
-    tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
-    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: canonical(c[6]))
+    rid = best[1]
+    copies = [c for c in (*accepted, *fallback) if c[1] == rid and (rid != NO_ID or c[0] == best[0])]
+    if len(copies) == 1:
+        return best, ()
+    read = [(_quantity(c[6], c[4].lab, c[4].code), c) for c in copies]
+    if lab.cautious == "lowest":
+        read.sort(key=lambda item: (item[0][0].lo, item[0][0].hi, canonical(item[1][6])))
+    else:
+        read.sort(key=lambda item: (-item[0][0].hi, -item[0][0].lo, canonical(item[1][6])))
+    pick = read[0][1]
+    if len({value for (value, _text), _c in read}) < 2:
+        return pick, ()
+    listed = ", ".join(dict.fromkeys(f"{text} on {c[2].isoformat()}" for (_value, text), c in read))
+    return pick, (f"{config.notes['conflicting_copies']}: {listed}",)
 
 
 def _measurement(
@@ -302,18 +324,22 @@ def read_vitd(candidates: Candidates, lab: LabConfig, config: FactsConfig, today
     totals = _group(candidates, lab, "total")
     total_dates = {c[2] for group in totals for c in group}
     d3_accepted, d3_fallback = _group(candidates, lab, "d3")
-    best_total = _newest(*totals)
-    best_d3 = _newest(
+    best_total, total_notes = _newest(*totals, lab, config)
+    best_d3, d3_notes = _newest(
         [c for c in d3_accepted if c[2] not in total_dates],
         [c for c in d3_fallback if c[2] not in total_dates],
+        lab,
+        config,
     )
     if best_d3 is None or (best_total is not None and best_total[2] >= best_d3[2]):
-        return _measurement(best_total, lab, config, today, ()) if best_total else None
+        return _measurement(best_total, lab, config, today, total_notes) if best_total else None
     day = best_d3[2]
     d2_accepted, d2_fallback = _group(candidates, lab, "d2")
-    d2 = _newest([c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day])
+    d2, d2_notes = _newest(
+        [c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day], lab, config
+    )
     if d2 is None:
-        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"],))
+        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"], *d3_notes))
     d3_value, d3_reported = _quantity(best_d3[6], best_d3[4].lab, best_d3[4].code)
     d2_value, d2_reported = _quantity(d2[6], d2[4].lab, d2[4].code)
     combined = Interval(
@@ -323,7 +349,8 @@ def read_vitd(candidates: Candidates, lab: LabConfig, config: FactsConfig, today
         d3_value.hi_open or d2_value.hi_open,
     )
     summed = (combined, f"{d3_reported} + D2 {d2_reported}")
-    return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
+    notes = (config.notes["d3_plus_d2"], *d3_notes, *d2_notes)
+    return _measurement(best_d3, lab, config, today, notes, summed)
 
 
 def _specimen(resource: Mapping[str, Any]) -> str | None:
@@ -358,12 +385,11 @@ def read_simple_lab(
     candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date
 ) -> Measurement | None:
     group = _group(candidates, lab, "primary")
-    best = _newest(*group)
-    notes: tuple[str, ...] = ()
+    best, notes = _newest(*group, lab, config)
     if best is None:
         group = _group(candidates, lab, "fallback")
-        best = _newest(*group)
-        notes = (config.notes["legacy_equation"],) if best else ()
+        best, notes = _newest(*group, lab, config)
+        notes = (config.notes["legacy_equation"], *notes) if best else ()
     if best is not None and lab.same_specimen_lowest:
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice
@@ -382,8 +408,11 @@ def _albumin_corrected(
     if measured.kind != correction.applies_to or not measured.value.is_exact or albumin_lab is None:
         return measured
     accepted, fallback = _group(candidates, albumin_lab, "primary")
-    albumin = _newest(
-        [c for c in accepted if c[2] == measured.when], [c for c in fallback if c[2] == measured.when]
+    albumin, _notes = _newest(
+        [c for c in accepted if c[2] == measured.when],
+        [c for c in fallback if c[2] == measured.when],
+        albumin_lab,
+        config,
     )
     if albumin is None:
         return measured

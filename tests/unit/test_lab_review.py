@@ -1,0 +1,95 @@
+"""Clinical review of the lab reading: copies, number text, legacy and "among blacks" eGFR, comparators,
+unrounded decisions, plausibility floors, reference ranges (one test per finding, or more)."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+import pytest
+
+from builders import TODAY, ruleset
+from d3k2.core.engine import fact_values
+from d3k2.core.facts import Facts
+from d3k2.core.terminology import LOINC
+from d3k2.service import facts_for
+
+EGFR_UNIT = "mL/min/{1.73_m2}"
+VITD, CALCIUM, EPI_2021 = "62292-8", "17861-6", "98979-8"
+
+
+def obs(code: str, value: float, unit: str, *, oid: str = "o1", when: str = "2026-11-01", **extra: Any):
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": unit, "code": unit, "system": "http://unitsofmeasure.org"},
+    }
+    resource.update(extra)
+    return resource
+
+
+def text_obs(code: str, text: str, *, oid: str = "o1", when: str = "2026-11-01") -> dict[str, Any]:
+    resource = obs(code, 0, "", oid=oid, when=when)
+    del resource["valueQuantity"]
+    resource["valueString"] = text
+    return resource
+
+
+def facts(*resources: dict[str, Any], today: date = TODAY) -> Facts:
+    return facts_for(ruleset(), list(resources), today)
+
+
+def values(result: Facts) -> dict[str, Any]:
+    return fact_values(ruleset(), result, "seed")
+
+
+# ---------------------------------------------------------------- 1: copies of one result
+
+
+@pytest.mark.parametrize("order", [(170, 20), (20, 170)])
+def test_disagreeing_copies_of_a_25ohd_keep_the_toxic_one_and_say_so(order) -> None:
+    result = facts(*(obs(VITD, v, "ng/mL", oid="v") for v in order))
+    assert result.vitd is not None and result.vitd.value.lo == 170
+    assert result.copies == ("Observation/v",)
+    assert values(result)["vitd.band"] == "toxicity"
+    assert result.vitd.notes == (
+        "copies of this result disagree, the most cautious is used: "
+        "170 ng/mL on 2026-11-01, 20 ng/mL on 2026-11-01",
+    )
+
+
+def test_an_older_copy_with_a_caution_is_not_hidden_by_a_newer_copy() -> None:
+    result = facts(obs(VITD, 170, "ng/mL", oid="v", when="2026-10-01"), obs(VITD, 20, "ng/mL", oid="v"))
+    assert result.vitd is not None and result.vitd.value.lo == 170
+    calcium = facts(
+        obs(CALCIUM, 11.5, "mg/dL", oid="c", when="2026-10-01"), obs(CALCIUM, 9.5, "mg/dL", oid="c")
+    )
+    assert values(calcium)["calcium.high"] is True
+
+
+def test_disagreeing_egfr_copies_keep_the_lowest() -> None:
+    result = facts(
+        obs(EPI_2021, 25, EGFR_UNIT, oid="e"), obs(EPI_2021, 60, EGFR_UNIT, oid="e", when="2026-11-02")
+    )
+    assert result.egfr is not None and result.egfr.value.lo == 25
+    assert values(result)["egfr.band"] == "G4"
+
+
+def test_results_without_an_id_at_one_moment_keep_the_cautious_one_and_equal_copies_say_nothing() -> None:
+    first, second = obs(CALCIUM, 11.5, "mg/dL"), obs(CALCIUM, 9.5, "mg/dL")
+    del first["id"], second["id"]
+    result = facts(second, first)
+    assert result.calcium is not None and result.calcium.value.lo == 11.5
+    same = facts(obs(VITD, 20, "ng/mL", oid="v"), obs(VITD, 20, "ng/mL", oid="v", note=[{"text": "x"}]))
+    assert same.vitd is not None and same.vitd.notes == ()
+
+
+def test_a_lab_names_its_cautious_direction_or_the_rule_set_does_not_load() -> None:
+    from d3k2.core.loader import _cautious
+
+    assert _cautious("lowest") == "lowest"
+    with pytest.raises(ValueError, match="cautious"):
+        _cautious("middle")
