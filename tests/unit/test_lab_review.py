@@ -93,3 +93,18 @@ def test_a_lab_names_its_cautious_direction_or_the_rule_set_does_not_load() -> N
     assert _cautious("lowest") == "lowest"
     with pytest.raises(ValueError, match="cautious"):
         _cautious("middle")
+
+
+# ---------------------------------------------------------------- 2: thousands or decimal comma
+
+
+@pytest.mark.parametrize("text", ["1,220 nmol/L", "1,220", "<1,220 nmol/L", "1 220 nmol/L"])
+def test_a_comma_before_three_digits_or_a_spaced_number_is_never_guessed(text) -> None:
+    result = facts(text_obs(VITD, text, oid="v"), obs(VITD, 170, "ng/mL", oid="old", when="2026-01-01"))
+    assert result.vitd is not None and result.vitd.source == "Observation/old"
+    assert len(result.issues) == 1 and result.issues[0].startswith("Observation/v skipped: valueString")
+
+
+def test_a_decimal_comma_is_still_read() -> None:
+    result = facts(text_obs(VITD, "12,5 ng/mL"), text_obs(VITD, "45,25 nmol/L", oid="b", when="2026-10-01"))
+    assert result.vitd is not None and result.vitd.value.lo == 12.5

@@ -29,6 +29,7 @@ from d3k2.core.terminology import LOINC, Terminology
 if TYPE_CHECKING:  # the config of the whole reading, of which the labs are part
     from d3k2.core.facts import FactsConfig
 
+_THOUSANDS = re.compile(r"^[0-9]+,[0-9]{3}$")
 _COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
 
 
@@ -162,7 +163,12 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
         if not match:
             raise Unreadable("valueString is not a number")
         comparator = match.group(1)
-        value = float(match.group(2).replace(",", "."))
+        number = match.group(2)
+        # "12,5" is a decimal comma, but "1,220" is 1.22 in one country and 1,220 in another: a thousand
+        # times apart, either side of every threshold. Never guessed; not used, and named.
+        if _THOUSANDS.match(number):
+            raise Unreadable("valueString number is ambiguous (a comma before three digits)")
+        value = float(number.replace(",", "."))
         unit = (match.group(3) or "").strip() or lab.default_unit_by_code.get(code)
         if unit is None:
             raise Unreadable("valueString has no unit")
