@@ -311,7 +311,11 @@ def test_legacy_egfr_only_without_a_race_free_result() -> None:
         ("legacy sex/race-specific equation",),
         None,
     )
+    # An older race-free result never hides a newer legacy one; one of the same day does.
     free = obs(EGFR, 40, "mL/min/{1.73_m2}", oid="free", when="2026-01-01", status="preliminary")
+    measured = facts(legacy, free).egfr
+    assert measured is not None and measured.source == "Observation/legacy"
+    free = obs(EGFR, 40, "mL/min/{1.73_m2}", oid="free", when="2026-11-10", status="preliminary")
     measured = facts(legacy, free).egfr
     assert measured is not None and measured.source == "Observation/free"
     assert measured.notes == ("preliminary result",)

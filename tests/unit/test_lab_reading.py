@@ -59,9 +59,12 @@ def test_an_among_blacks_egfr_is_never_used_by_default(code) -> None:
     assert paired is not None and paired.code == MDRD_NON_BLACK and paired.value.lo == 28
 
 
-def test_a_race_free_result_beats_a_newer_legacy_one() -> None:
+def test_a_race_free_result_beats_a_legacy_one_of_the_same_day_but_not_a_newer_one() -> None:
+    same_day = facts(egfr(EPI_2021, 40, "free", when="2026-11-01"), egfr(MDRD_NON_BLACK, 25, "legacy")).egfr
+    assert same_day is not None and same_day.code == EPI_2021 and same_day.notes == ()
     result = facts(egfr(EPI_2021, 40, "free", when="2026-06-01"), egfr(MDRD_NON_BLACK, 25, "legacy")).egfr
-    assert result is not None and result.code == EPI_2021 and result.notes == ()
+    assert result is not None and result.code == MDRD_NON_BLACK
+    assert result.notes == ("legacy sex/race-specific equation",)
 
 
 def test_one_specimen_by_two_legacy_equations_gives_the_lower_value_and_says_so() -> None:

@@ -108,3 +108,15 @@ def test_a_comma_before_three_digits_or_a_spaced_number_is_never_guessed(text) -
 def test_a_decimal_comma_is_still_read() -> None:
     result = facts(text_obs(VITD, "12,5 ng/mL"), text_obs(VITD, "45,25 nmol/L", oid="b", when="2026-10-01"))
     assert result.vitd is not None and result.vitd.value.lo == 12.5
+
+
+# ---------------------------------------------------------------- 3: newest eGFR across equations
+
+
+def test_an_old_race_free_egfr_never_hides_a_newer_legacy_one() -> None:
+    result = facts(
+        obs(EPI_2021, 45, EGFR_UNIT, oid="a", when="2024-06-01"),
+        obs("48642-3", 22, EGFR_UNIT, oid="b", when="2026-10-15"),
+    )
+    assert result.egfr is not None and result.egfr.source == "Observation/b"
+    assert values(result)["egfr.band"] == "G4"

@@ -392,10 +392,13 @@ def read_simple_lab(
 ) -> Measurement | None:
     group = _group(candidates, lab, "primary")
     best, notes = _newest(*group, lab, config)
-    if best is None:
-        group = _group(candidates, lab, "fallback")
-        best, notes = _newest(*group, lab, config)
-        notes = (config.notes["legacy_equation"], *notes) if best else ()
+    legacy_group = _group(candidates, lab, "fallback")
+    legacy, legacy_notes = _newest(*legacy_group, lab, config)
+    # The newest result wins whatever its equation: a legacy one yields to a race-free one of the same day
+    # (the same specimen by another equation) only, so that an old race-free eGFR never hides a new one.
+    if legacy is not None and (best is None or legacy[2] > best[2]):
+        best, group = legacy, legacy_group
+        notes = (config.notes["legacy_equation"], *legacy_notes)
     if best is not None and lab.same_specimen_lowest:
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice
