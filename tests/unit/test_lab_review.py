@@ -120,3 +120,16 @@ def test_an_old_race_free_egfr_never_hides_a_newer_legacy_one() -> None:
     )
     assert result.egfr is not None and result.egfr.source == "Observation/b"
     assert values(result)["egfr.band"] == "G4"
+
+
+# ---------------------------------------------------------------- 4: a valueString without a unit
+
+
+def test_egfr_and_calcium_text_without_a_unit_take_the_unit_of_their_code() -> None:
+    kidney = facts(text_obs(EPI_2021, "<15"))
+    assert kidney.issues == () and values(kidney)["egfr.band"] == "G5"
+    assert values(facts(text_obs(EPI_2021, ">60")))["egfr.band"] == "G2"
+    calcium = facts(text_obs(CALCIUM, ">15.0"))
+    assert calcium.issues == () and values(calcium)["calcium.grade"] == "severe"
+    moles = facts(text_obs("2000-8", ">3.6"))
+    assert moles.calcium is not None and values(moles)["calcium.grade"] == "severe"
