@@ -96,7 +96,8 @@ def test_an_unreadable_old_result_is_reported_beside_the_newest() -> None:
         ),
         (obs(VITD, 5, valueQuantity={"value": 5, "comparator": "<"}), "valueQuantity has no unit"),
         (obs(VITD, "12 furlongs"), "unit 'furlongs' not understood for 25(OH)D"),
-        (obs(EGFR, "45"), "valueString has no unit"),
+        # A code whose LOINC property names no unit (ionized calcium, "property not confirmed").
+        (obs("12180-6", "4.5"), "valueString has no unit"),
         (obs(VITD, 18, when="0001-01-01T00:00:00+01:00"), "unreadable (OverflowError)"),
         (
             obs(VITD, 18, referenceRange=[{"high": {"value": 10**400, "unit": "ng/mL"}}]),

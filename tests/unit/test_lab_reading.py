@@ -53,8 +53,11 @@ def test_a_legacy_non_race_specific_or_non_black_egfr_is_used_when_no_race_free_
 
 
 @pytest.mark.parametrize("code", [MDRD_BLACK, EPI_BLACK])
-def test_an_among_blacks_egfr_is_never_used_by_default(code) -> None:
-    assert facts(egfr(code, 25, "black")).egfr is None
+def test_an_among_blacks_egfr_is_only_an_upper_bound_and_yields_to_any_other_of_its_day(code) -> None:
+    alone = facts(egfr(code, 35, "black"))
+    assert alone.egfr is None and len(alone.issues) == 1 and "unless below 30" in alone.issues[0]
+    bound = facts(egfr(code, 25, "black")).egfr
+    assert bound is not None and bound.value.hi == 25 and math.isinf(bound.value.lo)
     paired = facts(egfr(code, 34, "black"), egfr(MDRD_NON_BLACK, 28, "non-black")).egfr
     assert paired is not None and paired.code == MDRD_NON_BLACK and paired.value.lo == 28
 

@@ -88,11 +88,11 @@ def test_results_without_an_id_at_one_moment_keep_the_cautious_one_and_equal_cop
 
 
 def test_a_lab_names_its_cautious_direction_or_the_rule_set_does_not_load() -> None:
-    from d3k2.core.loader import _cautious
+    from d3k2.core.loader import cautious_direction
 
-    assert _cautious("lowest") == "lowest"
+    assert cautious_direction("lowest") == "lowest"
     with pytest.raises(ValueError, match="cautious"):
-        _cautious("middle")
+        cautious_direction("middle")
 
 
 # ---------------------------------------------------------------- 2: thousands or decimal comma
@@ -133,3 +133,28 @@ def test_egfr_and_calcium_text_without_a_unit_take_the_unit_of_their_code() -> N
     assert calcium.issues == () and values(calcium)["calcium.grade"] == "severe"
     moles = facts(text_obs("2000-8", ">3.6"))
     assert moles.calcium is not None and values(moles)["calcium.grade"] == "severe"
+
+
+# ---------------------------------------------------------------- 5: an "among blacks" eGFR
+
+
+@pytest.mark.parametrize("codes", [["88293-6"], ["48643-1"], ["48643-1", "33914-3"], ["33914-3", "48643-1"]])
+def test_an_among_blacks_egfr_below_30_is_an_upper_bound_that_keeps_the_kidney_card(codes) -> None:
+    resource = obs(codes[0], 12, EGFR_UNIT, when="2026-10-15")
+    resource["code"] = {"coding": [{"system": LOINC, "code": code} for code in codes]}
+    result = facts(resource, obs(EPI_2021, 60, EGFR_UNIT, oid="old", when="2026-01-01"))
+    assert result.egfr is not None and result.egfr.shown == "12 mL/min/1.73 m² (≤12 mL/min/1.73 m²)"
+    assert values(result)["egfr.band"] == "G5" and values(result)["data.issues"] is True
+    assert result.issues == (
+        'eGFR of 2026-10-15 (12 mL/min/1.73 m²) as an estimate: by an "among blacks" equation: only an upper '
+        "bound of the value without the race coefficient",
+    )
+
+
+def test_an_among_blacks_egfr_of_30_or_more_is_not_used_and_named() -> None:
+    result = facts(
+        obs("88293-6", 30, EGFR_UNIT, when="2026-10-15"),
+        obs(EPI_2021, 60, EGFR_UNIT, oid="old", when="2026-01-01"),
+    )
+    assert result.egfr is not None and result.egfr.source == "Observation/old"
+    assert len(result.issues) == 1 and "unless below 30" in result.issues[0]

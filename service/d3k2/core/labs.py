@@ -14,6 +14,7 @@ shown, so Observations are read in two stages:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -88,6 +89,9 @@ class LabConfig:
     # Which of disagreeing copies of one result is the cautious one: "highest" (25(OH)D, calcium: the
     # toxicity and hypercalcemia cards) or "lowest" (eGFR: the kidney card; albumin: the higher correction).
     cautious: str = "highest"
+    # Codes whose value a coefficient > 1 raised ("among blacks" eGFR): `never` codes; only a value
+    # certainly below this limit is used, as the upper bound it is, else the result is not used. Both named.
+    upper_bound_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -208,9 +212,12 @@ def upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
 
 
 def lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
+    # A `never` code says what the value is, whatever other code the result also carries (an "among blacks"
+    # eGFR coded with a race-free code too is still the raised value).
     for code in codes:
         if code in lab.never:
-            continue
+            return "upper_bound", code
+    for code in codes:
         concepts = terminology.concepts(LOINC, code)
         if concepts & set(lab.exclude):
             continue
@@ -387,8 +394,28 @@ def _lowest_of_specimen(
     return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
 
 
+def _upper_bound(
+    bound: Candidate,
+    lab: LabConfig,
+    config: FactsConfig,
+    today: date,
+    notes: tuple[str, ...],
+    issues: list[str],
+) -> Measurement | None:
+    """A value a coefficient > 1 raised: the true value is at most it. Used only when certainly below
+    `upper_bound_below`; named on the data card either way."""
+    value, reported = _quantity(bound[6], bound[4].lab, bound[4].code)
+    named = f"{lab.label} of {bound[2].isoformat()} ({reported})"
+    if lab.upper_bound_below is None or value.lt(lab.upper_bound_below) is not True:
+        issues.append(f"{named}: {config.notes['upper_bound_unused']}")
+        return None
+    issues.append(f"{named} as an estimate: {config.notes['upper_bound_used']}")
+    measured = _measurement(bound, lab, config, today, (config.notes["upper_bound_used"], *notes))
+    return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open))
+
+
 def read_simple_lab(
-    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date
+    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date, issues: list[str] | None = None
 ) -> Measurement | None:
     group = _group(candidates, lab, "primary")
     best, notes = _newest(*group, lab, config)
@@ -399,6 +426,11 @@ def read_simple_lab(
     if legacy is not None and (best is None or legacy[2] > best[2]):
         best, group = legacy, legacy_group
         notes = (config.notes["legacy_equation"], *legacy_notes)
+    bound, bound_notes = _newest(*_group(candidates, lab, "upper_bound"), lab, config)
+    if bound is not None and (best is None or bound[2] > best[2]):
+        used = _upper_bound(bound, lab, config, today, bound_notes, [] if issues is None else issues)
+        if used is not None:
+            return used
     if best is not None and lab.same_specimen_lowest:
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice

@@ -91,7 +91,7 @@ def _age_config(data: Mapping[str, Any]) -> AgeConfig:
     return AgeConfig(bands=bands, max_years=int(data["max_years"]))
 
 
-def _cautious(value: object) -> str:
+def cautious_direction(value: object) -> str:
     if value not in ("highest", "lowest"):
         raise ValueError(f"labs.*.cautious must be 'highest' or 'lowest', not {value!r}")
     return str(value)
@@ -122,7 +122,8 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 plausible=Plausible(**lab["plausible"]),
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
                 same_specimen_lowest=bool(lab.get("same_specimen_lowest", False)),
-                cautious=_cautious(lab.get("cautious", "highest")),
+                cautious=cautious_direction(lab.get("cautious", "highest")),
+                upper_bound_below=(float(lab["upper_bound_below"]) if "upper_bound_below" in lab else None),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
             )
@@ -155,6 +156,8 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                     "legacy_equation",
                     "same_specimen_lowest",
                     "conflicting_copies",
+                    "upper_bound_used",
+                    "upper_bound_unused",
                 )
             },
             age=_age_config(data["age"]),
