@@ -158,3 +158,17 @@ def test_an_among_blacks_egfr_of_30_or_more_is_not_used_and_named() -> None:
     )
     assert result.egfr is not None and result.egfr.source == "Observation/old"
     assert len(result.issues) == 1 and "unless below 30" in result.issues[0]
+
+
+# ---------------------------------------------------------------- 6: a ">" value below every band's floor
+
+
+def test_a_greater_than_value_below_the_second_band_gets_no_band_and_no_dosing() -> None:
+    gt25 = obs(VITD, 25, "ng/mL", valueQuantity={"value": 25, "comparator": ">", "unit": "ng/mL"})
+    assert values(facts(gt25))["vitd.band"] is None
+    gt35 = obs(VITD, 35, "ng/mL", valueQuantity={"value": 35, "comparator": ">", "unit": "ng/mL"})
+    assert values(facts(gt35))["vitd.band"] == "insufficient"
+    lt35 = obs(VITD, 35, "ng/mL", valueQuantity={"value": 35, "comparator": "<", "unit": "ng/mL"})
+    assert values(facts(lt35))["vitd.band"] == "deficient"
+    gt25_egfr = text_obs(EPI_2021, ">25")
+    assert values(facts(gt25_egfr))["egfr.band"] == "G4"

@@ -602,6 +602,7 @@ VITD_CARDS = {
     "vitd-high",
     "vitd-very-high",
     "vitd-toxicity",
+    "vitd-band-uncertain",
 }
 COMPARATORS = st.sampled_from([None, "<", "<=", ">", ">="])
 
@@ -616,13 +617,20 @@ COMPARATORS = st.sampled_from([None, "<", "<=", ">", ">="])
 @example(100, ">", "ng/mL", "seed")
 @example(35, "<", "ng/mL", "seed")
 @example(150, ">=", "ng/mL", "endocrine-2011")
-def test_every_usable_vitd_result_gets_a_band_and_a_card(value, comparator, unit, profile) -> None:
+@example(25, ">", "ng/mL", "seed")
+def test_every_usable_vitd_result_gets_a_band_or_is_uncertain_and_a_card(
+    value, comparator, unit, profile
+) -> None:
     # In nmol/L the same numbers cover 0.04–400 ng/mL.
     resources = [_lab("62292-8", value, unit, comparator) | {"effectiveDateTime": TODAY.isoformat()}]
     rs = ruleset()
     evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=profile)
     assert evaluation.values["vitd.usable"] is True
-    assert evaluation.values["vitd.band"] in {b.id for b in rs.profiles[profile].bands}
+    band = evaluation.values["vitd.band"]
+    assert band in {b.id for b in rs.profiles[profile].bands} or (
+        # Straddling the lowest band from above (`>25`): no band, never the lowest and its dose.
+        band is None and comparator in (">", ">=") and evaluation.values["vitd.band_certain"] is False
+    )
     cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
     shown = [c for c in cards if c["source"]["topic"]["code"] in VITD_CARDS]
     assert shown, f"no 25(OH)D card for {comparator or ''}{value} {unit} ({profile})"

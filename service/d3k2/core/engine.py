@@ -56,6 +56,16 @@ class Evaluation:
 def band_of(value: Interval, profile: Profile) -> str | None:
     """The band of every possible value, or the highest band a straddling comparator certainly reaches."""
     band = certain_band(value, profile.bands)
+    # Minus infinity is always "reached": `>25` would get the lowest band, "deficient", and its dosing card,
+    # though it may be in the target band or above. Only a value without a lower bound (`<35`), or in one
+    # band, gets the lowest; any other straddling it gets none (the band-uncertain card names them).
+    if (
+        band is not None
+        and math.isinf(band.lower)
+        and not math.isinf(value.lo)
+        and len(possible_bands(value, profile.bands)) > 1
+    ):
+        return None
     return band.id if band else None
 
 
@@ -78,6 +88,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["vitd.present"] = vitd is not None
     values["vitd.value"] = vitd.value if vitd else None
     values["vitd.band"] = band_of(vitd.value, profile) if vitd else None
+    # `>25`: no band it certainly reaches, so no dosing band either (`certain_band`).
+    values["vitd.band_certain"] = values["vitd.band"] is not None
     values["vitd.stale"] = vitd.stale if vitd else None
     values["vitd.usable"] = vitd is not None and not vitd.stale
     for name, measurement in (("egfr", facts.egfr), ("calcium", facts.calcium)):
