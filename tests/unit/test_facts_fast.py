@@ -173,8 +173,8 @@ def test_ties_are_broken_by_id_then_the_cautious_value_never_by_order(order: tup
             notes=(f"{disagree}21 ng/mL on 2026-11-01, 20 ng/mL on 2026-11-01",),
         )
     # An id decides between results of the same time.
-    assert facts(obs(VITD, 1, oid="b"), obs(VITD, 2, oid="a")).vitd == vitd(
-        Interval.exact(1), "1 ng/mL", source="Observation/b"
+    assert facts(obs(VITD, 11, oid="b"), obs(VITD, 12, oid="a")).vitd == vitd(
+        Interval.exact(11), "11 ng/mL", source="Observation/b"
     )
 
 

@@ -318,14 +318,14 @@ def test_an_implausible_or_future_result_is_named_and_never_hides_an_older_usabl
 @pytest.mark.parametrize(
     "resource",
     [
-        obs(VITD, 0.5, "ng/mL"),
+        obs(VITD, 1.5, "ng/mL"),
         obs(VITD, 1000, "ng/mL"),
         obs(VITD, 0, "ng/mL", valueQuantity={"value": 5, "comparator": "<", "unit": "ng/mL"}),
         obs(VITD, 45, "ng/mL", when="2026-11-25"),  # one day of clock skew
         obs(VITD, 45, "ng/mL", when="2026-11-25T23:00:00+10:00"),
         egfr(EPI_2021, 250, "e"),
         egfr(EPI_2021, 0, "e", valueQuantity={"value": 200, "comparator": ">", "unit": EGFR_UNIT}),
-        obs(TOTAL, 2.1, "mg/dL"),
+        obs(TOTAL, 3.1, "mg/dL"),
         obs(TOTAL, 25, "mg/dL"),
         obs(IONIZED_MMOL, 0.8, "mmol/L"),
     ],

@@ -172,3 +172,18 @@ def test_a_greater_than_value_below_the_second_band_gets_no_band_and_no_dosing()
     assert values(facts(lt35))["vitd.band"] == "deficient"
     gt25_egfr = text_obs(EPI_2021, ">25")
     assert values(facts(gt25_egfr))["egfr.band"] == "G4"
+
+
+# ---------------------------------------------------------------- 10: plausibility floors
+
+
+def test_a_near_zero_or_mmol_as_mg_newest_value_never_hides_an_older_caution() -> None:
+    for tiny in (obs(VITD, 0.1, "ng/mL", oid="new"), obs(VITD, 1, "nmol/L", oid="new")):
+        result = facts(tiny, obs(VITD, 170, "ng/mL", oid="old", when="2026-10-01"))
+        assert values(result)["vitd.band"] == "toxicity" and len(result.issues) == 1
+    calcium = facts(
+        obs(CALCIUM, 2.65, "mg/dL", oid="new"), obs(CALCIUM, 11.8, "mg/dL", oid="old", when="2026-10-01")
+    )
+    assert values(calcium)["calcium.high"] is True and len(calcium.issues) == 1
+    ionized = facts(obs("17863-2", 2.65, "mg/dL"))
+    assert ionized.calcium is not None and ionized.issues == ()

@@ -54,6 +54,9 @@ class Plausible:
     above: float
     most: float
     reason: str
+    # A higher floor for some kinds (total calcium: a mmol/L number sent as mg/dL sits where only an
+    # ionized calcium can be).
+    above_by_kind: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
