@@ -187,3 +187,22 @@ def test_a_near_zero_or_mmol_as_mg_newest_value_never_hides_an_older_caution() -
     assert values(calcium)["calcium.high"] is True and len(calcium.issues) == 1
     ionized = facts(obs("17863-2", 2.65, "mg/dL"))
     assert ionized.calcium is not None and ionized.issues == ()
+
+
+# ---------------------------------------------------------------- 14: the lab's reference range
+
+
+def test_a_unitless_range_is_in_the_results_unit_and_the_lowest_high_is_used() -> None:
+    unitless = obs(CALCIUM, 10.4, "mg/dL", referenceRange=[{"high": {"value": 10.2}}])
+    result = facts(unitless)
+    assert result.calcium is not None and result.calcium.upper_limit == 10.2
+    assert values(result)["calcium.high"] is True
+    two = obs(
+        CALCIUM,
+        11,
+        "mg/dL",
+        referenceRange=[{"high": {"value": 12, "unit": "mg/dL"}}, {"high": {"value": 10.2, "unit": "mg/dL"}}],
+    )
+    assert values(facts(two))["calcium.high"] is True
+    mmol = obs("2000-8", 2.7, "mmol/L", referenceRange=[{"high": {"value": 2.6}}])
+    assert facts(mmol).calcium.upper_limit == 10.42  # type: ignore[union-attr]

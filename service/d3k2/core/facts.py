@@ -216,7 +216,7 @@ class _Collector(RecordReader):
         text, when, at = moment
         if not self._usable(found.lab, value, comparator, unit, when, found.kind):
             return
-        upper = upper_limit(resource, found.lab) if "referenceRange" in resource else None
+        upper = upper_limit(resource, found.lab, unit) if "referenceRange" in resource else None
         if at is None:
             at = instant(text, when)  # fails again, now: reported as it always was
         rid = resource.get("id")

@@ -198,20 +198,23 @@ def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[I
     return converted, format_interval(reported_interval, display_unit, None)
 
 
-def upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
+def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = None) -> float | None:
+    """The lab's upper limit in the canonical unit: a high without a unit is in the result's own `unit`;
+    of several ranges (a child's and an adult's), the lowest high, the cautious one."""
     ranges = resource.get("referenceRange")
     if not isinstance(ranges, list):
         return None
+    limits = []
     for rng in ranges:
         high = rng.get("high") if isinstance(rng, Mapping) else None
         if isinstance(high, Mapping) and isinstance(high.get("value"), int | float):
-            unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit"))
-            factor = lab.units.get(unit or "")
+            high_unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit")) or unit
+            factor = lab.units.get(high_unit or "")
             if factor is not None:
                 # Converted as a result is, so that a result equal to the limit is never above it.
                 limit = float(high["value"])
-                return limit if factor == 1.0 else round(limit * factor, lab.decimals)
-    return None
+                limits.append(limit if factor == 1.0 else round(limit * factor, lab.decimals))
+    return min(limits, default=None)
 
 
 def lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
