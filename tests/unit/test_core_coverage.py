@@ -157,7 +157,7 @@ def test_all_of_with_an_undecided_part_cannot_tell() -> None:
     [
         (obs("62292-8", valueQuantity={"value": 5}), "valueQuantity has no unit"),
         (obs("62292-8", valueString="positive"), "valueString is not a number"),
-        (obs("33914-3", valueString="45"), "valueString has no unit"),
+        (obs("12180-6", valueString="4.5"), "valueString has no unit"),
         (obs("62292-8", valueQuantity={"value": 5, "unit": "ng/mL", "comparator": "~"}), "comparator '~'"),
     ],
 )

@@ -27,18 +27,10 @@ from pydantic import ValidationError
 from builders import TODAY, fixtures, ruleset
 from d3k2.core.cards import build_cards, card_uuid, medication_request, service_request, validated_resource
 from d3k2.core.drafts import read_draft_orders
-from d3k2.core.engine import (
-    FIELD_MAKERS,
-    FactValue,
-    FieldContext,
-    Fields,
-    evaluate,
-    evaluate_condition,
-    fact_values,
-    template_fields,
-)
+from d3k2.core.engine import FactValue, evaluate, evaluate_condition, fact_values
 from d3k2.core.errors import BadRequest
 from d3k2.core.facts import Facts
+from d3k2.core.fields import FIELD_MAKERS, FieldContext, Fields, template_fields
 from d3k2.core.hooks import parse_feedback, parse_request
 from d3k2.core.medication_reader import MedicationReader
 from d3k2.core.medications import classify_medication

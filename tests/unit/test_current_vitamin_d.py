@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
-from d3k2.core.engine import fact_values, template_fields
+from d3k2.core.engine import fact_values
 from d3k2.core.facts import Facts, extract_facts
+from d3k2.core.fields import template_fields
 from d3k2.core.quantities import Interval
 from d3k2.service import facts_for
 

@@ -96,7 +96,8 @@ def test_an_unreadable_old_result_is_reported_beside_the_newest() -> None:
         ),
         (obs(VITD, 5, valueQuantity={"value": 5, "comparator": "<"}), "valueQuantity has no unit"),
         (obs(VITD, "12 furlongs"), "unit 'furlongs' not understood for 25(OH)D"),
-        (obs(EGFR, "45"), "valueString has no unit"),
+        # A code whose LOINC property names no unit (ionized calcium, "property not confirmed").
+        (obs("12180-6", "4.5"), "valueString has no unit"),
         (obs(VITD, 18, when="0001-01-01T00:00:00+01:00"), "unreadable (OverflowError)"),
         (
             obs(VITD, 18, referenceRange=[{"high": {"value": 10**400, "unit": "ng/mL"}}]),
@@ -143,7 +144,7 @@ def test_period_and_issued_dates_and_their_instants() -> None:
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
-def test_ties_are_broken_by_id_then_content_never_by_order(order: tuple[int, int, int]) -> None:
+def test_ties_are_broken_by_id_then_the_cautious_value_never_by_order(order: tuple[int, int, int]) -> None:
     same_time = "2026-11-01T08:00:00Z"
     tied = [
         obs(VITD, 20, when=same_time, oid=None),
@@ -153,15 +154,27 @@ def test_ties_are_broken_by_id_then_content_never_by_order(order: tuple[int, int
     result = facts(*(tied[i] for i in order))
     # "Observation/a(no id)" > "Observation/(no id)"; alone with its (time, id).
     assert result.vitd == vitd(Interval.exact(25), "25 ng/mL", source="Observation/a(no id)")
+    # Results without an id at one moment, and copies of one record, disagree: the highest 25(OH)D, named.
+    disagree = "copies of this result disagree, the most cautious is used: "
     no_ids = [tied[0], tied[1]]
     for resources in (no_ids, no_ids[::-1]):
-        assert facts(*resources).vitd == vitd(Interval.exact(30), "30 ng/mL", source="Observation/(no id)")
+        assert facts(*resources).vitd == vitd(
+            Interval.exact(30),
+            "30 ng/mL",
+            source="Observation/(no id)",
+            notes=(f"{disagree}30 ng/mL on 2026-11-01, 20 ng/mL on 2026-11-01",),
+        )
     twins = [obs(VITD, 20, when=same_time, oid="x(no id)"), obs(VITD, 21, when=same_time, oid="x(no id)")]
     for resources in (twins, twins[::-1]):
-        assert facts(*resources).vitd == vitd(Interval.exact(21), "21 ng/mL", source="Observation/x(no id)")
+        assert facts(*resources).vitd == vitd(
+            Interval.exact(21),
+            "21 ng/mL",
+            source="Observation/x(no id)",
+            notes=(f"{disagree}21 ng/mL on 2026-11-01, 20 ng/mL on 2026-11-01",),
+        )
     # An id decides between results of the same time.
-    assert facts(obs(VITD, 1, oid="b"), obs(VITD, 2, oid="a")).vitd == vitd(
-        Interval.exact(1), "1 ng/mL", source="Observation/b"
+    assert facts(obs(VITD, 11, oid="b"), obs(VITD, 12, oid="a")).vitd == vitd(
+        Interval.exact(11), "11 ng/mL", source="Observation/b"
     )
 
 
@@ -299,7 +312,11 @@ def test_legacy_egfr_only_without_a_race_free_result() -> None:
         ("legacy sex/race-specific equation",),
         None,
     )
+    # An older race-free result never hides a newer legacy one; one of the same day does.
     free = obs(EGFR, 40, "mL/min/{1.73_m2}", oid="free", when="2026-01-01", status="preliminary")
+    measured = facts(legacy, free).egfr
+    assert measured is not None and measured.source == "Observation/legacy"
+    free = obs(EGFR, 40, "mL/min/{1.73_m2}", oid="free", when="2026-11-10", status="preliminary")
     measured = facts(legacy, free).egfr
     assert measured is not None and measured.source == "Observation/free"
     assert measured.notes == ("preliminary result",)
@@ -312,7 +329,15 @@ def test_the_same_result_under_two_keys_counts_once_and_versions_never_depend_on
     version_a = obs(VITD, 20, oid="v")
     version_b = obs(VITD, 25, oid="v")
     for resources in ((version_a, version_b), (version_b, version_a), (version_a, version_b, version_a)):
-        assert facts(*resources).vitd == vitd(Interval.exact(25), "25 ng/mL", source="Observation/v")
+        assert facts(*resources).vitd == vitd(
+            Interval.exact(25),
+            "25 ng/mL",
+            source="Observation/v",
+            notes=(
+                "copies of this result disagree, the most cautious is used: 25 ng/mL on 2026-11-01, "
+                "20 ng/mL on 2026-11-01",
+            ),
+        )
 
 
 def test_type_and_id_are_one_reference_text() -> None:

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
-from d3k2.core.engine import fact_values, template_fields
+from d3k2.core.engine import fact_values
 from d3k2.core.facts import Facts
+from d3k2.core.fields import template_fields
 from d3k2.core.terminology import LOINC
 from d3k2.service import facts_for
 
@@ -53,15 +54,21 @@ def test_a_legacy_non_race_specific_or_non_black_egfr_is_used_when_no_race_free_
 
 
 @pytest.mark.parametrize("code", [MDRD_BLACK, EPI_BLACK])
-def test_an_among_blacks_egfr_is_never_used_by_default(code) -> None:
-    assert facts(egfr(code, 25, "black")).egfr is None
+def test_an_among_blacks_egfr_is_only_an_upper_bound_and_yields_to_any_other_of_its_day(code) -> None:
+    alone = facts(egfr(code, 35, "black"))
+    assert alone.egfr is None and len(alone.issues) == 1 and "unless below 30" in alone.issues[0]
+    bound = facts(egfr(code, 25, "black")).egfr
+    assert bound is not None and bound.value.hi == 25 and math.isinf(bound.value.lo)
     paired = facts(egfr(code, 34, "black"), egfr(MDRD_NON_BLACK, 28, "non-black")).egfr
     assert paired is not None and paired.code == MDRD_NON_BLACK and paired.value.lo == 28
 
 
-def test_a_race_free_result_beats_a_newer_legacy_one() -> None:
+def test_a_race_free_result_beats_a_legacy_one_of_the_same_day_but_not_a_newer_one() -> None:
+    same_day = facts(egfr(EPI_2021, 40, "free", when="2026-11-01"), egfr(MDRD_NON_BLACK, 25, "legacy")).egfr
+    assert same_day is not None and same_day.code == EPI_2021 and same_day.notes == ()
     result = facts(egfr(EPI_2021, 40, "free", when="2026-06-01"), egfr(MDRD_NON_BLACK, 25, "legacy")).egfr
-    assert result is not None and result.code == EPI_2021 and result.notes == ()
+    assert result is not None and result.code == MDRD_NON_BLACK
+    assert result.notes == ("legacy sex/race-specific equation",)
 
 
 def test_one_specimen_by_two_legacy_equations_gives_the_lower_value_and_says_so() -> None:
@@ -312,14 +319,14 @@ def test_an_implausible_or_future_result_is_named_and_never_hides_an_older_usabl
 @pytest.mark.parametrize(
     "resource",
     [
-        obs(VITD, 0.5, "ng/mL"),
+        obs(VITD, 1.5, "ng/mL"),
         obs(VITD, 1000, "ng/mL"),
         obs(VITD, 0, "ng/mL", valueQuantity={"value": 5, "comparator": "<", "unit": "ng/mL"}),
         obs(VITD, 45, "ng/mL", when="2026-11-25"),  # one day of clock skew
         obs(VITD, 45, "ng/mL", when="2026-11-25T23:00:00+10:00"),
         egfr(EPI_2021, 250, "e"),
         egfr(EPI_2021, 0, "e", valueQuantity={"value": 200, "comparator": ">", "unit": EGFR_UNIT}),
-        obs(TOTAL, 2.1, "mg/dL"),
+        obs(TOTAL, 3.1, "mg/dL"),
         obs(TOTAL, 25, "mg/dL"),
         obs(IONIZED_MMOL, 0.8, "mmol/L"),
     ],

@@ -501,7 +501,8 @@ def test_unit_conversion_round_trips(lab_name, value, comparator) -> None:
 )
 def test_a_result_in_another_unit_reads_as_its_canonical_value(lab_name, value, comparator) -> None:
     lab = ruleset().facts.labs[lab_name]
-    assume(lab.plausible.above < value <= lab.plausible.most)  # others are not used (see test_lab_reading)
+    floor = lab.plausible.above_by_kind.get("total", lab.plausible.above)
+    assume(floor + 0.01 < value < lab.plausible.most)  # others are not used (see test_lab_reading)
     code = {"vitd": "62292-8", "calcium": "17861-6"}[lab_name]
     canonical = facts([_lab(code, value, lab.canonical_unit, comparator)])
     other_unit, factor = next((u, f) for u, f in lab.units.items() if f != 1.0)
@@ -604,6 +605,7 @@ VITD_CARDS = {
     "vitd-high",
     "vitd-very-high",
     "vitd-toxicity",
+    "vitd-band-uncertain",
 }
 COMPARATORS = st.sampled_from([None, "<", "<=", ">", ">="])
 
@@ -618,13 +620,23 @@ COMPARATORS = st.sampled_from([None, "<", "<=", ">", ">="])
 @example(100, ">", "ng/mL", "seed")
 @example(35, "<", "ng/mL", "seed")
 @example(150, ">=", "ng/mL", "endocrine-2011")
-def test_every_usable_vitd_result_gets_a_band_and_a_card(value, comparator, unit, profile) -> None:
+@example(25, ">", "ng/mL", "seed")
+def test_every_usable_vitd_result_gets_a_band_or_is_uncertain_and_a_card(
+    value, comparator, unit, profile
+) -> None:
     # In nmol/L the same numbers cover 0.04–400 ng/mL.
+    lab = ruleset().facts.labs["vitd"]
+    reading = Interval.from_comparator(value, comparator).scaled(lab.units[unit])
+    assume(reading.le(lab.plausible.above) is not True)  # 1 ng/mL or less is not used (see test_lab_review)
     resources = [_lab("62292-8", value, unit, comparator) | {"effectiveDateTime": TODAY.isoformat()}]
     rs = ruleset()
     evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=profile)
     assert evaluation.values["vitd.usable"] is True
-    assert evaluation.values["vitd.band"] in {b.id for b in rs.profiles[profile].bands}
+    band = evaluation.values["vitd.band"]
+    assert band in {b.id for b in rs.profiles[profile].bands} or (
+        # Straddling the lowest band from above (`>25`): no band, never the lowest and its dose.
+        band is None and comparator in (">", ">=") and evaluation.values["vitd.band_certain"] is False
+    )
     cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
     shown = [c for c in cards if c["source"]["topic"]["code"] in VITD_CARDS]
     assert shown, f"no 25(OH)D card for {comparator or ''}{value} {unit} ({profile})"
@@ -662,8 +674,9 @@ def test_every_calcium_result_decides_whether_it_is_high(value, comparator) -> N
         Interval.from_comparator(value, comparator),
         ruleset().facts.labs["calcium"].plausible,
     )
-    # Certainly outside 2–25 mg/dL is not used at all (named on the data card; see test_lab_reading).
-    assume(reading.le(plausible.above) is not True and reading.gt(plausible.most) is not True)
+    # Certainly outside 3–25 mg/dL (total) is not used at all (named on the data card; see test_lab_reading).
+    floor = plausible.above_by_kind["total"]
+    assume(reading.le(floor) is not True and reading.gt(plausible.most) is not True)
     resources = [_lab("17861-6", value, "mg/dL", comparator)]
     rs = ruleset()
     evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=rs.default_profile)

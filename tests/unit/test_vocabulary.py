@@ -10,8 +10,8 @@ from functools import cache
 from typing import Any
 
 from builders import fixtures, ruleset
-from d3k2.core.engine import template_fields
 from d3k2.core.errors import D3K2Error
+from d3k2.core.fields import template_fields
 from d3k2.core.quantities import Interval
 from d3k2.core.ruleset import FactSpec
 from d3k2.service import call_service

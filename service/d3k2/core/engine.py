@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import ChainMap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -14,16 +14,12 @@ from typing import Any
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts
-from d3k2.core.labs import Measurement, calcium_grade, calcium_high, describe_limit
+from d3k2.core.fields import FactValue, FieldContext, Fields, current_d, current_daily
+from d3k2.core.labs import calcium_grade, calcium_high
 from d3k2.core.orderset import OrderSet, draft_fields, order_set, set_values
-from d3k2.core.quantities import Banded, Interval, certain_band, format_number, possible_bands
-from d3k2.core.record import MedicationFact
+from d3k2.core.quantities import Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
-from d3k2.core.texts import Texts
-from d3k2.core.vitamers import d2_fields, d2_values
-from d3k2.core.wording import REFERENCE, evidence_of, evidence_text, names_of, record_kind
-
-FactValue = bool | str | float | Interval | None
+from d3k2.core.vitamers import d2_values
 
 
 @dataclass(frozen=True)
@@ -59,19 +55,17 @@ class Evaluation:
 def band_of(value: Interval, profile: Profile) -> str | None:
     """The band of every possible value, or the highest band a straddling comparator certainly reaches."""
     band = certain_band(value, profile.bands)
+    # Minus infinity is always "reached": `>25` would get the lowest band, "deficient", and its dosing card,
+    # though it may be in the target band or above. Only a value without a lower bound (`<35`), or in one
+    # band, gets the lowest; any other straddling it gets none (the band-uncertain card names them).
+    if (
+        band is not None
+        and math.isinf(band.lower)
+        and not math.isinf(value.lo)
+        and len(possible_bands(value, profile.bands)) > 1
+    ):
+        return None
     return band.id if band else None
-
-
-def _bands_label(value: Interval, bands: Sequence[Banded]) -> str:
-    """The band's label; a value that straddles bands names each band it may be in."""
-    return " or ".join(b.label for b in possible_bands(value, bands))
-
-
-def _range_note(value: Interval, bands: Sequence[Banded]) -> str:
-    """Why the band is not certain: the lab reported a bound (`>100`), not a number."""
-    if len(possible_bands(value, bands)) < 2:
-        return ""
-    return "above the assay's range" if math.isinf(value.hi) else "below the assay's range"
 
 
 def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, FactValue]:
@@ -81,6 +75,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["vitd.present"] = vitd is not None
     values["vitd.value"] = vitd.value if vitd else None
     values["vitd.band"] = band_of(vitd.value, profile) if vitd else None
+    # `>25`: no band it certainly reaches, so no dosing band either (`certain_band`).
+    values["vitd.band_certain"] = values["vitd.band"] is not None
     values["vitd.stale"] = vitd.stale if vitd else None
     values["vitd.usable"] = vitd is not None and not vitd.stale
     for name, measurement in (("egfr", facts.egfr), ("calcium", facts.calcium)):
@@ -106,196 +102,12 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["meds.unknown"] = bool(facts.unknown_medications)
     # Some practice differs by profile: K2 pairing and testing without a reason are the seed article's.
     values["profile"] = profile_name
-    daily = _current_daily(_current_d(facts))
+    daily = current_daily(current_d(facts))
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
     values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
     return values
-
-
-def _current_d(facts: Facts) -> list[MedicationFact]:
-    """Current vitamin D products, one per product and dose: the same product at the same dose on two records
-    (a request, and the statement that records taking it) is one intake, not two."""
-    return list({(m.product, m.dose, m.daily): m for m in facts.meds("vitamin-d")}.values())
-
-
-def _current_daily(products: list[MedicationFact]) -> float | None:
-    """IU/day from current vitamin D products: 0 without any, None when a dose cannot be read."""
-    doses = [m.daily for m in products]
-    return None if None in doses else sum(d for d in doses if d is not None)
-
-
-def _current_d_fields(c: FieldContext) -> SimpleNamespace:
-    products = _current_d(c.facts)
-    if not products:
-        return SimpleNamespace(names="none", daily="none")
-    names = ", ".join(sorted({m.product for m in products}))
-    # Each product's own lead ("5,000 IU/day", "50,000 IU/week") or why its dose is unknown.
-    leads = sorted(m.dose.split(":", 1)[0] if m.daily is not None else m.dose for m in products)
-    total = _current_daily(products)
-    if len(products) == 1:
-        daily = leads[0]
-    elif total is None:
-        daily = "unknown (" + "; ".join(leads) + ")"
-    else:
-        daily = f"{format_number(total)} IU/day in all ({' + '.join(leads)})"
-    return SimpleNamespace(names=names, daily=daily)
-
-
-def _measurement_fields(m: Measurement | None, texts: Texts) -> SimpleNamespace:
-    if m is None:
-        return SimpleNamespace(
-            shown=texts.not_on_record, date=texts.no_date, stale="", notes="", age="", status=""
-        )
-    stale = texts.stale.format(days=m.age_days) if m.stale else ""
-    notes = f" ({'; '.join(m.notes)})" if m.notes else ""
-    return SimpleNamespace(
-        shown=m.shown, date=m.when.isoformat(), stale=stale, notes=notes, age=str(m.age_days), status=m.status
-    )
-
-
-@dataclass(frozen=True)
-class FieldContext:
-    ruleset: RuleSet
-    facts: Facts
-    profile_name: str
-    values: Mapping[str, FactValue]
-
-
-def _profile_fields(c: FieldContext) -> SimpleNamespace:
-    return SimpleNamespace(name=c.profile_name, title=c.ruleset.profiles[c.profile_name].title)
-
-
-def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str) -> SimpleNamespace:
-    if m is not None and note:
-        fields.notes = f" ({'; '.join((*m.notes, note))})"
-    return fields
-
-
-def _vitd_fields(c: FieldContext) -> SimpleNamespace:
-    m = c.facts.vitd
-    texts = c.ruleset.texts
-    if m is None:
-        vitd = _measurement_fields(m, texts)
-        vitd.band = "no band (no result)"
-        vitd.line = texts.vitd_none
-        return vitd
-    bands = c.ruleset.profiles[c.profile_name].bands
-    vitd = _with_note(_measurement_fields(m, texts), m, _range_note(m.value, bands))
-    vitd.band = _bands_label(m.value, bands)
-    stale = texts.stale.format(days=m.age_days) if m.stale else ""
-    vitd.line = texts.vitd_line.format(
-        shown=vitd.shown, date=vitd.date, notes=vitd.notes, band=vitd.band, stale=stale
-    )
-    return vitd
-
-
-def _egfr_fields(c: FieldContext) -> SimpleNamespace:
-    m = c.facts.egfr
-    bands = c.ruleset.facts.labs["egfr"].bands
-    if m is None or len(possible_bands(m.value, bands)) < 2:
-        return _measurement_fields(m, c.ruleset.texts)
-    return _with_note(_measurement_fields(m, c.ruleset.texts), m, f"could be {_bands_label(m.value, bands)}")
-
-
-def _calcium_fields(c: FieldContext) -> SimpleNamespace:
-    m = c.facts.calcium
-    calcium = _measurement_fields(m, c.ruleset.texts)
-    calcium.limit = ""
-    calcium.grade = ""
-    if m is None:
-        return calcium
-    lab = c.ruleset.facts.labs["calcium"]
-    # Total, albumin-corrected and ionized calcium are different measurements: the card names which.
-    calcium.shown = f"{m.kind} {m.shown}" if m.kind else m.shown
-    texts = c.ruleset.texts
-    calcium.limit = describe_limit(m, lab, texts.lab_limit, texts.default_limit)
-    grade = c.values.get("calcium.grade")
-    labels = {g.id: g.label for g in lab.grades}
-    if grade in labels:
-        calcium.grade = f" Severity: {labels[str(grade)]}, Minisola 2015."
-    elif grade == "ungraded":
-        calcium.grade = f" Severity: not graded for {m.kind} calcium."
-    return calcium
-
-
-def _evidence_fields(c: FieldContext) -> SimpleNamespace:
-    facts, texts = c.facts, c.ruleset.texts
-    groups = {
-        name: evidence_of(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()
-    }
-    pregnancy = evidence_text(list(facts.pregnancy), texts)
-    return SimpleNamespace(**groups, pregnancy=pregnancy)
-
-
-def _data_fields(c: FieldContext) -> SimpleNamespace:
-    facts, texts = c.facts, c.ruleset.texts
-    # The readers name each record by its id, which a clinician cannot use: the card names its kind instead.
-    problems = [
-        REFERENCE.sub(lambda r: record_kind(r.group(0), texts), p) for p in (*facts.missing, *facts.issues)
-    ]
-    issues = "; ".join(problems) if problems else c.ruleset.texts.none
-    paragraphs = [f"Not used: {issues}."] if problems else []
-    if facts.copies:
-        paragraphs.append(
-            f"Two different copies of the same record were sent "
-            f"({', '.join(sorted({record_kind(r, c.ruleset.texts) for r in facts.copies}))}): "
-            "cautions from either are kept."
-        )
-    if facts.unknown_medications:
-        unknown = "; ".join(
-            f"{m.name or 'a medication without a name'} ({record_kind(m.source, texts)}: {m.reason})"
-            for m in facts.unknown_medications
-        )
-        paragraphs.append(
-            f"Medications of unknown kind: {unknown}. Vitamin K2 is not suggested while one is on record: "
-            "a vitamin K antagonist cannot be ruled out."
-        )
-    return SimpleNamespace(issues=issues, text="\n\n".join(paragraphs))
-
-
-# Each namespace of the template fields, in the order `template_fields` lists them.
-FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
-    "profile": _profile_fields,
-    "vitd": _vitd_fields,
-    "egfr": _egfr_fields,
-    "calcium": _calcium_fields,
-    "vka": lambda c: SimpleNamespace(
-        names=names_of(c.facts, "vka", c.ruleset.texts),
-        sources=", ".join(sorted({record_kind(m.source, c.ruleset.texts) for m in c.facts.meds("vka")})),
-    ),
-    "k2": lambda c: SimpleNamespace(names=names_of(c.facts, "vitamin-k2", c.ruleset.texts)),
-    "doac": lambda c: SimpleNamespace(names=names_of(c.facts, "doac", c.ruleset.texts)),
-    "analog": lambda c: SimpleNamespace(names=names_of(c.facts, "vitamin-d-analog", c.ruleset.texts)),
-    "current_d": _current_d_fields,
-    "current_d2": lambda c: d2_fields(c.facts),
-    "evidence": _evidence_fields,
-    "data": _data_fields,
-}
-
-
-class Fields(dict[str, SimpleNamespace]):
-    """The template fields of one answer, each namespace made when a card first reads it and then kept
-    (like a defaultdict): an answer renders a few cards, and most namespaces are never read. A dict, so
-    that `str.format_map` reads the namespaces already made at C speed."""
-
-    __slots__ = ("_context",)
-
-    def __init__(self, context: FieldContext) -> None:
-        super().__init__()
-        self._context = context
-
-    def __missing__(self, key: str) -> SimpleNamespace:
-        made = self[key] = FIELD_MAKERS[key](self._context)
-        return made
-
-
-def template_fields(
-    ruleset: RuleSet, facts: Facts, profile_name: str, values: Mapping[str, FactValue]
-) -> dict[str, SimpleNamespace]:
-    context = FieldContext(ruleset, facts, profile_name, values)
-    return {name: make(context) for name, make in FIELD_MAKERS.items()}
 
 
 # ---------------------------------------------------------------- conditions
@@ -487,7 +299,7 @@ def evaluate(
             continue
         if scopes is None:
             the_set = order_set(
-                drafts.orders if drafts else (), drafts.unselected if drafts else (), _current_d(facts)
+                drafts.orders if drafts else (), drafts.unselected if drafts else (), current_d(facts)
             )
             scopes = _draft_scopes(drafts, values, the_set)
         for scope in scopes:

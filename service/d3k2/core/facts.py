@@ -58,7 +58,7 @@ class FactsConfig:
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
-    # same_specimen_lowest.
+    # same_specimen_lowest, conflicting_copies, upper_bound_used, upper_bound_unused.
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]
@@ -214,9 +214,9 @@ class _Collector(RecordReader):
             self.report(resource, str(exc))
             return
         text, when, at = moment
-        if not self._usable(found.lab, value, comparator, unit, when):
+        if not self._usable(found.lab, value, comparator, unit, when, found.kind):
             return
-        upper = upper_limit(resource, found.lab) if "referenceRange" in resource else None
+        upper = upper_limit(resource, found.lab, unit) if "referenceRange" in resource else None
         if at is None:
             at = instant(text, when)  # fails again, now: reported as it always was
         rid = resource.get("id")
@@ -236,7 +236,9 @@ class _Collector(RecordReader):
         else:
             group.append(candidate)
 
-    def _usable(self, lab: LabConfig, value: float, comparator: str | None, unit: str, when: date) -> bool:
+    def _usable(
+        self, lab: LabConfig, value: float, comparator: str | None, unit: str, when: date, kind: str
+    ) -> bool:
         """Dated at most `future_days` after today, and certainly possible for a body; else named on the
         data card (by lab and date, never by id) and not used, so that an older usable result is."""
         if (when - self.today).days > self.config.future_days:
@@ -245,7 +247,8 @@ class _Collector(RecordReader):
         plausible = lab.plausible
         reading = Interval.from_comparator(value, comparator)
         canonical = reading.scaled(lab.units[unit])
-        if canonical.le(plausible.above) is True or canonical.gt(plausible.most) is True:
+        floor = plausible.above_by_kind.get(kind, plausible.above)
+        if canonical.le(floor) is True or canonical.gt(plausible.most) is True:
             shown = format_interval(reading, unit, None)
             self.issues.append(f"{lab.label} of {when.isoformat()} is {shown}: {plausible.reason}")
             return False
@@ -286,7 +289,7 @@ def extract_facts(
     labs = config.labs
     found = collector.candidates
     vitd = read_vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
-    egfr = read_simple_lab(found, labs["egfr"], config, today) if "egfr" in labs else None
+    egfr = read_simple_lab(found, labs["egfr"], config, today, collector.issues) if "egfr" in labs else None
     calcium = read_simple_lab(found, labs["calcium"], config, today) if "calcium" in labs else None
     return Facts(
         today=today,

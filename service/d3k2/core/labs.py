@@ -14,6 +14,7 @@ shown, so Observations are read in two stages:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from d3k2.core.terminology import LOINC, Terminology
 if TYPE_CHECKING:  # the config of the whole reading, of which the labs are part
     from d3k2.core.facts import FactsConfig
 
+_THOUSANDS = re.compile(r"^[0-9]+,[0-9]{3}$")
 _COMPARATOR_STRING = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([0-9]+(?:[.,][0-9]+)?)\s*([^\s0-9].*)?$")
 
 
@@ -52,6 +54,9 @@ class Plausible:
     above: float
     most: float
     reason: str
+    # A higher floor for some kinds (total calcium: a mmol/L number sent as mg/dL sits where only an
+    # ionized calcium can be).
+    above_by_kind: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,12 @@ class LabConfig:
     bands: tuple[LabBand, ...] = ()
     # Several results of one specimen (several equations): the lowest is used, and the card says so.
     same_specimen_lowest: bool = False
+    # Which of disagreeing copies of one result is the cautious one: "highest" (25(OH)D, calcium: the
+    # toxicity and hypercalcemia cards) or "lowest" (eGFR: the kidney card; albumin: the higher correction).
+    cautious: str = "highest"
+    # Codes whose value a coefficient > 1 raised ("among blacks" eGFR): `never` codes; only a value
+    # certainly below this limit is used, as the upper bound it is, else the result is not used. Both named.
+    upper_bound_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ class Measurement:
 
 # (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
 # the one with the greatest (at, "Observation/<id>") and every source of a candidate starts with
-# "Observation/"; `id` is "(no id)" for a result without one, as in its source.
+# "Observation/"; `id` is `NO_ID` for a result without one, as in its source.
 Candidate = tuple[datetime, str, date, str, "Role", float | None, Mapping[str, Any]]
 _NEWEST_KEY = itemgetter(0, 1)
 
@@ -159,7 +170,12 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
         if not match:
             raise Unreadable("valueString is not a number")
         comparator = match.group(1)
-        value = float(match.group(2).replace(",", "."))
+        number = match.group(2)
+        # "12,5" is a decimal comma, but "1,220" is 1.22 in one country and 1,220 in another: a thousand
+        # times apart, either side of every threshold. Never guessed; not used, and named.
+        if _THOUSANDS.match(number):
+            raise Unreadable("valueString number is ambiguous (a comma before three digits)")
+        value = float(number.replace(",", "."))
         unit = (match.group(3) or "").strip() or lab.default_unit_by_code.get(code)
         if unit is None:
             raise Unreadable("valueString has no unit")
@@ -182,26 +198,32 @@ def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[I
     return converted, format_interval(reported_interval, display_unit, None)
 
 
-def upper_limit(resource: Mapping[str, Any], lab: LabConfig) -> float | None:
+def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = None) -> float | None:
+    """The lab's upper limit in the canonical unit: a high without a unit is in the result's own `unit`;
+    of several ranges (a child's and an adult's), the lowest high, the cautious one."""
     ranges = resource.get("referenceRange")
     if not isinstance(ranges, list):
         return None
+    limits = []
     for rng in ranges:
         high = rng.get("high") if isinstance(rng, Mapping) else None
         if isinstance(high, Mapping) and isinstance(high.get("value"), int | float):
-            unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit"))
-            factor = lab.units.get(unit or "")
+            high_unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit")) or unit
+            factor = lab.units.get(high_unit or "")
             if factor is not None:
                 # Converted as a result is, so that a result equal to the limit is never above it.
                 limit = float(high["value"])
-                return limit if factor == 1.0 else round(limit * factor, lab.decimals)
-    return None
+                limits.append(limit if factor == 1.0 else round(limit * factor, lab.decimals))
+    return min(limits, default=None)
 
 
 def lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
+    # A `never` code says what the value is, whatever other code the result also carries (an "among blacks"
+    # eGFR coded with a race-free code too is still the raised value).
     for code in codes:
         if code in lab.never:
-            continue
+            return "upper_bound", code
+    for code in codes:
         concepts = terminology.concepts(LOINC, code)
         if concepts & set(lab.exclude):
             continue
@@ -245,15 +267,34 @@ def moment_of(text: str) -> tuple[str, date, datetime | None] | None:
 # ---------------------------------------------------------------- stage 2: the newest results
 
 
-def _newest(accepted: list[Candidate], fallback: list[Candidate]) -> Candidate | None:
-    """Newest by time; final beats preliminary; ties broken by id, then content, never by Bundle order."""
+NO_ID = "(no id)"
+
+
+def _newest(
+    accepted: list[Candidate], fallback: list[Candidate], lab: LabConfig, config: FactsConfig
+) -> tuple[Candidate | None, tuple[str, ...]]:
+    """Newest by time; final beats preliminary; never by Bundle order. Copies of one record (same id, which
+    `unique_resources` keeps when it cannot tell which is newer), whatever their date or status, and results
+    without an id at the same moment: the most cautious of them (`LabConfig.cautious`), and the card names
+    the disagreement, so that no copy removes a caution another supports."""
     candidates = accepted or fallback
     if not candidates:
-        return None
+        return None, ()
     best = max(candidates, key=_NEWEST_KEY)
-    # Results without an id, and different copies of one result (`unique_resources`), can share (at, id).
-    tied = [c for c in candidates if c[0] == best[0] and c[1] == best[1]]
-    return tied[0] if len(tied) == 1 else max(tied, key=lambda c: canonical(c[6]))
+    rid = best[1]
+    copies = [c for c in (*accepted, *fallback) if c[1] == rid and (rid != NO_ID or c[0] == best[0])]
+    if len(copies) == 1:
+        return best, ()
+    read = [(_quantity(c[6], c[4].lab, c[4].code), c) for c in copies]
+    if lab.cautious == "lowest":
+        read.sort(key=lambda item: (item[0][0].lo, item[0][0].hi, canonical(item[1][6])))
+    else:
+        read.sort(key=lambda item: (-item[0][0].hi, -item[0][0].lo, canonical(item[1][6])))
+    pick = read[0][1]
+    if len({value for (value, _text), _c in read}) < 2:
+        return pick, ()
+    listed = ", ".join(dict.fromkeys(f"{text} on {c[2].isoformat()}" for (_value, text), c in read))
+    return pick, (f"{config.notes['conflicting_copies']}: {listed}",)
 
 
 def _measurement(
@@ -302,18 +343,22 @@ def read_vitd(candidates: Candidates, lab: LabConfig, config: FactsConfig, today
     totals = _group(candidates, lab, "total")
     total_dates = {c[2] for group in totals for c in group}
     d3_accepted, d3_fallback = _group(candidates, lab, "d3")
-    best_total = _newest(*totals)
-    best_d3 = _newest(
+    best_total, total_notes = _newest(*totals, lab, config)
+    best_d3, d3_notes = _newest(
         [c for c in d3_accepted if c[2] not in total_dates],
         [c for c in d3_fallback if c[2] not in total_dates],
+        lab,
+        config,
     )
     if best_d3 is None or (best_total is not None and best_total[2] >= best_d3[2]):
-        return _measurement(best_total, lab, config, today, ()) if best_total else None
+        return _measurement(best_total, lab, config, today, total_notes) if best_total else None
     day = best_d3[2]
     d2_accepted, d2_fallback = _group(candidates, lab, "d2")
-    d2 = _newest([c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day])
+    d2, d2_notes = _newest(
+        [c for c in d2_accepted if c[2] == day], [c for c in d2_fallback if c[2] == day], lab, config
+    )
     if d2 is None:
-        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"],))
+        return _measurement(best_d3, lab, config, today, (config.notes["d3_only"], *d3_notes))
     d3_value, d3_reported = _quantity(best_d3[6], best_d3[4].lab, best_d3[4].code)
     d2_value, d2_reported = _quantity(d2[6], d2[4].lab, d2[4].code)
     combined = Interval(
@@ -323,7 +368,8 @@ def read_vitd(candidates: Candidates, lab: LabConfig, config: FactsConfig, today
         d3_value.hi_open or d2_value.hi_open,
     )
     summed = (combined, f"{d3_reported} + D2 {d2_reported}")
-    return _measurement(best_d3, lab, config, today, (config.notes["d3_plus_d2"],), summed)
+    notes = (config.notes["d3_plus_d2"], *d3_notes, *d2_notes)
+    return _measurement(best_d3, lab, config, today, notes, summed)
 
 
 def _specimen(resource: Mapping[str, Any]) -> str | None:
@@ -354,16 +400,43 @@ def _lowest_of_specimen(
     return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
 
 
+def _upper_bound(
+    bound: Candidate,
+    lab: LabConfig,
+    config: FactsConfig,
+    today: date,
+    notes: tuple[str, ...],
+    issues: list[str],
+) -> Measurement | None:
+    """A value a coefficient > 1 raised: the true value is at most it. Used only when certainly below
+    `upper_bound_below`; named on the data card either way."""
+    value, reported = _quantity(bound[6], bound[4].lab, bound[4].code)
+    named = f"{lab.label} of {bound[2].isoformat()} ({reported})"
+    if lab.upper_bound_below is None or value.lt(lab.upper_bound_below) is not True:
+        issues.append(f"{named}: {config.notes['upper_bound_unused']}")
+        return None
+    issues.append(f"{named} as an estimate: {config.notes['upper_bound_used']}")
+    measured = _measurement(bound, lab, config, today, (config.notes["upper_bound_used"], *notes))
+    return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open))
+
+
 def read_simple_lab(
-    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date
+    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date, issues: list[str] | None = None
 ) -> Measurement | None:
     group = _group(candidates, lab, "primary")
-    best = _newest(*group)
-    notes: tuple[str, ...] = ()
-    if best is None:
-        group = _group(candidates, lab, "fallback")
-        best = _newest(*group)
-        notes = (config.notes["legacy_equation"],) if best else ()
+    best, notes = _newest(*group, lab, config)
+    legacy_group = _group(candidates, lab, "fallback")
+    legacy, legacy_notes = _newest(*legacy_group, lab, config)
+    # The newest result wins whatever its equation: a legacy one yields to a race-free one of the same day
+    # (the same specimen by another equation) only, so that an old race-free eGFR never hides a new one.
+    if legacy is not None and (best is None or legacy[2] > best[2]):
+        best, group = legacy, legacy_group
+        notes = (config.notes["legacy_equation"], *legacy_notes)
+    bound, bound_notes = _newest(*_group(candidates, lab, "upper_bound"), lab, config)
+    if bound is not None and (best is None or bound[2] > best[2]):
+        used = _upper_bound(bound, lab, config, today, bound_notes, [] if issues is None else issues)
+        if used is not None:
+            return used
     if best is not None and lab.same_specimen_lowest:
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice
@@ -382,8 +455,11 @@ def _albumin_corrected(
     if measured.kind != correction.applies_to or not measured.value.is_exact or albumin_lab is None:
         return measured
     accepted, fallback = _group(candidates, albumin_lab, "primary")
-    albumin = _newest(
-        [c for c in accepted if c[2] == measured.when], [c for c in fallback if c[2] == measured.when]
+    albumin, _notes = _newest(
+        [c for c in accepted if c[2] == measured.when],
+        [c for c in fallback if c[2] == measured.when],
+        albumin_lab,
+        config,
     )
     if albumin is None:
         return measured

@@ -91,6 +91,12 @@ def _age_config(data: Mapping[str, Any]) -> AgeConfig:
     return AgeConfig(bands=bands, max_years=int(data["max_years"]))
 
 
+def cautious_direction(value: object) -> str:
+    if value not in ("highest", "lowest"):
+        raise ValueError(f"labs.*.cautious must be 'highest' or 'lowest', not {value!r}")
+    return str(value)
+
+
 def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
     try:
         labs = {
@@ -116,6 +122,8 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 plausible=Plausible(**lab["plausible"]),
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
                 same_specimen_lowest=bool(lab.get("same_specimen_lowest", False)),
+                cautious=cautious_direction(lab.get("cautious", "highest")),
+                upper_bound_below=(float(lab["upper_bound_below"]) if "upper_bound_below" in lab else None),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
             )
@@ -141,7 +149,16 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             statement_unknown=tuple(data["medications"]["statement_unknown"]),
             notes={
                 key: str(data["notes"][key])
-                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation", "same_specimen_lowest")
+                for key in (
+                    "preliminary",
+                    "d3_only",
+                    "d3_plus_d2",
+                    "legacy_equation",
+                    "same_specimen_lowest",
+                    "conflicting_copies",
+                    "upper_bound_used",
+                    "upper_bound_unused",
+                )
             },
             age=_age_config(data["age"]),
             future_days=int(data["observation"]["future_days"]),
