@@ -105,6 +105,10 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
+    for service in ruleset.services.values():
+        for spec in service.prefetch.values():
+            if spec.unknown is not None:
+                values[spec.unknown] = spec.unknown in facts.unknown
     return values
 
 

@@ -86,6 +86,8 @@ class Facts:
     copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
     unknown_medications: tuple[UnknownMedication, ...] = ()
     age: Age = NOT_ON_RECORD
+    # Facts of data that could not be had in full (`PrefetchKey.unknown`, e.g. "pregnancy.unknown").
+    unknown: tuple[str, ...] = ()
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -263,6 +265,7 @@ def extract_facts(
     incomplete: Sequence[str] = (),
     issues: Sequence[str] = (),
     doses: MedicationDoser | None = None,
+    unknown: Sequence[str] = (),
 ) -> Facts:
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
@@ -310,4 +313,5 @@ def extract_facts(
         copies=tuple(sorted(copies)),
         unknown_medications=tuple(sorted(set(collector.unknown), key=lambda u: (u.source, u.reason, u.name))),
         age=read_age(collector.patients, today, config.age),
+        unknown=tuple(sorted(set(unknown))),
     )

@@ -190,6 +190,7 @@ def _services(
             query=_expand_codes(p.query, terminology, (path, f"prefetch.{key}.query"), problems),
             required=p.required,
             label=p.label,
+            unknown=p.unknown,
         )
         for key, p in doc.prefetch.items()
     }
@@ -278,6 +279,13 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
     )
     services = _services(services_doc, terminology, cards / "services.toml", problems)
     _check_evidence_fields(cards, facts, vocabulary, problems)
+    for key, spec in services_doc.prefetch.items():
+        declared = vocabulary.facts.get(spec.unknown) if spec.unknown is not None else None
+        if spec.unknown is not None and (declared is None or declared.type != "bool"):
+            where = f"prefetch.{key}.unknown"
+            problems.add(
+                cards / "services.toml", where, f"{spec.unknown!r} is not a bool fact in vocabulary.toml"
+            )
     for name, category in catalog.by_category.items():
         if category.fact is not None and vocabulary.facts.get(category.fact, None) is None:
             where = f"categories.{name}.fact"

@@ -40,6 +40,7 @@ class Resolved:
     resources: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # "<label> (<reason>)" for the card
     incomplete: list[str] = field(default_factory=list)  # labels of required keys without data
+    unknown: list[str] = field(default_factory=list)  # `PrefetchKey.unknown` facts of keys not had in full
     issues: list[str] = field(default_factory=list)
     fetched: dict[str, str] = field(default_factory=dict)  # key → "ok" or the error
 
@@ -170,6 +171,8 @@ def resolve(
         if partial.get(key):
             result.resources.extend(partial[key])
             reason = f"only in part: {reason}"
+        if spec.unknown is not None:
+            result.unknown.append(spec.unknown)
         if spec.required:
             unobtainable[key] = reason
         else:
@@ -196,6 +199,8 @@ def resolve(
                 result.resources.extend(arrived)
                 reason += "; the part that arrived was used"
             result.missing.append(f"{spec.label} (could not be fetched: {reason})")
+            if spec.unknown is not None:
+                result.unknown.append(spec.unknown)
             if spec.required:
                 result.incomplete.append(spec.label)
     if unobtainable:
