@@ -69,6 +69,8 @@ class FactsConfig:
     pregnancy_days: int
     # MedicationStatement statuses that say nothing about whether it is taken: a medication of unknown kind.
     statement_unknown: tuple[str, ...] = ("unknown",)
+    # MedicationRequest statuses that say nothing about whether it is current: a medication of unknown kind.
+    request_unknown: tuple[str, ...] = ("unknown",)
 
 
 @dataclass(frozen=True)

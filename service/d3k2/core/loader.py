@@ -139,6 +139,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             statement_current=tuple(data["medications"]["statement_current"]),
             request_current=tuple(data["medications"]["request_current"]),
             statement_unknown=tuple(data["medications"]["statement_unknown"]),
+            request_unknown=tuple(data["medications"]["request_unknown"]),
             notes={
                 key: str(data["notes"][key])
                 for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation", "same_specimen_lowest")

@@ -62,6 +62,17 @@ class UnknownMedication:
     source: str
 
 
+def _named(codeable: object) -> bool:
+    """A medication concept with a code or a name; without either nothing tells what it is."""
+    if not isinstance(codeable, Mapping):
+        return False
+    codings = codeable.get("coding")
+    coded = isinstance(codings, list) and any(
+        isinstance(c, Mapping) and nonempty_str(c.get("code")) for c in codings
+    )
+    return coded or bool(medication_text(codeable))
+
+
 def evidence_order(evidence: Evidence) -> tuple[str, str, str]:
     return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
 
@@ -134,7 +145,10 @@ class RecordReader:
     def medication(self, resource: Mapping[str, Any]) -> None:
         status = nonempty_str(resource.get("status")) or ""
         statement = resource.get("resourceType") == "MedicationStatement"
-        unknown_status = statement and status in self.config.statement_unknown
+        # Status is required in FHIR: one missing says as little as "unknown" (CLINICAL.md 5).
+        unknown_status = not status or status in (
+            self.config.statement_unknown if statement else self.config.request_unknown
+        )
         if not unknown_status and status not in (
             self.config.statement_current if statement else self.config.request_current
         ):
@@ -156,6 +170,10 @@ class RecordReader:
                 codeables = [medication.get("code") for medication in found]
         else:
             codeables = [codeable]
+        if not unknown_status and not any(_named(one) for one in codeables):
+            # An empty concept or a Medication without code: it could be anything, a warfarin included.
+            self.unknown.append(UnknownMedication("", "medication has no code or name", ref_of(resource)))
+            return
         if unknown_status:
             named = sorted({name for one in codeables for _c, name, _m in self.classify(one)})
             texts = [medication_text(one) for one in codeables]
