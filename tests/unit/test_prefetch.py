@@ -183,3 +183,45 @@ def test_a_failed_pregnancy_fetch_is_unknown() -> None:
     body["fhirServer"] = "https://ehr.example/fhir"
     resolved = resolve(ruleset().services[SERVICE].prefetch, parse_request(body), Fetcher(None, "timed out"))
     assert resolved.unknown == ["pregnancy.unknown"]
+
+
+PAGED = {
+    "resourceType": "Bundle",
+    "type": "searchset",
+    "total": 150,
+    "link": [{"relation": "next", "url": "https://ehr.example/fhir/MedicationStatement?page=2"}],
+    "entry": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("paged", "named"),
+    [
+        (PAGED, "only a first page (0 of 150 results)"),
+        ({**PAGED, "total": None}, "only a first page;"),
+        ({k: v for k, v in PAGED.items() if k != "link"}, "only a first page (0 of 150 results)"),
+        (
+            {**PAGED, "entry": [{"resource": TIMEOUT}]},
+            "an error (timeout) in the Bundle and only a first page",
+        ),
+    ],
+    ids=["next-and-total", "next-only", "total-only", "with-error"],
+)
+def test_a_first_page_of_medications_is_incomplete_and_blocks_k2(paged: Any, named: str) -> None:
+    """The other pages may hold a warfarin: no card may say none is on record, K2 is not suggested."""
+    response = answer(_deficient_with(medstatements=paged))
+    assert "k2-with-d3" not in topics(response)
+    assert f"medication statements (the EHR sent {named}" in data_card(response)
+
+
+def test_a_searchset_holding_all_its_results_is_complete() -> None:
+    complete = {
+        **PAGED,
+        "total": 1,
+        "link": [{"relation": "self", "url": "x"}],
+        "entry": [{"resource": VITD}],
+    }
+    resolved = resolve(
+        ruleset().services[SERVICE].prefetch, parse_request(_deficient_with(vitd=complete)), None
+    )
+    assert resolved.missing == [] and resolved.incomplete == []
