@@ -58,7 +58,7 @@ class FactsConfig:
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
-    # same_specimen_lowest.
+    # same_specimen_lowest; and the data card's pregnancy_stale ({what}, {date}, {days}).
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]

@@ -142,7 +142,14 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             request_unknown=tuple(data["medications"]["request_unknown"]),
             notes={
                 key: str(data["notes"][key])
-                for key in ("preliminary", "d3_only", "d3_plus_d2", "legacy_equation", "same_specimen_lowest")
+                for key in (
+                    "preliminary",
+                    "d3_only",
+                    "d3_plus_d2",
+                    "legacy_equation",
+                    "same_specimen_lowest",
+                    "pregnancy_stale",
+                )
             },
             age=_age_config(data["age"]),
             future_days=int(data["observation"]["future_days"]),

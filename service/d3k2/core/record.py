@@ -102,11 +102,18 @@ class RecordReader:
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
         self.unknown: list[UnknownMedication] = []
+        self.issues: list[str] = []  # for the data card, never with patient data beyond names and dates
         self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
-    def _current_pregnancy(self, when: date | None) -> bool:
-        """Undated evidence counts (a caution is never dropped for a missing date)."""
-        return when is None or (self.today - when).days <= self.config.pregnancy_days
+    def _current_pregnancy(self, when: date | None, what: str) -> bool:
+        """Undated evidence counts (a caution is never dropped for a missing date); older evidence is not
+        used, and named (CLINICAL.md 5)."""
+        days = self.config.pregnancy_days
+        if when is None or (self.today - when).days <= days:
+            return True
+        note = self.config.notes["pregnancy_stale"]
+        self.issues.append(note.format(what=what, date=when.isoformat(), days=days))
+        return False
 
     def pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
         if status not in self.statuses:
@@ -118,7 +125,7 @@ class RecordReader:
         for coding in codings:
             if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
                 when = observation_date(resource)
-                if self._current_pregnancy(when):
+                if self._current_pregnancy(when, "pregnancy status 'pregnant'"):
                     self.pregnancy.append(
                         Evidence("pregnancy", "pregnancy status: pregnant", ref_of(resource), when)
                     )
@@ -139,7 +146,9 @@ class RecordReader:
         for fact, valuesets in self.config.condition_facts.items():
             if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, ref_of(resource), when))
-        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(when):
+        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(
+            when, f"condition '{text}'"
+        ):
             self.pregnancy.append(Evidence("pregnancy", text, ref_of(resource), when))
 
     def medication(self, resource: Mapping[str, Any]) -> None:
