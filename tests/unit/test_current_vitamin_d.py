@@ -113,3 +113,21 @@ def test_other_medications_carry_no_dose() -> None:
     warfarin = record("MedicationStatement", "w", {"coding": [{"system": RXNORM, "code": "855332"}]}, DAILY)
     found, _daily, _fields = current(warfarin)
     assert [(m.category, m.product, m.daily, m.dose) for m in found.medications] == [("vka", "", None, "")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Calcium 600 mg + Vitamin D3 400 IU tablet",
+        "Calcium carbonate 600 mg, vitamin D3 400 IU tablet",
+        "Calcium 600 mg with Vitamin D3 400 IU tablet",
+    ],
+)
+def test_an_uncoded_combination_names_its_vitamin_d_and_strength(name: str) -> None:
+    """The calcium's strength comes first in the name: each ingredient is read from its own part."""
+    found, daily, _fields = current(
+        record("MedicationStatement", "s", {"text": name}, [{"text": "1 tab BID"}])
+    )
+    (fact,) = found.meds("vitamin-d")
+    assert (fact.name, fact.matched_by, fact.daily) == ("cholecalciferol", "name", 800.0)
+    assert daily == Interval.exact(800)
