@@ -73,3 +73,22 @@ def test_current_or_undated_pregnancy_evidence_is_used_and_not_named(resource: d
     found = facts(resource)
     assert len(found.pregnancy) == 1
     assert found.issues == ()
+
+
+@pytest.mark.parametrize(
+    ("older", "newer", "pregnant"),
+    [
+        (status("2026-03-01"), status("2026-11-01", NOT_PREGNANT, "np"), False),
+        (status("2026-11-01"), status("2026-03-01", NOT_PREGNANT, "np"), True),  # the newer says pregnant
+        (status("2026-11-01"), status("2026-11-01", NOT_PREGNANT, "np"), True),  # same day: the caution
+        (status(None), status("2026-11-01", NOT_PREGNANT, "np"), True),  # undated: never dropped
+        (status("2026-03-01"), status(None, NOT_PREGNANT, "np"), True),  # undated "not pregnant": not newer
+        (status("2026-03-01"), status("2026-11-01", "LA4489-6", "np"), True),  # "unknown" supersedes nothing
+        (condition("2026-03-01"), status("2026-11-01", NOT_PREGNANT, "np"), True),  # a condition stays
+    ],
+)
+def test_the_newest_pregnancy_status_wins(older: Any, newer: Any, pregnant: bool) -> None:
+    found = facts(older, newer)
+    assert bool(found.pregnancy) is pregnant
+    superseded = "pregnancy status 'pregnant' of 2026-03-01: superseded by 'not pregnant' of 2026-11-01"
+    assert (superseded in found.issues) is not pregnant

@@ -51,6 +51,7 @@ class FactsConfig:
     labs: Mapping[str, LabConfig]
     pregnancy_observation: tuple[str, ...]
     pregnant_answers: tuple[str, ...]
+    not_pregnant_answers: tuple[str, ...]
     pregnancy_conditions: tuple[str, ...]
     active_clinical_status: tuple[str, ...]
     ignored_verification_status: tuple[str, ...]
@@ -58,7 +59,8 @@ class FactsConfig:
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
-    # same_specimen_lowest; and the data card's pregnancy_stale ({what}, {date}, {days}).
+    # same_specimen_lowest; and the data card's pregnancy_stale ({what}, {date}, {days}) and
+    # pregnancy_superseded ({date}, {newer}).
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]
@@ -288,6 +290,7 @@ def extract_facts(
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
         except _ERRORS as exc:
             collector.report(resource, f"unreadable ({type(exc).__name__})")
+    pregnancy = collector.current_pregnancy()  # names what a newer status superseded: before the issues
     labs = config.labs
     found = collector.candidates
     vitd = read_vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
@@ -299,7 +302,7 @@ def extract_facts(
         egfr=egfr,
         calcium=calcium,
         # Copies of one record (`unique_resources`) may say the same thing twice: said once.
-        pregnancy=tuple(sorted(set(collector.pregnancy), key=evidence_order)),
+        pregnancy=tuple(sorted(set(pregnancy), key=evidence_order)),
         conditions={
             k: tuple(sorted(set(v), key=evidence_order)) for k, v in sorted(collector.conditions.items())
         },

@@ -128,6 +128,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             labs=labs,
             pregnancy_observation=tuple(data["pregnancy"]["observation"]),
             pregnant_answers=tuple(data["pregnancy"]["pregnant_answers"]),
+            not_pregnant_answers=tuple(data["pregnancy"]["not_pregnant_answers"]),
             pregnancy_conditions=tuple(data["pregnancy"]["conditions"]),
             active_clinical_status=tuple(conditions["active_clinical_status"]),
             ignored_verification_status=tuple(conditions["ignored_verification_status"]),
@@ -149,6 +150,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                     "legacy_equation",
                     "same_specimen_lowest",
                     "pregnancy_stale",
+                    "pregnancy_superseded",
                 )
             },
             age=_age_config(data["age"]),

@@ -103,6 +103,7 @@ class RecordReader:
         self.medications: list[MedicationFact] = []
         self.unknown: list[UnknownMedication] = []
         self.issues: list[str] = []  # for the data card, never with patient data beyond names and dates
+        self.not_pregnant: list[date] = []  # dates of "not pregnant" statuses
         self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
     def _current_pregnancy(self, when: date | None, what: str) -> bool:
@@ -123,13 +124,35 @@ class RecordReader:
         if not isinstance(codings, list):
             return
         for coding in codings:
-            if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
+            code = coding.get("code") if isinstance(coding, Mapping) else None
+            if code in self.config.not_pregnant_answers:
+                when = observation_date(resource)
+                if when is not None:  # an undated "not pregnant" is not known to be newer than anything
+                    self.not_pregnant.append(when)
+                return
+            if code in self.config.pregnant_answers:
                 when = observation_date(resource)
                 if self._current_pregnancy(when, "pregnancy status 'pregnant'"):
                     self.pregnancy.append(
                         Evidence("pregnancy", "pregnancy status: pregnant", ref_of(resource), when)
                     )
                 return
+
+    def current_pregnancy(self) -> list[Evidence]:
+        """The pregnancy evidence, without "pregnant" statuses that a later "not pregnant" status superseded
+        (the newest status wins; named on the data card). Undated statuses and conditions are kept."""
+        if not self.not_pregnant:
+            return self.pregnancy
+        newest = max(self.not_pregnant)
+        kept = []
+        for evidence in self.pregnancy:
+            status = evidence.source.startswith("Observation/")
+            if status and evidence.when is not None and evidence.when < newest:
+                note = self.config.notes["pregnancy_superseded"]
+                self.issues.append(note.format(date=evidence.when.isoformat(), newer=newest.isoformat()))
+            else:
+                kept.append(evidence)
+        return kept
 
     def condition(self, resource: Mapping[str, Any]) -> None:
         verification = status_code(resource.get("verificationStatus"))
