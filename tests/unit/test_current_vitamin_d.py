@@ -131,3 +131,20 @@ def test_an_uncoded_combination_names_its_vitamin_d_and_strength(name: str) -> N
     (fact,) = found.meds("vitamin-d")
     assert (fact.name, fact.matched_by, fact.daily) == ("cholecalciferol", "name", 800.0)
     assert daily == Interval.exact(800)
+
+
+def test_dosage_text_and_timing_that_disagree_make_the_dose_unknown_and_say_why() -> None:
+    """'1 tablet daily' with a weekly Timing: 5,000 or 714 IU/day; neither is chosen silently."""
+    weekly_timing = {"repeat": {"frequency": 1, "period": 1, "periodUnit": "wk"}}
+    found, daily, _fields = current(
+        record("MedicationStatement", "s", D3_5000, [{"text": "1 tablet daily", "timing": weekly_timing}])
+    )
+    (fact,) = found.meds("vitamin-d")
+    assert (fact.daily, fact.dose) == (
+        None,
+        "dose unknown: dosage text says once daily but its timing says once weekly",
+    )
+    assert daily is None
+    agreeing = [{**DAILY[0], "text": "1 tablet once daily"}]
+    found, daily, _fields = current(record("MedicationStatement", "s", D3_5000, agreeing))
+    assert daily == Interval.exact(5000)

@@ -242,14 +242,27 @@ def _text_schedule(text: str, catalog: MedicationCatalog) -> _Schedule | str:
     return "frequency not understood in dosage text"
 
 
+def _per_hour(schedule: _Schedule, catalog: MedicationCatalog) -> Decimal:
+    return schedule.frequency / (schedule.period * catalog.period_hours[schedule.unit])
+
+
 def read_dosage(dosage: object, catalog: MedicationCatalog) -> Dosage | str:
     if not is_map(dosage):
         return "dosage instruction not readable"
     dose = _structured_dose(dosage, catalog)
     schedule = _structured_schedule(dosage, catalog)
+    text = nonblank(dosage.get("text"))
+    said = _text_schedule(text.lower(), catalog) if text and isinstance(schedule, _Schedule) else None
+    # "1 tablet daily" with a weekly Timing: either may be the error, and the daily reading is seven times the
+    # other. Neither is chosen: the dose is unknown, and the conflict is named.
+    if (
+        isinstance(said, _Schedule)
+        and isinstance(schedule, _Schedule)
+        and _per_hour(said, catalog) != _per_hour(schedule, catalog)
+    ):
+        return f"dosage text says {_schedule_words(said)} but its timing says {_schedule_words(schedule)}"
     if isinstance(dose, _Dose) and isinstance(schedule, _Schedule):
         return Dosage(dose, schedule, "structured")
-    text = nonblank(dosage.get("text"))
     if text:
         # Whatever the structured fields lack is read from the text (a coded dose with "twice daily").
         lowered = text.lower()
