@@ -148,3 +148,12 @@ def test_dosage_text_and_timing_that_disagree_make_the_dose_unknown_and_say_why(
     agreeing = [{**DAILY[0], "text": "1 tablet once daily"}]
     found, daily, _fields = current(record("MedicationStatement", "s", D3_5000, agreeing))
     assert daily == Interval.exact(5000)
+
+
+@pytest.mark.parametrize(("text", "daily"), [("1 daily", 5000.0), ("2 weekly", 10000 / 7)])
+def test_a_bare_count_before_the_schedule_is_one_of_the_products_units(text: str, daily: float) -> None:
+    found, _daily, _fields = current(
+        record("MedicationStatement", "s", {"text": "Vitamin D3 5000 IU"}, [{"text": text}])
+    )
+    (fact,) = found.meds("vitamin-d")
+    assert fact.daily == pytest.approx(daily)

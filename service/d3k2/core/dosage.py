@@ -165,6 +165,7 @@ _PLAIN_WORD_CODES = {"AM", "PM", "BED", "WK", "MO"}
 _NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|(?:" + "|".join(_NUMBER_WORDS) + r")\b"
 _TEXT_AMOUNT = re.compile(rf"(?<![\w.,])({_NUM})\s*([a-zµμ\[{{][^\s,;:()]*)")
+_SCHEDULE_ADVERBS = frozenset({"daily", "weekly", "monthly", "nightly"})
 _TIME_WORDS = re.compile(r"(times?|x|hours?|hrs?|h|days?|weeks?|wks?|months?|years?)\.?$")
 _UNIT_WORDS = {
     "hour": "h", "hours": "h", "hr": "h", "hrs": "h", "h": "h",
@@ -204,6 +205,8 @@ def _text_dose(text: str, catalog: MedicationCatalog) -> _Dose | str:
         value = _text_number(match.group(1))
         if value <= 0:
             return "dose of zero in dosage text"
+        if spelling in _SCHEDULE_ADVERBS:  # "1 daily": one of the product's units (tablet, capsule, ...)
+            return _Dose("count", value, "unit")
         noun = catalog.count_noun(spelling)
         if noun is not None:
             return _Dose("count", value, noun)
