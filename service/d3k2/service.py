@@ -85,6 +85,7 @@ def facts_for(
         missing=resolved.missing if resolved else (),
         incomplete=resolved.incomplete if resolved else (),
         issues=resolved.issues if resolved else (),
+        unknown=resolved.unknown if resolved else (),
     )
 
 

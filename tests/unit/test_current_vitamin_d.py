@@ -114,3 +114,47 @@ def test_other_medications_carry_no_dose() -> None:
     warfarin = record("MedicationStatement", "w", {"coding": [{"system": RXNORM, "code": "855332"}]}, DAILY)
     found, _daily, _fields = current(warfarin)
     assert [(m.category, m.product, m.daily, m.dose) for m in found.medications] == [("vka", "", None, "")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Calcium 600 mg + Vitamin D3 400 IU tablet",
+        "Calcium carbonate 600 mg, vitamin D3 400 IU tablet",
+        "Calcium 600 mg with Vitamin D3 400 IU tablet",
+    ],
+)
+def test_an_uncoded_combination_names_its_vitamin_d_and_strength(name: str) -> None:
+    """The calcium's strength comes first in the name: each ingredient is read from its own part."""
+    found, daily, _fields = current(
+        record("MedicationStatement", "s", {"text": name}, [{"text": "1 tab BID"}])
+    )
+    (fact,) = found.meds("vitamin-d")
+    assert (fact.name, fact.matched_by, fact.daily) == ("cholecalciferol", "name", 800.0)
+    assert daily == Interval.exact(800)
+
+
+def test_dosage_text_and_timing_that_disagree_make_the_dose_unknown_and_say_why() -> None:
+    """'1 tablet daily' with a weekly Timing: 5,000 or 714 IU/day; neither is chosen silently."""
+    weekly_timing = {"repeat": {"frequency": 1, "period": 1, "periodUnit": "wk"}}
+    found, daily, _fields = current(
+        record("MedicationStatement", "s", D3_5000, [{"text": "1 tablet daily", "timing": weekly_timing}])
+    )
+    (fact,) = found.meds("vitamin-d")
+    assert (fact.daily, fact.dose) == (
+        None,
+        "dose unknown: dosage text says once daily but its timing says once weekly",
+    )
+    assert daily is None
+    agreeing = [{**DAILY[0], "text": "1 tablet once daily"}]
+    found, daily, _fields = current(record("MedicationStatement", "s", D3_5000, agreeing))
+    assert daily == Interval.exact(5000)
+
+
+@pytest.mark.parametrize(("text", "daily"), [("1 daily", 5000.0), ("2 weekly", 10000 / 7)])
+def test_a_bare_count_before_the_schedule_is_one_of_the_products_units(text: str, daily: float) -> None:
+    found, _daily, _fields = current(
+        record("MedicationStatement", "s", {"text": "Vitamin D3 5000 IU"}, [{"text": text}])
+    )
+    (fact,) = found.meds("vitamin-d")
+    assert fact.daily == pytest.approx(daily)

@@ -4,12 +4,13 @@ arrive is used, what failed is named, and 412 is answered only when nothing the 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from builders import TODAY, ruleset, topics
+from builders import FIXTURES, TODAY, ruleset, topics
 from d3k2.core.errors import PrefetchUnavailable
 from d3k2.core.hooks import parse_request
 from d3k2.fhir.client import FetchOutcome
@@ -147,3 +148,80 @@ def test_a_failed_fetch_uses_the_part_that_arrived(fetcher: Fetcher, used: Any, 
     assert used in resolved.resources
     assert resolved.incomplete == ["medication statements"]
     assert resolved.missing[0].startswith(f"medication statements (could not be fetched: {reason}")
+
+
+DEFICIENT = json.loads((FIXTURES / "patient-view" / "deficient" / "request.json").read_text())
+
+
+def _deficient_with(**keys: Any) -> dict[str, Any]:
+    body = copy.deepcopy(DEFICIENT)
+    body["prefetch"].update(copy.deepcopy(keys))
+    return body
+
+
+@pytest.mark.parametrize("failed", [TIMEOUT, "bundle"], ids=["outcome", "error-in-bundle"])
+def test_a_pregnancy_status_that_could_not_be_had_withholds_dosing_and_k2(failed: Any) -> None:
+    """Pregnancy unknown: it could be a pregnancy, so neither the D3 course nor K2 is suggested."""
+    if failed == "bundle":
+        failed = copy.deepcopy(DEFICIENT["prefetch"]["pregnancy"])
+        failed.setdefault("entry", []).append({"resource": TIMEOUT})
+    assert "vitd-deficient" in topics(answer(_deficient_with()))
+    response = answer(_deficient_with(pregnancy=failed))
+    assert not {"vitd-deficient", "k2-with-d3"} & set(topics(response))
+    assert "pregnancy status (" in data_card(response)
+
+
+def test_calcium_that_could_not_be_had_withholds_dosing() -> None:
+    response = answer(_deficient_with(calcium=TIMEOUT))
+    assert "vitd-deficient" not in topics(response)
+    assert "calcium results (the EHR sent an OperationOutcome; no FHIR server to ask)" in data_card(response)
+
+
+def test_a_failed_pregnancy_fetch_is_unknown() -> None:
+    body = _deficient_with()
+    del body["prefetch"]["pregnancy"]
+    body["fhirServer"] = "https://ehr.example/fhir"
+    resolved = resolve(ruleset().services[SERVICE].prefetch, parse_request(body), Fetcher(None, "timed out"))
+    assert resolved.unknown == ["pregnancy.unknown"]
+
+
+PAGED = {
+    "resourceType": "Bundle",
+    "type": "searchset",
+    "total": 150,
+    "link": [{"relation": "next", "url": "https://ehr.example/fhir/MedicationStatement?page=2"}],
+    "entry": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("paged", "named"),
+    [
+        (PAGED, "only a first page (0 of 150 results)"),
+        ({**PAGED, "total": None}, "only a first page;"),
+        ({k: v for k, v in PAGED.items() if k != "link"}, "only a first page (0 of 150 results)"),
+        (
+            {**PAGED, "entry": [{"resource": TIMEOUT}]},
+            "an error (timeout) in the Bundle and only a first page",
+        ),
+    ],
+    ids=["next-and-total", "next-only", "total-only", "with-error"],
+)
+def test_a_first_page_of_medications_is_incomplete_and_blocks_k2(paged: Any, named: str) -> None:
+    """The other pages may hold a warfarin: no card may say none is on record, K2 is not suggested."""
+    response = answer(_deficient_with(medstatements=paged))
+    assert "k2-with-d3" not in topics(response)
+    assert f"medication statements (the EHR sent {named}" in data_card(response)
+
+
+def test_a_searchset_holding_all_its_results_is_complete() -> None:
+    complete = {
+        **PAGED,
+        "total": 1,
+        "link": [{"relation": "self", "url": "x"}],
+        "entry": [{"resource": VITD}],
+    }
+    resolved = resolve(
+        ruleset().services[SERVICE].prefetch, parse_request(_deficient_with(vitd=complete)), None
+    )
+    assert resolved.missing == [] and resolved.incomplete == []

@@ -87,6 +87,18 @@ def test_the_shipped_rule_set_loads() -> None:
         ("profiles.toml", 'default = "seed"', 'default = "seeed"', "profiles.toml: default: unknown profile"),
         ("products.toml", 'kind = "test"', 'kind = "lab"', "products.toml: products.test-25ohd.kind"),
         ("services.toml", "{{codes:egfr,", "{{codes:egfrr,", "unknown value set 'egfrr'"),
+        (
+            "services.toml",
+            'unknown = "pregnancy.unknown"',
+            'unknown = "pregnancy.unknwn"',
+            "prefetch.pregnancy.unknown: 'pregnancy.unknwn' is not a bool fact in vocabulary.toml",
+        ),
+        (
+            "services.toml",
+            'unknown = "pregnancy.unknown"',
+            'unknown = "vitd.band"',
+            "'vitd.band' is not a bool fact",
+        ),
         ("facts.toml", "[labs.egfr]", "[labs.egfr]\nbroken = [", "facts.toml: not valid TOML"),
         ("valuesets/vka.json", '"id": "vka"', '"id": "vkaa"', "vka.json: id: must equal the file name"),
         (

@@ -92,6 +92,28 @@ WARFARIN = {"coding": [{"system": RXNORM, "code": "855332", "display": "warfarin
             statement("unknown", medicationReference={"reference": "Medication/gone", "display": "Coumadin"}),
             UnknownMedication("Coumadin", "medication not found", "MedicationStatement/s"),
         ),
+        (
+            {**statement("unknown", medicationCodeableConcept=WARFARIN), "resourceType": "MedicationRequest"},
+            UnknownMedication("warfarin", "status unknown", "MedicationRequest/s"),
+        ),
+        (
+            {k: v for k, v in statement(medicationCodeableConcept=WARFARIN).items() if k != "status"},
+            UnknownMedication("warfarin", "status unknown", "MedicationStatement/s"),
+        ),
+        (
+            statement(medicationCodeableConcept={}),
+            UnknownMedication("", "medication has no code or name", "MedicationStatement/s"),
+        ),
+        (
+            statement(medicationCodeableConcept={"coding": [{"system": RXNORM, "code": ""}], "text": ""}),
+            UnknownMedication("", "medication has no code or name", "MedicationStatement/s"),
+        ),
+        (
+            statement(
+                medicationReference={"reference": "#m"}, contained=[{"resourceType": "Medication", "id": "m"}]
+            ),
+            UnknownMedication("", "medication has no code or name", "MedicationStatement/s"),
+        ),
     ],
 )
 def test_a_medication_of_unknown_kind_blocks_k2_and_is_named(resource: dict[str, Any], unknown: Any) -> None:
@@ -127,3 +149,9 @@ def test_without_one_k2_is_suggested() -> None:
     assert found.unknown_medications == ()
     assert fact_values(ruleset(), found, "seed")["meds.unknown"] is False
     assert "k2-with-d3" in {c["source"]["topic"]["code"] for c in cards(found)}
+
+
+def test_marevan_is_warfarin_by_name() -> None:
+    found = facts(statement(medicationCodeableConcept={"text": "Marevan 3 mg"}))
+    assert [(m.category, m.name, m.matched_by) for m in found.medications] == [("vka", "warfarin", "name")]
+    assert "vka-k2" in {c["source"]["topic"]["code"] for c in cards(found)}

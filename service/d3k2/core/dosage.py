@@ -169,6 +169,7 @@ _NUM = (
     r"|\d+(?:\.\d+)?|(?:" + "|".join(_NUMBER_WORDS) + r")\b"
 )
 _TEXT_AMOUNT = re.compile(rf"(?<![\w.,])({_NUM})\s*([a-zµμ\[{{][^\s,;:()]*)")
+_SCHEDULE_ADVERBS = frozenset({"daily", "weekly", "monthly", "nightly"})
 _TIME_WORDS = re.compile(r"(times?|x|hours?|hrs?|h|days?|weeks?|wks?|months?|years?)\.?$")
 _UNIT_WORDS = {
     "hour": "h", "hours": "h", "hr": "h", "hrs": "h", "h": "h",
@@ -212,6 +213,8 @@ def _text_dose(text: str, catalog: MedicationCatalog) -> _Dose | str:
         value = _text_number(match.group(1))
         if value <= 0:
             return "dose of zero in dosage text"
+        if spelling in _SCHEDULE_ADVERBS:  # "1 daily": one of the product's units (tablet, capsule, ...)
+            return _Dose("count", value, "unit")
         noun = catalog.count_noun(spelling)
         if noun is not None:
             return _Dose("count", value, noun)
@@ -259,14 +262,27 @@ def _text_schedule(text: str, catalog: MedicationCatalog) -> _Schedule | str:
     return "frequency not understood in dosage text"
 
 
+def _per_hour(schedule: _Schedule, catalog: MedicationCatalog) -> Decimal:
+    return schedule.frequency / (schedule.period * catalog.period_hours[schedule.unit])
+
+
 def read_dosage(dosage: object, catalog: MedicationCatalog) -> Dosage | str:
     if not is_map(dosage):
         return "dosage instruction not readable"
     dose = _structured_dose(dosage, catalog)
     schedule = _structured_schedule(dosage, catalog)
+    text = nonblank(dosage.get("text"))
+    said = _text_schedule(text.lower(), catalog) if text and isinstance(schedule, _Schedule) else None
+    # "1 tablet daily" with a weekly Timing: either may be the error, and the daily reading is seven times the
+    # other. Neither is chosen: the dose is unknown, and the conflict is named.
+    if (
+        isinstance(said, _Schedule)
+        and isinstance(schedule, _Schedule)
+        and _per_hour(said, catalog) != _per_hour(schedule, catalog)
+    ):
+        return f"dosage text says {_schedule_words(said)} but its timing says {_schedule_words(schedule)}"
     if isinstance(dose, _Dose) and isinstance(schedule, _Schedule):
         return Dosage(dose, schedule, "structured")
-    text = nonblank(dosage.get("text"))
     if text:
         # Whatever the structured fields lack is read from the text (a coded dose with "twice daily").
         lowered = text.lower()

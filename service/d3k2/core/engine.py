@@ -107,6 +107,10 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
+    for service in ruleset.services.values():
+        for spec in service.prefetch.values():
+            if spec.unknown is not None:
+                values[spec.unknown] = spec.unknown in facts.unknown
     return values
 
 

@@ -51,6 +51,7 @@ class FactsConfig:
     labs: Mapping[str, LabConfig]
     pregnancy_observation: tuple[str, ...]
     pregnant_answers: tuple[str, ...]
+    not_pregnant_answers: tuple[str, ...]
     pregnancy_conditions: tuple[str, ...]
     active_clinical_status: tuple[str, ...]
     ignored_verification_status: tuple[str, ...]
@@ -58,7 +59,8 @@ class FactsConfig:
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
-    # same_specimen_lowest, conflicting_copies, upper_bound_used, upper_bound_unused.
+    # same_specimen_lowest, conflicting_copies, upper_bound_used, upper_bound_unused; and the data card's
+    # pregnancy_stale ({what}, {date}, {days}) and pregnancy_superseded ({date}, {newer}).
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]
@@ -69,6 +71,8 @@ class FactsConfig:
     pregnancy_days: int
     # MedicationStatement statuses that say nothing about whether it is taken: a medication of unknown kind.
     statement_unknown: tuple[str, ...] = ("unknown",)
+    # MedicationRequest statuses that say nothing about whether it is current: a medication of unknown kind.
+    request_unknown: tuple[str, ...] = ("unknown",)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class Facts:
     copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
     unknown_medications: tuple[UnknownMedication, ...] = ()
     age: Age = NOT_ON_RECORD
+    # Facts of data that could not be had in full (`PrefetchKey.unknown`, e.g. "pregnancy.unknown").
+    unknown: tuple[str, ...] = ()
 
     def meds(self, category: str) -> tuple[MedicationFact, ...]:
         return tuple(m for m in self.medications if m.category == category)
@@ -266,6 +272,7 @@ def extract_facts(
     incomplete: Sequence[str] = (),
     issues: Sequence[str] = (),
     doses: MedicationDoser | None = None,
+    unknown: Sequence[str] = (),
 ) -> Facts:
     """Read every resource once; unreadable ones are reported, never fatal. Observations in two
     stages: every one triaged, the newest per lab and role read in full (see above)."""
@@ -286,6 +293,7 @@ def extract_facts(
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
         except _ERRORS as exc:
             collector.report(resource, f"unreadable ({type(exc).__name__})")
+    pregnancy = collector.current_pregnancy()  # names what a newer status superseded: before the issues
     labs = config.labs
     found = collector.candidates
     vitd = read_vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
@@ -297,7 +305,7 @@ def extract_facts(
         egfr=egfr,
         calcium=calcium,
         # Copies of one record (`unique_resources`) may say the same thing twice: said once.
-        pregnancy=tuple(sorted(set(collector.pregnancy), key=evidence_order)),
+        pregnancy=tuple(sorted(set(pregnancy), key=evidence_order)),
         conditions={
             k: tuple(sorted(set(v), key=evidence_order)) for k, v in sorted(collector.conditions.items())
         },
@@ -313,4 +321,5 @@ def extract_facts(
         copies=tuple(sorted(copies)),
         unknown_medications=tuple(sorted(set(collector.unknown), key=lambda u: (u.source, u.reason, u.name))),
         age=read_age(collector.patients, today, config.age),
+        unknown=tuple(sorted(set(unknown))),
     )

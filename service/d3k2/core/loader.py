@@ -136,6 +136,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             labs=labs,
             pregnancy_observation=tuple(data["pregnancy"]["observation"]),
             pregnant_answers=tuple(data["pregnancy"]["pregnant_answers"]),
+            not_pregnant_answers=tuple(data["pregnancy"]["not_pregnant_answers"]),
             pregnancy_conditions=tuple(data["pregnancy"]["conditions"]),
             active_clinical_status=tuple(conditions["active_clinical_status"]),
             ignored_verification_status=tuple(conditions["ignored_verification_status"]),
@@ -147,6 +148,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             statement_current=tuple(data["medications"]["statement_current"]),
             request_current=tuple(data["medications"]["request_current"]),
             statement_unknown=tuple(data["medications"]["statement_unknown"]),
+            request_unknown=tuple(data["medications"]["request_unknown"]),
             notes={
                 key: str(data["notes"][key])
                 for key in (
@@ -158,6 +160,8 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                     "conflicting_copies",
                     "upper_bound_used",
                     "upper_bound_unused",
+                    "pregnancy_stale",
+                    "pregnancy_superseded",
                 )
             },
             age=_age_config(data["age"]),
@@ -207,6 +211,7 @@ def _services(
             query=_expand_codes(p.query, terminology, (path, f"prefetch.{key}.query"), problems),
             required=p.required,
             label=p.label,
+            unknown=p.unknown,
         )
         for key, p in doc.prefetch.items()
     }
@@ -295,6 +300,13 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
     )
     services = _services(services_doc, terminology, cards / "services.toml", problems)
     _check_evidence_fields(cards, facts, vocabulary, problems)
+    for key, spec in services_doc.prefetch.items():
+        declared = vocabulary.facts.get(spec.unknown) if spec.unknown is not None else None
+        if spec.unknown is not None and (declared is None or declared.type != "bool"):
+            where = f"prefetch.{key}.unknown"
+            problems.add(
+                cards / "services.toml", where, f"{spec.unknown!r} is not a bool fact in vocabulary.toml"
+            )
     for name, category in catalog.by_category.items():
         if category.fact is not None and vocabulary.facts.get(category.fact, None) is None:
             where = f"categories.{name}.fact"

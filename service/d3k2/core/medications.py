@@ -65,6 +65,15 @@ def _number(text: str) -> Decimal:
     return Decimal(re.sub(r"[,\s\u00a0\u202f]", "", text))
 
 
+# Ingredient parts of a product name: RxNorm's " / ", and the "+", "," and "with"/"and" of uncoded names
+# ("Calcium 600 mg + Vitamin D3 400 IU tablet"): each part is read for its own ingredient and strength.
+_PARTS = re.compile(r"\s+/\s+|\s*\+\s*|,\s+|\s+(?:with|and|&)\s+", re.IGNORECASE)
+
+
+def _parts(text: str) -> list[str]:
+    return _PARTS.split(text)
+
+
 def _parse_part(part: str, catalog: MedicationCatalog) -> tuple[str, str | None, Decimal | None]:
     """(ingredient words, unit, strength) of one " / " part of an RxNorm-style name."""
     for match in _STRENGTH.finditer(part):
@@ -101,7 +110,7 @@ def _product_by_code(categories: Sequence[str], texts: Sequence[str], catalog: M
     form: str | None = None
     for text in texts:
         form = form or _form_of(text, catalog)
-        parts = [_parse_part(p, catalog) for p in text.split(" / ")]
+        parts = [_parse_part(p, catalog) for p in _parts(text)]
         for words, unit, value in parts:
             matched = catalog.match_name(words)
             if matched and matched[0] in categories and strengths.get(matched[0], ("", None))[1] is None:
@@ -127,7 +136,7 @@ def _product_by_code(categories: Sequence[str], texts: Sequence[str], catalog: M
 def _product_by_name(texts: Sequence[str], catalog: MedicationCatalog) -> Product:
     for text in texts:
         ingredients: list[ProductIngredient] = []
-        for part in text.split(" / "):
+        for part in _parts(text):
             words, unit, value = _parse_part(part, catalog)
             matched = catalog.match_name(words)
             if matched and all(i.category != matched[0] for i in ingredients):

@@ -62,6 +62,17 @@ class UnknownMedication:
     source: str
 
 
+def _named(codeable: object) -> bool:
+    """A medication concept with a code or a name; without either nothing tells what it is."""
+    if not isinstance(codeable, Mapping):
+        return False
+    codings = codeable.get("coding")
+    coded = isinstance(codings, list) and any(
+        isinstance(c, Mapping) and nonempty_str(c.get("code")) for c in codings
+    )
+    return coded or bool(medication_text(codeable))
+
+
 def evidence_order(evidence: Evidence) -> tuple[str, str, str]:
     return (evidence.source, evidence.text, evidence.when.isoformat() if evidence.when else "")
 
@@ -91,11 +102,19 @@ class RecordReader:
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
         self.unknown: list[UnknownMedication] = []
+        self.issues: list[str] = []  # for the data card, never with patient data beyond names and dates
+        self.not_pregnant: list[date] = []  # dates of "not pregnant" statuses
         self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
-    def _current_pregnancy(self, when: date | None) -> bool:
-        """Undated evidence counts (a caution is never dropped for a missing date)."""
-        return when is None or (self.today - when).days <= self.config.pregnancy_days
+    def _current_pregnancy(self, when: date | None, what: str) -> bool:
+        """Undated evidence counts (a caution is never dropped for a missing date); older evidence is not
+        used, and named (CLINICAL.md 5)."""
+        days = self.config.pregnancy_days
+        if when is None or (self.today - when).days <= days:
+            return True
+        note = self.config.notes["pregnancy_stale"]
+        self.issues.append(note.format(what=what, date=when.isoformat(), days=days))
+        return False
 
     def pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
         if status not in self.statuses:
@@ -105,13 +124,35 @@ class RecordReader:
         if not isinstance(codings, list):
             return
         for coding in codings:
-            if isinstance(coding, Mapping) and coding.get("code") in self.config.pregnant_answers:
+            code = coding.get("code") if isinstance(coding, Mapping) else None
+            if code in self.config.not_pregnant_answers:
                 when = observation_date(resource)
-                if self._current_pregnancy(when):
+                if when is not None:  # an undated "not pregnant" is not known to be newer than anything
+                    self.not_pregnant.append(when)
+                return
+            if code in self.config.pregnant_answers:
+                when = observation_date(resource)
+                if self._current_pregnancy(when, "pregnancy status 'pregnant'"):
                     self.pregnancy.append(
                         Evidence("pregnancy", "pregnancy status: pregnant", ref_of(resource), when)
                     )
                 return
+
+    def current_pregnancy(self) -> list[Evidence]:
+        """The pregnancy evidence, without "pregnant" statuses that a later "not pregnant" status superseded
+        (the newest status wins; named on the data card). Undated statuses and conditions are kept."""
+        if not self.not_pregnant:
+            return self.pregnancy
+        newest = max(self.not_pregnant)
+        kept = []
+        for evidence in self.pregnancy:
+            status = evidence.source.startswith("Observation/")
+            if status and evidence.when is not None and evidence.when < newest:
+                note = self.config.notes["pregnancy_superseded"]
+                self.issues.append(note.format(date=evidence.when.isoformat(), newer=newest.isoformat()))
+            else:
+                kept.append(evidence)
+        return kept
 
     def condition(self, resource: Mapping[str, Any]) -> None:
         verification = status_code(resource.get("verificationStatus"))
@@ -128,13 +169,18 @@ class RecordReader:
         for fact, valuesets in self.config.condition_facts.items():
             if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, ref_of(resource), when))
-        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(when):
+        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(
+            when, f"condition '{text}'"
+        ):
             self.pregnancy.append(Evidence("pregnancy", text, ref_of(resource), when))
 
     def medication(self, resource: Mapping[str, Any]) -> None:
         status = nonempty_str(resource.get("status")) or ""
         statement = resource.get("resourceType") == "MedicationStatement"
-        unknown_status = statement and status in self.config.statement_unknown
+        # Status is required in FHIR: one missing says as little as "unknown" (CLINICAL.md 5).
+        unknown_status = not status or status in (
+            self.config.statement_unknown if statement else self.config.request_unknown
+        )
         if not unknown_status and status not in (
             self.config.statement_current if statement else self.config.request_current
         ):
@@ -156,6 +202,10 @@ class RecordReader:
                 codeables = [medication.get("code") for medication in found]
         else:
             codeables = [codeable]
+        if not unknown_status and not any(_named(one) for one in codeables):
+            # An empty concept or a Medication without code: it could be anything, a warfarin included.
+            self.unknown.append(UnknownMedication("", "medication has no code or name", ref_of(resource)))
+            return
         if unknown_status:
             named = sorted({name for one in codeables for _c, name, _m in self.classify(one)})
             texts = [medication_text(one) for one in codeables]

@@ -212,6 +212,9 @@ class PrefetchKey(_Strict):
     query: str
     required: bool = True
     label: str
+    # A bool fact (declared in vocabulary.toml) that is true when the key cannot be had in full: what it
+    # would have said is unknown, and the rules withhold what it could forbid.
+    unknown: str | None = None
 
 
 class ServiceDoc(_Strict):

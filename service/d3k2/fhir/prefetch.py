@@ -7,7 +7,8 @@
 4. needed, not given and no fhirServer to ask → PrefetchUnavailable (HTTP 412) naming the keys, but only when
    no resource the rules read arrived under any key: otherwise the cards the arrived data supports are
    answered (contraindications included), as they would be if the key's fetch had failed.
-A key that cannot be had in full is named on the answer (and blocks dosing suggestions when required).
+A key that cannot be had in full is named on the answer (and blocks dosing suggestions when required). A
+searchset with a `next` link or a `total` above its entries is a first page only: not had in full either.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Resolved:
     resources: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # "<label> (<reason>)" for the card
     incomplete: list[str] = field(default_factory=list)  # labels of required keys without data
+    unknown: list[str] = field(default_factory=list)  # `PrefetchKey.unknown` facts of keys not had in full
     issues: list[str] = field(default_factory=list)
     fetched: dict[str, str] = field(default_factory=dict)  # key → "ok" or the error
 
@@ -109,7 +111,8 @@ def _outcome_codes(outcome: Mapping[str, Any]) -> list[str]:
 
 def usable_resources(value: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """(`resources_of(value)`, None), or what arrived and why the rest did not when the EHR or the server
-    failed: an OperationOutcome, alone or an error inside the Bundle. One pass over the entries."""
+    failed (an OperationOutcome, alone or an error inside the Bundle) or sent only some pages of a search.
+    One pass over the entries."""
     kind = value.get("resourceType")
     if kind == "OperationOutcome":
         return [], "an OperationOutcome"
@@ -125,10 +128,26 @@ def usable_resources(value: Mapping[str, Any]) -> tuple[list[dict[str, Any]], st
                 codes += _outcome_codes(resource)
             continue
         resources.append(resource)
+    # Entries, not the resources read from them: a malformed entry is named where it is read, not here.
+    entries = value.get("entry")
+    more = _more_pages(value, len(entries) if isinstance(entries, list) else 0)
     if not failed:
-        return resources, None
+        return resources, more
     named = f" ({', '.join(sorted(set(codes)))})" if codes else ""
-    return resources, f"an error{named} in the Bundle"
+    error = f"an error{named} in the Bundle"
+    return resources, f"{error} and {more}" if more else error
+
+
+def _more_pages(bundle: Mapping[str, Any], count: int) -> str | None:
+    """Why a searchset holds only part of the results: a `next` link (the EHR sent a first page only) or a
+    `total` above the entries that arrived. What the other pages hold is unknown, so the key is incomplete."""
+    links = bundle.get("link")
+    has_next = isinstance(links, list) and any(_is_map(x) and x.get("relation") == "next" for x in links)
+    total = bundle.get("total")
+    short = type(total) is int and total > count
+    if not (has_next or short):
+        return None
+    return f"only a first page ({count} of {total} results)" if short else "only a first page"
 
 
 def resources_of(value: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -170,6 +189,8 @@ def resolve(
         if partial.get(key):
             result.resources.extend(partial[key])
             reason = f"only in part: {reason}"
+        if spec.unknown is not None:
+            result.unknown.append(spec.unknown)
         if spec.required:
             unobtainable[key] = reason
         else:
@@ -196,6 +217,8 @@ def resolve(
                 result.resources.extend(arrived)
                 reason += "; the part that arrived was used"
             result.missing.append(f"{spec.label} (could not be fetched: {reason})")
+            if spec.unknown is not None:
+                result.unknown.append(spec.unknown)
             if spec.required:
                 result.incomplete.append(spec.label)
     if unobtainable:
