@@ -215,3 +215,27 @@ def refused_url() -> str:
         sock.bind(("127.0.0.1", 0))
         _REFUSING.append(sock)
     return f"http://127.0.0.1:{_REFUSING[0].getsockname()[1]}/fhir"
+
+
+def lab_observation(
+    code: str, value: float, unit: str, *, oid: str = "o1", when: str = "2026-11-01", **extra: Any
+) -> dict[str, Any]:
+    """A final LOINC-coded lab Observation with a UCUM valueQuantity; `extra` adds or replaces fields."""
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": unit, "code": unit, "system": "http://unitsofmeasure.org"},
+    }
+    resource.update(extra)
+    return resource
+
+
+def edit_card_file(cards: Path, file: str, old: str, new: str) -> None:
+    """Replace the first `old` in a copied rule-set file (`old` must be there)."""
+    path = cards / file
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {file}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")

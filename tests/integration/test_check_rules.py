@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builders import CARDS, FIXTURES, ruleset
+from builders import CARDS, FIXTURES, edit_card_file, ruleset
 from d3k2.tools.cli import main
 
 
@@ -19,11 +19,7 @@ def cards(tmp_path: Path) -> Path:
     return target
 
 
-def edit(cards: Path, file: str, old: str, new: str) -> None:
-    path = cards / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"{old!r} not in {file}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+edit = edit_card_file
 
 
 def check(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:

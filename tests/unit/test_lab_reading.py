@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from builders import TODAY, ruleset
+from builders import TODAY, lab_observation, ruleset
 from d3k2.core.engine import fact_values
 from d3k2.core.facts import Facts
 from d3k2.core.fields import template_fields
@@ -22,17 +22,7 @@ MDRD_NON_BLACK, MDRD_BLACK, EPI_NON_BLACK, EPI_BLACK = "48642-3", "48643-1", "88
 EPI_2021, MDRD = "98979-8", "33914-3"
 
 
-def obs(code: str, value: float, unit: str, *, oid: str = "o1", when: str = "2026-11-01", **extra: Any):
-    resource: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": oid,
-        "status": "final",
-        "code": {"coding": [{"system": LOINC, "code": code}]},
-        "effectiveDateTime": when,
-        "valueQuantity": {"value": value, "unit": unit, "code": unit, "system": "http://unitsofmeasure.org"},
-    }
-    resource.update(extra)
-    return resource
+obs = lab_observation
 
 
 def egfr(code: str, value: float, oid: str, when: str = "2026-11-01T09:30:00Z", **extra: Any):

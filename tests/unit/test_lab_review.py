@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from builders import TODAY, ruleset
+from builders import TODAY, lab_observation, ruleset
 from d3k2.core.engine import fact_values
 from d3k2.core.facts import Facts
 from d3k2.core.terminology import LOINC
@@ -18,17 +18,7 @@ EGFR_UNIT = "mL/min/{1.73_m2}"
 VITD, CALCIUM, EPI_2021 = "62292-8", "17861-6", "98979-8"
 
 
-def obs(code: str, value: float, unit: str, *, oid: str = "o1", when: str = "2026-11-01", **extra: Any):
-    resource: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": oid,
-        "status": "final",
-        "code": {"coding": [{"system": LOINC, "code": code}]},
-        "effectiveDateTime": when,
-        "valueQuantity": {"value": value, "unit": unit, "code": unit, "system": "http://unitsofmeasure.org"},
-    }
-    resource.update(extra)
-    return resource
+obs = lab_observation
 
 
 def text_obs(code: str, text: str, *, oid: str = "o1", when: str = "2026-11-01") -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import CARDS, FIXTURES
+from builders import CARDS, FIXTURES, edit_card_file
 from d3k2.core.errors import RuleSetError
 from d3k2.core.loader import load_ruleset
 
@@ -24,11 +24,7 @@ def cards(tmp_path: Path) -> Path:
     return target
 
 
-def edit(cards: Path, file: str, old: str, new: str) -> None:
-    path = cards / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"{old!r} not in {file}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+edit = edit_card_file
 
 
 def problems(cards: Path, fixtures: Path | None = None) -> list[str]:

@@ -76,6 +76,15 @@ def _schedule_words(schedule: _Schedule) -> str:
     return f"{words} {schedule.note}" if schedule.note else words
 
 
+def _dose_in(value: Decimal, spelling: str, catalog: MedicationCatalog) -> _Dose | None:
+    """A dose of `value` counted in units (tablets) or measured in an amount (IU, mcg), by its spelling."""
+    noun = catalog.count_noun(spelling)
+    if noun is not None:
+        return _Dose("count", value, noun)
+    unit = catalog.unit_of(spelling)
+    return _Dose("amount", value, unit) if unit is not None else None
+
+
 def _read_dose(quantity: object, catalog: MedicationCatalog) -> _Dose | str:
     if not is_map(quantity):
         return "dose quantity not readable"
@@ -86,12 +95,9 @@ def _read_dose(quantity: object, catalog: MedicationCatalog) -> _Dose | str:
     if not spellings:
         return "dose quantity has no unit"
     for spelling in spellings:
-        noun = catalog.count_noun(spelling)
-        if noun is not None:
-            return _Dose("count", value, noun)
-        unit = catalog.unit_of(spelling)
-        if unit is not None:
-            return _Dose("amount", value, unit)
+        dose = _dose_in(value, spelling, catalog)
+        if dose is not None:
+            return dose
     return f"unit {quote(spellings[0])} not understood"
 
 
@@ -215,13 +221,7 @@ def _text_dose(text: str, catalog: MedicationCatalog) -> _Dose | str:
             return "dose of zero in dosage text"
         if spelling in _SCHEDULE_ADVERBS:  # "1 daily": one of the product's units (tablet, capsule, ...)
             return _Dose("count", value, "unit")
-        noun = catalog.count_noun(spelling)
-        if noun is not None:
-            return _Dose("count", value, noun)
-        unit = catalog.unit_of(spelling)
-        if unit is not None:
-            return _Dose("amount", value, unit)
-        return f"unit {quote(spelling)} not understood"
+        return _dose_in(value, spelling, catalog) or f"unit {quote(spelling)} not understood"
     return "no dose found in dosage text"
 
 
