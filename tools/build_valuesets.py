@@ -1,4 +1,4 @@
-"""Regenerate cards/valuesets/*.json (FHIR R4 ValueSets) from ../shared/codes.json.
+"""Regenerate cards/valuesets/*.json (FHIR R4 ValueSets) from tools/data/codes.json (the shared list, vendored).
 
 Run by hand when codes.json changes (`python tools/build_valuesets.py`); the service reads only the
 generated files. Unverified codes are left out: codes.json says not to match them until verified.
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT.parent / "shared" / "codes.json"
+SOURCE = ROOT / "tools" / "data" / "codes.json"
 TARGET = ROOT / "cards" / "valuesets"
 BASE_URL = "https://d3k2.dev/fhir/ValueSet/"
 
