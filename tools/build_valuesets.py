@@ -1,4 +1,4 @@
-"""Regenerate cards/valuesets/*.json (FHIR R4 ValueSets) from tools/data/codes.json (the shared list, vendored).
+"""Regenerate cards/valuesets/*.json (FHIR R4 ValueSets) from tools/data/codes.json (vendored).
 
 Run by hand when codes.json changes (`python tools/build_valuesets.py`); the service reads only the
 generated files. Unverified codes are left out: codes.json says not to match them until verified.
