@@ -25,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ class JtiStore:
             conn.execute("CREATE TABLE IF NOT EXISTS jti (key TEXT PRIMARY KEY, expires INTEGER NOT NULL)")
             conn.execute("CREATE INDEX IF NOT EXISTS jti_expires ON jti (expires)")
             self._conn, self._pid = conn, os.getpid()
+            # Closed with the store: a store dropped without close() (an app a test built, a worker's app
+            # replaced) leaves no open database behind (Python 3.13 warns of one).
+            weakref.finalize(self, conn.close).atexit = False
         return self._conn
 
     def claim(self, iss: str, jti: str, expires: float, now: float) -> bool:
