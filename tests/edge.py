@@ -43,9 +43,10 @@ def _wait_up(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextmanager
 def gunicorn(
-    tmp_path: Path, workers: int = 3, env: Mapping[str, str] | None = None
+    tmp_path: Path, workers: int = 3, env: Mapping[str, str] | None = None, check_exit: bool = False
 ) -> Iterator[tuple[str, Path]]:
-    """gunicorn serving d3k2.http.wsgi:app on a free port: its base URL and its log file."""
+    """gunicorn serving d3k2.http.wsgi:app on a free port: its base URL and its log file. `check_exit`: the
+    stop at the end must be graceful (exit status 0)."""
     port = free_port()
     environment = {**gunicorn_env(tmp_path, port, workers=workers), **(env or {})}
     log_path = tmp_path / f"gunicorn-{port}.log"
@@ -69,6 +70,8 @@ def gunicorn(
             yield base, log_path
         finally:
             stop(process, timeout=20)
+    if check_exit:
+        assert process.returncode == 0, log_path.read_text(errors="replace")
 
 
 def nginx_config(listen: int, upstream: str, prefix: Path) -> str:

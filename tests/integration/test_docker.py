@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from builders import REPO, SANDBOX, gunicorn_env, samples, stop, value
-from fhir_server import free_port
+from builders import REPO, SANDBOX, samples, value
+from edge import gunicorn as serve
 
 DOCKER = REPO / "docker"
 
@@ -111,38 +110,8 @@ def _post(url: str, body: Any) -> tuple[int, Any]:
 
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = gunicorn_env(tmp_path, port, workers=3)
-    log_path = tmp_path / "gunicorn.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "gunicorn"),
-                "-c",
-                str(DOCKER / "gunicorn.conf.py"),
-                "d3k2.http.wsgi:app",
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            end = time.monotonic() + 30
-            while time.monotonic() < end and process.poll() is None:
-                try:
-                    if _get(f"{base}/healthz", timeout=1)[0] == 200:
-                        break
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
-                    time.sleep(0.1)
-            else:
-                pytest.fail(f"gunicorn did not come up:\n{log_path.read_text(errors='replace')}")
-            yield base
-        finally:
-            stop(process, timeout=20)
-    assert process.returncode == 0, log_path.read_text(errors="replace")
+    with serve(tmp_path, workers=3, check_exit=True) as (base, _log):
+        yield base
 
 
 def test_gunicorn_serves_the_app_with_multiprocess_metrics(gunicorn: str) -> None:
