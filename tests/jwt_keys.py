@@ -82,3 +82,9 @@ def sandbox_tokens() -> list[dict[str, Any]]:
     return [
         {**entry["authorization"], "path": entry["path"]} for entry in entries if entry.get("authorization")
     ]
+
+
+def write_trust(path: Path) -> Path:
+    """A trust file at `path` naming the test issuer with the ES384 test key's JWKS."""
+    path.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    return path

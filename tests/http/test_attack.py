@@ -10,7 +10,6 @@ examples with D3K2_ATTACK_EXAMPLES (and runs the fuzzers and tests/integration/t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from d3k2.http.app import create_app
 from d3k2.http.auth import MAX_LIFETIME
 from d3k2.http.logs import JsonFormatter
 from edge import gunicorn, raw
-from jwt_keys import BASE_URL, ISSUER, NOW, es384, jwks
+from jwt_keys import BASE_URL, NOW, es384, write_trust
 
 EXAMPLES = int(os.environ.get("D3K2_ATTACK_EXAMPLES", "15"))
 ATTACK = settings(
@@ -81,7 +80,7 @@ def _fresh(lines: Lines) -> None:
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     directory = tmp_path_factory.mktemp("attack")
     trust = directory / "trust.json"
-    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    write_trust(trust)
     configured = Settings(
         env="test",
         cards_dir=CARDS,

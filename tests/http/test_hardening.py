@@ -8,7 +8,6 @@ tests/integration/test_edge.py.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from builders import CARDS, HEADERS, SERVICE, close, hook_request, make_app, pos
 from d3k2.config import ConfigError, Settings, from_env
 from d3k2.core.hooks import MAX_FEEDBACK_ITEMS, MAX_ID_LENGTH, MAX_TEXT_LENGTH, parse_feedback
 from d3k2.http.app import create_app
-from jwt_keys import BASE_URL, ISSUER, NOW, es384, jwks
+from jwt_keys import BASE_URL, NOW, es384, write_trust
 
 FEEDBACK = f"/cds-services/{SERVICE}/feedback"
 
@@ -61,7 +60,7 @@ def test_production_starts_with_a_public_base_url_or_the_explicit_opt_out() -> N
 
 def trusting_app(tmp_path: Path, **changes: Any):
     trust = tmp_path / "trust.json"
-    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    write_trust(trust)
     settings = Settings(
         env="test",
         cards_dir=CARDS,

@@ -23,7 +23,7 @@ from d3k2.config import Settings
 from d3k2.core.loader import load_ruleset
 from d3k2.http.app import create_app
 from d3k2.http.logs import JsonFormatter
-from jwt_keys import BASE_URL, ISSUER, NOW, SigningKey, es384, jwks
+from jwt_keys import BASE_URL, NOW, SigningKey, es384, write_trust
 
 PATIENT_ID = "zqx-4471-pt"
 FAMILY, GIVEN = "Quillfeather", "Xanthippe"
@@ -156,7 +156,7 @@ def test_logs_of_full_requests_hold_no_tokens_and_no_patient_data(
     tmp_path: Path, fhir_stub: FhirStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     trust = tmp_path / "trust.json"
-    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    write_trust(trust)
     settings = Settings(
         env="test",
         auth="required",

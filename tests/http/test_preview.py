@@ -17,7 +17,7 @@ from d3k2.config import ConfigError, Settings, from_env
 from d3k2.http.app import create_app
 from d3k2.http.logs import JsonFormatter
 from d3k2.http.preview import CONTENT_SECURITY_POLICY
-from jwt_keys import ISSUER, es384, jwks
+from jwt_keys import write_trust
 
 SANDBOX_CASE = "patient-view/sandbox-patient-view"
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -151,7 +151,7 @@ def test_d3k2_preview_rejects_other_values() -> None:
 
 def test_preview_needs_no_jwt_when_hooks_do(tmp_path: Path) -> None:
     trust = tmp_path / "trust.json"
-    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    write_trust(trust)
     client = make_client(tmp_path, auth="required", trust_file=trust, preview=True)
     assert client.post("/cds-services/d3k2-patient-view", json=fixture_request()).status_code == 401
     assert client.get("/preview").status_code == 200

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edge import NGINX, SlowClients, gunicorn, nginx, probe, raw
-from jwt_keys import ISSUER, es384, jwks
+from jwt_keys import es384, write_trust
 
 FEEDBACK = "/cds-services/d3k2-patient-view/feedback"
 
@@ -84,7 +84,7 @@ def test_forwarded_proto_from_loopback_does_not_change_the_audience(tmp_path: Pa
     """Without D3K2_PUBLIC_BASE_URL the audience is the URL gunicorn reports; gunicorn believed
     X-Forwarded-Proto from any local process, so a token minted for https:// was accepted on http://."""
     trust = tmp_path / "trust.json"
-    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    write_trust(trust)
     env = {"D3K2_AUTH": "required", "D3K2_TRUST_FILE": str(trust)}
     with gunicorn(tmp_path, workers=1, env=env) as (base, _log):
         now = int(time.time())

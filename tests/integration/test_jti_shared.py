@@ -4,7 +4,6 @@ separate d3k2 processes sharing one PostgreSQL."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from d3k2.config import Settings
 from d3k2.http.jti import CLAIM_TIMEOUT, JtiStore, PostgresJtiStore, open_jti_store
 from d3k2.store.feedback import FeedbackStore
 from fhir_server import free_port
-from jwt_keys import BASE_URL, ISSUER, NOW, es384, jwks
+from jwt_keys import BASE_URL, ISSUER, NOW, es384, write_trust
 from postgres import running_postgres
 
 
@@ -146,7 +145,7 @@ def _discovery(base: str, token: str) -> int:
 
 def test_a_token_replayed_on_another_instance_is_refused(postgres_url: str, tmp_path: Path) -> None:
     trust = tmp_path / "trust.json"
-    trust.write_text(json.dumps({"issuers": {ISSUER: {"jwks": jwks(es384())}}}))
+    write_trust(trust)
     servers = [_serve(tmp_path, name, postgres_url, trust) for name in ("a", "b")]
     try:
         for process, base, log_path in servers:
