@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest pythons replay bench fuzz attack conformance clean
+.PHONY: run demo test lint typecheck pytest pythons replay bench fuzz attack conformance clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	D3K2_ENV=$${D3K2_ENV:-dev} $(BIN)/d3k2 serve --host $${D3K2_HOST:-127.0.0.1} --port $${D3K2_PORT:-8080}
+
+# d3k2 and a local FHIR R4 server (sekmet-fhir) with demo patients, ready for the CDS Hooks sandbox: prints the
+# sandbox URL of each patient; Ctrl-C stops both. Ports: D3K2_DEMO_PORT (8080), D3K2_DEMO_FHIR_PORT (8090).
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests tools

@@ -137,7 +137,7 @@ def start_fhir(port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str, 
 
 
 def start_d3k2(port: int, fhir_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`d3k2 serve` as `make run` starts it (its JSON log lines go to this terminal's stderr); its base URL."""
+    """`d3k2 serve` as `make run` starts it (JSON log lines on this terminal's stderr); its base URL."""
     env = {
         **os.environ,
         "D3K2_ENV": os.environ.get("D3K2_ENV", "dev"),
