@@ -1,5 +1,6 @@
 """docker/trust/cds-sandbox.toml, the ready trust file for the public CDS Hooks sandbox: the recorded
-sandbox tokens pass it (signature, issuer, jku, at the recording time) with no key fetched; altered ones fail."""
+sandbox tokens pass it (signature, issuer, jku, at the recording time) with no key fetched; altered ones
+fail."""
 
 from __future__ import annotations
 
