@@ -96,8 +96,9 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], name: str, log: Pa
             pass
         time.sleep(0.2)
     state = f"exited with {process.returncode}" if process.poll() is not None else "did not answer"
-    where = f"; its log: {log}" if log else ""
-    raise SystemExit(f"demo: {name} {state} ({url}){where}")
+    # The log is in the working directory, removed on exit: show its end (a port in use, most often).
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log else "(see above)"
+    raise SystemExit(f"demo: {name} {state} ({url}); its log ends:\n{tail}")
 
 
 def load(fhir: str, bundle: dict[str, Any]) -> None:

@@ -73,9 +73,8 @@ def _wait_for_banner(demo: Demo) -> None:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     workdir = tmp_path_factory.mktemp("demo")
     port, fhir_port = free_port(), free_port()
-    env = {**os.environ, "D3K2_DEMO_PORT": str(port), "D3K2_DEMO_FHIR_PORT": str(fhir_port)}
-    for name in ("D3K2_ENV", "D3K2_AUTH", "D3K2_TRUST_FILE", "D3K2_DEMO_SANDBOX_URL", "D3K2_DATABASE_URL"):
-        env.pop(name, None)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("D3K2_")}
+    env.update({"D3K2_DEMO_PORT": str(port), "D3K2_DEMO_FHIR_PORT": str(fhir_port)})
     stdout, stderr = workdir / "stdout.log", workdir / "stderr.log"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(
