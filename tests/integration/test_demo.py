@@ -74,7 +74,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     workdir = tmp_path_factory.mktemp("demo")
     port, fhir_port = free_port(), free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("D3K2_")}
-    env.update({"D3K2_DEMO_PORT": str(port), "D3K2_DEMO_FHIR_PORT": str(fhir_port)})
+    # TMPDIR: the launcher's working directory (tempfile.mkdtemp) under this test's own.
+    env.update({"D3K2_DEMO_PORT": str(port), "D3K2_DEMO_FHIR_PORT": str(fhir_port), "TMPDIR": str(workdir)})
     stdout, stderr = workdir / "stdout.log", workdir / "stderr.log"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(
