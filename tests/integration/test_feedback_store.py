@@ -243,12 +243,17 @@ def test_cli_report_text_and_json(tmp_path: Path) -> None:
         "code": "judgement",
         "system": "http://example.org/d3k2/override-reason",
         "count": 2,
+        "display": None,
     }
     as_text = runner.invoke(main, ["feedback", "report", "--since", "2026-11-25"], env=env)
     assert as_text.exit_code == 0, as_text.output
     lines = as_text.output.splitlines()
-    assert lines[0] == "Feedback per rule since 2026-11-25T00:00:00+00:00"
-    assert lines[3].split() == ["A", "2", "2", "1", "1", "50.0", "already-taking", "(1),", "declined", "(1)"]
+    assert lines[0] == "Feedback per rule since 2026-11-25 (activity: 2026-11-25 to 2026-11-25)"
+    assert lines[2].split()[:5] == ["rule", "shown", "served", "accepted", "accept%"]
+    assert lines[3].split() == [
+        *("A", "2", "2", "1", "50.0", "0", "1", "50.0"),
+        *("already-taking", "(1),", "declined", "(1)"),
+    ]
     missing = runner.invoke(main, ["feedback", "report"], env={**env, "D3K2_DATA_DIR": str(tmp_path / "no")})
     assert missing.exit_code == 1
     assert "no feedback database" in missing.output

@@ -15,7 +15,7 @@ the CDS Hooks sandbox sends "accepted" feedback there although nothing is applie
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -51,7 +51,7 @@ class Names:
 
 
 def names_of(ruleset: RuleSet) -> Names:
-    reasons = {}
+    reasons: dict[tuple[str | None, str], str] = {}
     for rule in ruleset.rules:
         for reason in rule.override_reasons:
             if reason.code and reason.display:
@@ -124,7 +124,7 @@ def _percent(rate: float | None) -> str:
     return f"{rate * 100:.1f}" if rate is not None else "-"
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     """Columns padded; the first left-aligned, the last free, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
@@ -252,9 +252,9 @@ class _Tally:
 
     def report(self, names: Names) -> RuleReport:
         reasons = []
-        # Sorted here, not in SQL: SQLite and PostgreSQL order NULLs differently.
+        # Most given first; on a tie, a reason before none (a plain dismiss).
         for (system, code), items in sorted(
-            self.reasons.items(), key=lambda r: (-r[1], r[0][1] or "", r[0][0] or "")
+            self.reasons.items(), key=lambda r: (-r[1], r[0][1] is None, r[0][1] or "", r[0][0] or "")
         )[:TOP_REASONS]:
             words = names.reasons.get((system, code)) if code else None
             display = words or self.displays.get((system, code))
