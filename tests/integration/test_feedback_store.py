@@ -126,7 +126,8 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
 def test_migrate_twice_is_a_no_op(store: FeedbackStore) -> None:
     store.migrate()
     with store.engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM d3k2_alembic_version")).scalar() == "0003_card_uuid_key"
+        version = connection.execute(text("SELECT version_num FROM d3k2_alembic_version")).scalar()
+        assert version == "0003_card_uuid_key"
 
 
 # ---------------------------------------------------------------- the report

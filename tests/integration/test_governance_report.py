@@ -3,10 +3,11 @@ nothing is applied reported apart, the report per rule and ISO week, and the HTM
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -220,3 +221,145 @@ def test_until_its_database_is_reached_a_store_uses_a_key_of_its_own(tmp_path: P
             assert card_key(connection) == store.card_key
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- the HTML page
+
+VOID = {"meta", "link", "br", "hr", "img", "input", "rect", "line", "circle", "path"}
+
+
+class Page(HTMLParser):
+    """Checks nesting (every element closed, in order) and gathers table rows as cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.problems: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self.table: str | None = None
+        self.cell: list[str] | None = None
+        self.ids: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("id"):
+            self.ids.append(str(found["id"]))
+        if tag == "table":
+            self.table = str(found.get("id"))
+            self.tables[self.table] = []
+        elif tag == "tr" and self.table:
+            self.tables[self.table].append([])
+        elif tag in ("td", "th") and self.table:
+            self.cell = []
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("id"):
+            self.ids.append(str(found["id"]))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.problems.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+            return
+        self.stack.pop()
+        if tag in ("td", "th") and self.cell is not None and self.table:
+            self.tables[self.table][-1].append(" ".join(" ".join(self.cell).split()))
+            self.cell = None
+        elif tag == "table":
+            self.table = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def parsed(html: str) -> Page:
+    page = Page()
+    page.feed(html)
+    page.close()
+    assert page.problems == [] and page.stack == []
+    assert len(page.ids) == len(set(page.ids)), "ids must be unique"
+    return page
+
+
+def test_the_page_is_well_formed_self_contained_and_its_numbers_are_the_reports(
+    seeded: FeedbackStore,
+) -> None:
+    html = render_html(seeded.report(names=names_of(ruleset())), T0)
+    page = parsed(html)
+    for svg in re.findall(r"<svg\b.*?</svg>", html, flags=re.S):
+        ET.fromstring(svg)  # every chart is well-formed XML too
+    assert "<script" not in html and not re.search(r"\b(src|href)=", html)
+    style = re.search(r"<style>(.*?)</style>", html, flags=re.S)
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html)
+    assert style and csp
+    digest = base64.b64encode(hashlib.sha256(style.group(1).encode()).digest()).decode()
+    assert csp.group(1).startswith(f"default-src 'none'; style-src 'sha256-{digest}'")
+    assert page.tables["table-rules"][1:] == [
+        [
+            "Vitamin K2 order with a vitamin K antagonist order-k2-vka",
+            *("2", "5", "1 (50%)", "0 (0%)", "1 (50%)", "4"),
+        ],
+        ["25(OH)D deficient vitd-deficient", *("4", "6", "0 (0%)", "3 (75%)", "1 (25%)", "4")],
+    ]
+    assert page.tables["table-reasons"][1:] == [
+        ["Vitamin K2 order with a vitamin K antagonist order-k2-vka", "Anticoagulation team aware", "1"],
+        ["(no reason given)", "1"],
+        ["25(OH)D deficient vitd-deficient", "Already on vitamin D", "1"],
+    ]
+    assert page.tables["table-weeks"][1:] == [
+        ["2026-W48", "5", "1", "2", "2"],
+        ["2026-W49", "1", "0", "1", "0"],
+    ]
+    assert {"chart-rates", "chart-reasons", "chart-weeks", "period"} <= set(page.ids)
+    assert '<strong id="period">2026-11-24 to 2026-12-01</strong>' in html
+    assert re.findall(r'data-total="([^"]+)">(\d+)<', html) == [
+        ("Cards shown", "6"),
+        ("Times sent", "11"),
+        ("Accepted (applied)", "1"),
+        ("Accepted, not applied", "3"),
+        ("Overridden", "2"),
+    ]
+    # Every chart says what it shows, and every bar has its number beside it (not colour alone).
+    assert html.count('role="img"') == 3 and html.count("<title id=") == 3
+    assert "75% (3 of 4)" in html and "Accepted at patient-view (not applied by the EHR)" in html
+
+
+def test_rule_titles_and_reasons_are_escaped(seeded: FeedbackStore) -> None:
+    names = Names(rules={"vitd-deficient": "<b>D</b> & co"}, hooks=names_of(ruleset()).hooks)
+    html = render_html(seeded.report(names=names), T0)
+    parsed(html)
+    assert "<b>D</b>" not in html and "&lt;b&gt;D&lt;/b&gt; &amp; co" in html
+
+
+def test_cli_writes_the_html_page(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = FeedbackStore(f"sqlite:///{data / 'd3k2.sqlite3'}")
+    try:
+        store.migrate()
+        seed(store)
+    finally:
+        store.close()
+    env = {"D3K2_DATA_DIR": str(data), "D3K2_DATABASE_URL": ""}
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["feedback", "report", "--format", "html", "-o", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    page = parsed(out.read_text(encoding="utf-8"))
+    assert [row[0] for row in page.tables["table-rules"][1:]] == [
+        "Vitamin K2 order with a vitamin K antagonist order-k2-vka",
+        "25(OH)D deficient vitd-deficient",
+    ]
+    as_json = CliRunner().invoke(main, ["feedback", "report", "--format", "json"], env=env)
+    rules = {r["rule"]: r for r in json.loads(as_json.output)["rules"]}
+    assert (rules["vitd-deficient"]["not_applied"], rules["vitd-deficient"]["not_applied_rate"]) == (3, 0.75)
+    assert json.loads(as_json.output)["weeks"][1] == {
+        "week": "2026-W49",
+        "shown": 1,
+        "accepted": 0,
+        "not_applied": 1,
+        "overridden": 0,
+    }

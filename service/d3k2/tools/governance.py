@@ -52,6 +52,8 @@ table { border-collapse: collapse; width: 100%; margin: 10px 0 0; font-size: 14p
 caption { text-align: left; font-weight: 600; padding: 0 0 6px; }
 th, td { border-bottom: 1px solid #e3e7eb; padding: 6px 8px; text-align: left; vertical-align: top; }
 th { background: #eef2f5; font-weight: 600; }
+tbody th { background: none; min-width: 240px; }
+thead th.n { white-space: normal; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .rule-id { display: block; color: #5b6675; font-size: 12px;
   font-family: ui-monospace, Menlo, Consolas, monospace; }
@@ -117,7 +119,7 @@ def _legend(prefix: str, keys: Sequence[str]) -> str:
 def rates_chart(rules: Sequence[RuleReport]) -> str:
     """Per rule, three bars: the share of its cards shown that were accepted, accepted where nothing is
     applied, and overridden; each labelled with its percentage and counts."""
-    label_w, bar_w, row_h, group_gap = 300, 560, 18, 16
+    label_w, bar_w, row_h, group_gap = 340, 520, 18, 16
     height = 30 + len(rules) * (3 * row_h + group_gap)
     parts = [
         f'<svg id="chart-rates" role="img" aria-labelledby="chart-rates-title chart-rates-desc" '
@@ -136,7 +138,7 @@ def rates_chart(rules: Sequence[RuleReport]) -> str:
     for rule in rules:
         parts.append(
             f'<text x="{label_w - 10}" y="{y + 1.5 * row_h + 4:.1f}" font-size="13" text-anchor="end">'
-            f"{escape(_short(rule.label, 40))}</text>"
+            f"{escape(_short(rule.label, 48))}</text>"
         )
         for key, *_ in SERIES:
             count = getattr(rule, key)
@@ -159,8 +161,9 @@ def rates_chart(rules: Sequence[RuleReport]) -> str:
 def weeks_chart(weeks: Sequence[WeekCounts]) -> str:
     """Per ISO week, grouped columns: cards shown, accepted, not applied, overridden (counts on top)."""
     keys = ("shown", *(key for key, *_ in SERIES))
-    top = max([1, *(getattr(w, k) for w in weeks for k in keys)])
-    col_w, group_gap, plot_h, left = 22, 26, 220, 44
+    step = -(-max([1, *(getattr(w, k) for w in weeks for k in keys)]) // 4)  # whole numbers on the axis
+    top = step * 4
+    col_w, group_gap, plot_h, left = 28, 30, 220, 44
     width = left + max(1, len(weeks)) * (len(keys) * col_w + group_gap) + 10
     height = plot_h + 60
     parts = [
@@ -173,9 +176,9 @@ def weeks_chart(weeks: Sequence[WeekCounts]) -> str:
         _patterns("w"),
     ]
     base = 20 + plot_h
-    for step in range(5):
-        value = top * step / 4
-        y = base - plot_h * step / 4
+    for tick in range(5):
+        value = step * tick
+        y = base - plot_h * tick / 4
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 6}" y2="{y:.1f}" stroke="#e3e7eb"/>')
         parts.append(
             f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{value:.0f}</text>'
@@ -210,7 +213,7 @@ def reasons_chart(rules: Sequence[RuleReport]) -> str:
     for rule in rules:
         for reason in rule.top_reasons:
             totals[reason.label] += reason.count
-    ranked = sorted(totals.items(), key=lambda r: (-r[1], r[0]))[:8]
+    ranked = sorted(totals.items(), key=lambda r: (-r[1], r[0] == NO_REASON, r[0]))[:8]
     if not ranked:
         return '<p class="note">No card was overridden in this period.</p>'
     label_w, bar_w, row_h = 300, 480, 24
@@ -277,10 +280,7 @@ def reasons_table(rules: Sequence[RuleReport]) -> str:
             first = (
                 _rule_cell(rule).replace("<th", f'<th rowspan="{len(rule.top_reasons)}"', 1) if i == 0 else ""
             )
-            words = escape(reason.label) + (
-                " <em>(no reason chosen)</em>" if reason.label == NO_REASON else ""
-            )
-            rows.append(f'<tr>{first}<td>{words}</td><td class="n">{reason.count}</td></tr>')
+            rows.append(f'<tr>{first}<td>{escape(reason.label)}</td><td class="n">{reason.count}</td></tr>')
     if not rows:
         return ""
     return (
