@@ -5,8 +5,9 @@ production runs it) malformed chunked bodies and SCRIPT_NAME headers.
 
 Every class: never a 5xx, and no token, comment or other secret of the request in any log line (each
 record formatted as d3k2.http.logs writes it); every feedback item acknowledged is in the store
-(tests/ledger.py; the same under database outages and killed workers: tests/integration/test_feedback_durable.py). Bounded for `make test`; `make attack` raises the
-examples with D3K2_ATTACK_EXAMPLES (and runs the fuzzers and tests/integration/test_edge.py with it).
+(tests/ledger.py; under database outages and killed workers: tests/integration/test_feedback_durable.py).
+Bounded for `make test`; `make attack` raises the examples with D3K2_ATTACK_EXAMPLES (and runs the fuzzers,
+tests/integration/test_edge.py and test_feedback_durable.py with it).
 """
 
 from __future__ import annotations

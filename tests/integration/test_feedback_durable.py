@@ -34,16 +34,12 @@ HANG = 60.0
 FEEDBACK = f"/cds-services/{SERVICE}/feedback"
 
 
-def feedback(card: str) -> dict[str, object]:
+def item(card: str) -> dict[str, object]:
     return {
-        "feedback": [
-            {
-                "card": card,
-                "outcome": "overridden",
-                "outcomeTimestamp": "2026-11-24T19:11:44Z",
-                "overrideReason": {"reason": {"code": "patient-refused"}, "userComment": "durable"},
-            }
-        ]
+        "card": card,
+        "outcome": "overridden",
+        "outcomeTimestamp": "2026-11-24T19:11:44Z",
+        "overrideReason": {"reason": {"code": "patient-refused"}, "userComment": "durable"},
     }
 
 
@@ -58,7 +54,7 @@ def senders(base: str, ledger: Ledger, threads: int = 2) -> Iterator[None]:
         while not stop.is_set():
             with lock:
                 n = next(counter)
-            body = feedback(f"durable-{name}-{n}")
+            body = {"feedback": [item(f"durable-{name}-{n}")]}
             status, _answer = send(base, FEEDBACK, body, timeout=HANG)
             ledger.feedback_answer(status, body)
             if status == 0:
@@ -131,7 +127,7 @@ def test_no_acknowledged_feedback_is_lost_through_outages_and_killed_workers(tmp
             assert first not in workers(log) and second not in workers(log)
 
         lost = ledger.lost(url)
-        assert not lost.feedback, f"{len(lost.feedback)} of {seen} acknowledged items lost: {lost.feedback[:5]}"
+        assert not lost.feedback, f"{len(lost.feedback)} of {seen} acknowledged lost: {lost.feedback[:5]}"
 
 
 def test_the_check_finds_feedback_acknowledged_and_dropped(
@@ -149,7 +145,7 @@ def test_the_check_finds_feedback_acknowledged_and_dropped(
     client = app.test_client()
     try:
         for n in range(3):
-            body = {"feedback": [feedback(f"kept-{n}")["feedback"][0], feedback(f"dropped-{n}")["feedback"][0]]}
+            body = {"feedback": [item(f"kept-{n}"), item(f"dropped-{n}")]}
             if n == 2:
                 monkeypatch.setattr(FeedbackStore, "record_feedback", dropping)
             answer = client.post(FEEDBACK, json=body)
