@@ -43,14 +43,16 @@ fuzz: $(STAMP)
 	  $(BIN)/python -m pytest -p no:cacheprovider tests/http/test_schemathesis.py tests/unit/test_properties.py
 
 # The pre-launch attack of issue 24, replayed (a few minutes): each class of tests/http/test_attack.py with
-# more examples, the edge (gunicorn, nginx, slow clients), the log checks and both fuzzers; zero 5xx, no token
-# or patient data in any log line. `make test` runs the same tests bounded.
+# more examples, the edge (gunicorn, nginx, slow clients), the log checks, feedback through database outages
+# and killed workers, and both fuzzers; zero 5xx, no token or patient data in any log line, zero
+# acknowledged-but-lost feedback. `make test` runs the same tests bounded.
 ATTACK_EXAMPLES ?= 100
 attack: $(STAMP)
 	D3K2_ATTACK_EXAMPLES=$(ATTACK_EXAMPLES) D3K2_FUZZ_EXAMPLES=$(ATTACK_EXAMPLES) \
 	  D3K2_PROPERTY_EXAMPLES=$$(( $(ATTACK_EXAMPLES) * 3 )) \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/http/test_attack.py tests/integration/test_edge.py \
-	    tests/http/test_hardening.py tests/http/test_logs_no_phi.py tests/http/test_schemathesis.py \
+	    tests/http/test_hardening.py tests/http/test_logs_no_phi.py tests/integration/test_feedback_durable.py \
+	    tests/http/test_schemathesis.py \
 	    tests/unit/test_properties.py
 
 # CDS Hooks 2.0.1 service-side MUST/SHOULD statements, each with the tests that prove it.
