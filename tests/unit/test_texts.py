@@ -81,7 +81,7 @@ def test_a_broken_text_stops_startup_naming_file_and_key(
 
 
 def test_the_two_tables_must_be_tables(texts_file: Path) -> None:
-    texts_file.write_text('cards = 1\nunits = "x"\n', encoding="utf-8")
+    texts_file.write_text('cards = 1\nnotes = 1\nskipped = 1\nunits = "x"\n', encoding="utf-8")
     with pytest.raises(RuleSetError, match=r"texts\.toml: cards: missing or not a table"):
         load_texts(texts_file)
 

@@ -73,13 +73,22 @@ def _measurement_fields(m: Measurement | None, texts: Texts) -> SimpleNamespace:
             age="",
             status="",
             line=texts.line_none,
+            brief=texts.brief_none,
         )
     stale = texts.stale.format(days=m.age_days) if m.stale else ""
     notes = f" ({'; '.join(m.notes)})" if m.notes else ""
     date = m.when.isoformat()
     line = texts.line.format(shown=m.shown, date=date, stale=stale, notes=notes)
+    brief = texts.brief.format(shown=m.shown, date=date)
     return SimpleNamespace(
-        shown=m.shown, date=date, stale=stale, notes=notes, age=str(m.age_days), status=m.status, line=line
+        shown=m.shown,
+        date=date,
+        stale=stale,
+        notes=notes,
+        age=str(m.age_days),
+        status=m.status,
+        line=line,
+        brief=brief,
     )
 
 
@@ -143,6 +152,7 @@ def _calcium_fields(c: FieldContext) -> SimpleNamespace:
     # Total, albumin-corrected and ionized calcium are different measurements: the card names which.
     calcium.shown = f"{m.kind} {m.shown}" if m.kind else m.shown
     texts = c.ruleset.texts
+    calcium.brief = texts.brief.format(shown=calcium.shown, date=calcium.date)
     calcium.line = texts.line.format(
         shown=calcium.shown, date=calcium.date, stale=calcium.stale, notes=calcium.notes
     )

@@ -34,6 +34,8 @@ class Texts:
     from_request: str  # ... a MedicationRequest
     line: str  # {egfr.line}, {calcium.line}: a measurement in one phrase; {shown} {date} {stale} {notes}
     line_none: str  # ... when there is none
+    brief: str  # {*.brief}: the same for a summary; {shown} {date}
+    brief_none: str
     vitd_no_band: str  # {vitd.band} when there is no result
     above_range: str  # why a band is not certain: the lab reported a bound (">100"), not a number
     below_range: str
@@ -74,6 +76,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "from_request": frozenset(),
     "line": frozenset({"shown", "date", "stale", "notes"}),
     "line_none": frozenset(),
+    "brief": frozenset({"shown", "date"}),
+    "brief_none": frozenset(),
     "vitd_no_band": frozenset(),
     "above_range": frozenset(),
     "below_range": frozenset(),
