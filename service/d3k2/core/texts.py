@@ -23,6 +23,7 @@ class Texts:
     no_date: str  # ... and its date
     stale: str  # after a stale measurement's date; {days}
     daily_dose: str  # a draft's daily dose; {amount} {unit}
+    weekly_dose: str  # ... a weekly one; {amount} {unit}
     unknown_dose: str
     lab_limit: str  # where the calcium upper limit came from: the lab's range
     default_limit: str  # ... or the default
@@ -65,6 +66,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "no_date": frozenset(),
     "stale": frozenset({"days"}),
     "daily_dose": frozenset({"amount", "unit"}),
+    "weekly_dose": frozenset({"amount", "unit"}),
     "unknown_dose": frozenset(),
     "lab_limit": frozenset(),
     "default_limit": frozenset({"kind"}),
