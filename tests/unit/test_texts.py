@@ -205,3 +205,21 @@ def _facts_of(name: str, rs: RuleSet) -> Facts:
     request = parse_request(fixture.request)
     resolved = resolve(rs.services[fixture.expected["service"]].prefetch, request, None)
     return facts_for(rs, resolved.resources, TODAY, resolved)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        ('patient = "age-specific', '# patient = "age-specific', "skipped.patient", "missing"),
+        ("[skipped]\n", '[skipped]\nx = "y"\n', "skipped.x", "not a prefetch key"),
+    ],
+)
+def test_every_prefetch_key_and_only_those_names_its_skipped_check(
+    tmp_path: Path, old: str, new: str, field: str, message: str
+) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(CARDS, cards)
+    _edit(cards / "texts.toml", old, new)
+    with pytest.raises(RuleSetError) as raised:
+        load_ruleset(cards)
+    assert f"texts.toml: {field}: " in str(raised.value) and message in str(raised.value)
