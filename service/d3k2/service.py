@@ -83,6 +83,7 @@ def facts_for(
         classify=classifier(ruleset),
         doses=dose_reader(ruleset),
         missing=resolved.missing if resolved else (),
+        missing_keys=resolved.missing_keys if resolved else (),
         incomplete=resolved.incomplete if resolved else (),
         issues=resolved.issues if resolved else (),
         unknown=resolved.unknown if resolved else (),

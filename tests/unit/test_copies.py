@@ -184,8 +184,8 @@ def test_the_data_card_names_the_copies() -> None:
     cards = build_cards(rs, evaluation, hook="patient-view", patient_id="p1", card_key=OFFLINE_CARD_KEY)
     data = next(c for c in cards if c["source"]["topic"]["code"] == "data-incomplete")
     assert data["detail"].startswith(
-        "Two different copies of the same record were sent (condition, medication list): "
-        "cautions from either are kept.\n\n"
+        "Two different copies of the same record were sent: Sarcoidosis, warfarin. "
+        "Cautions from either are kept.\n\n"
     )
     assert "Not used" not in data["detail"]
     # Both cautions are kept: warfarin stays active (its card shows when K2 is at stake, not beside the

@@ -92,7 +92,7 @@ def test_a_lab_names_its_cautious_direction_or_the_rule_set_does_not_load() -> N
 def test_a_comma_before_three_digits_or_a_spaced_number_is_never_guessed(text) -> None:
     result = facts(text_obs(VITD, text, oid="v"), obs(VITD, 170, "ng/mL", oid="old", when="2026-01-01"))
     assert result.vitd is not None and result.vitd.source == "Observation/old"
-    assert len(result.issues) == 1 and result.issues[0].startswith("Observation/v skipped: valueString")
+    assert len(result.issues) == 1 and result.issues[0].startswith("25(OH)D of 2026-11-01 (the value is ")
 
 
 def test_a_decimal_comma_is_still_read() -> None:

@@ -41,6 +41,7 @@ class Resolved:
     resources: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # "<label> (<reason>)" for the card
     incomplete: list[str] = field(default_factory=list)  # labels of required keys without data
+    missing_keys: list[str] = field(default_factory=list)  # the keys `missing` names, in its order
     unknown: list[str] = field(default_factory=list)  # `PrefetchKey.unknown` facts of keys not had in full
     issues: list[str] = field(default_factory=list)
     fetched: dict[str, str] = field(default_factory=dict)  # key → "ok" or the error
@@ -195,6 +196,7 @@ def resolve(
             unobtainable[key] = reason
         else:
             result.missing.append(f"{spec.label} ({reason}; no FHIR server to ask)")
+            result.missing_keys.append(key)
     if to_fetch and fetcher is not None and request.fhirServer:
         token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
         outcomes = fetcher.fetch_many(request.fhirServer, to_fetch, token)
@@ -217,6 +219,7 @@ def resolve(
                 result.resources.extend(arrived)
                 reason += "; the part that arrived was used"
             result.missing.append(f"{spec.label} (could not be fetched: {reason})")
+            result.missing_keys.append(key)
             if spec.unknown is not None:
                 result.unknown.append(spec.unknown)
             if spec.required:
@@ -230,6 +233,7 @@ def resolve(
             )
         for key, reason in unobtainable.items():
             result.missing.append(f"{keys[key].label} ({reason}; no FHIR server to ask)")
+            result.missing_keys.append(key)
             result.incomplete.append(keys[key].label)
     return result
 
