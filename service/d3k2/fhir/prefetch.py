@@ -225,7 +225,7 @@ def resolve(
             if spec.required:
                 result.incomplete.append(spec.label)
     if unobtainable:
-        if not any(r.get("resourceType") in _READ_BY_RULES for r in result.resources):
+        if not any(_read_by_rules(r) for r in result.resources):
             raise PrefetchUnavailable(
                 "prefetch data the rules need was not sent and cannot be fetched"
                 " (no fhirServer in the request)",
@@ -271,3 +271,9 @@ def fetch_medications(resolved: Resolved, request: CdsRequest, fetcher: Fetcher 
         if outcome.error is None and outcome.resource is not None:
             resolved.resources.append(outcome.resource)
         resolved.fetched[refs[key]] = outcome.error or "ok"
+
+
+def _read_by_rules(resource: Mapping[str, Any]) -> bool:
+    """True when a rule reads this type of resource; a `resourceType` that is no string names none."""
+    kind = resource.get("resourceType")
+    return isinstance(kind, str) and kind in _READ_BY_RULES
