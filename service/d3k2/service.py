@@ -108,6 +108,7 @@ def call_service(
     fetcher: Fetcher | None,
     adjust: Adjust | None = None,
     trace: bool = False,
+    smart_url: str | None = None,
 ) -> Outcome:
     service = find_service(ruleset, service_id)
     request = parse_request(payload)
@@ -120,6 +121,10 @@ def call_service(
     drafts = drafts_of(ruleset, request)
     evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts, trace=trace)
     cards = build_cards(
-        ruleset, evaluation, hook_instance=request.hookInstance, patient_id=request.context.patientId
+        ruleset,
+        evaluation,
+        hook_instance=request.hookInstance,
+        patient_id=request.context.patientId,
+        smart_url=smart_url,
     )
     return Outcome(request, {"cards": cards, "systemActions": []}, evaluation, resolved, drafts)

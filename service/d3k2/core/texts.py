@@ -32,6 +32,7 @@ class Texts:
     evidence_dated: str  # a condition or observation on record with its date; {text} {date}
     from_statement: str  # where a medication is on record: a MedicationStatement
     from_request: str  # ... a MedicationRequest
+    smart_link: str  # the label of a card's link to the "Why this card?" SMART app
     # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
     units: Mapping[str, str]
 
@@ -52,6 +53,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "evidence_dated": frozenset({"text", "date"}),
     "from_statement": frozenset(),
     "from_request": frozenset(),
+    "smart_link": frozenset(),
 }
 
 
