@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +31,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from fhirclient.auth import FHIROAuth2Auth
 from fhirclient.client import FHIRClient
 from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request
+from werkzeug.wrappers import Response as BaseResponse
 
 from d3k2 import whatif
 from d3k2.config import Settings
@@ -57,7 +58,6 @@ SCOPE_V1 = "openid fhirUser " + " ".join(f"patient/{r}.read" for r in RESOURCES)
 _SCOPE = re.compile(r"^(patient|user)/(\*|[A-Za-z]+)\.(\*|read|[cruds]+)$")
 _RULE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _SWITCHES = ("warfarin", "k2", "pregnant")
-_LABS = ("vitd", "egfr", "calcium")
 
 
 class SmartError(Exception):
@@ -135,7 +135,7 @@ def _error_page(exc: SmartError) -> Response:
     return response
 
 
-def _set_cookie(response: Response, value: str, seconds: int) -> None:
+def _set_cookie(response: BaseResponse, value: str, seconds: int) -> None:
     secure = (_app().settings.smart_app_url or "").startswith("https://")
     response.set_cookie(
         COOKIE,
@@ -209,10 +209,14 @@ def smart_configuration(iss: str, timeout: float) -> dict[str, Any]:
     return config
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def wanted_scope(config: dict[str, Any]) -> str:
     """SMART v2 read scopes (``.rs``) unless the server advertises only v1."""
-    capabilities = config.get("capabilities") if isinstance(config.get("capabilities"), list) else []
-    supported = config.get("scopes_supported") if isinstance(config.get("scopes_supported"), list) else []
+    capabilities = _list(config.get("capabilities"))
+    supported = _list(config.get("scopes_supported"))
     v1_only = "permission-v2" not in capabilities and (
         "permission-v1" in capabilities or any(str(s).endswith(".read") for s in supported)
     )
@@ -220,7 +224,7 @@ def wanted_scope(config: dict[str, Any]) -> str:
 
 
 @blueprint.get("/launch")
-def launch() -> Response:
+def launch() -> BaseResponse:
     app = _app()
     settings = app.settings
     iss = (request.args.get("iss") or settings.smart_iss or "").rstrip("/")
@@ -284,7 +288,7 @@ class _BoundedSession(requests.Session):
         super().__init__()
         self.timeout = timeout
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs["timeout"] = self.timeout
         kwargs["allow_redirects"] = False
         return super().request(method, url, *args, **kwargs)
@@ -341,7 +345,7 @@ def _exchange(app: SmartApp, launched: dict[str, Any]) -> tuple[FHIRClient, dict
 
 
 @blueprint.get("/callback")
-def callback() -> Response:
+def callback() -> BaseResponse:
     app = _app()
     launched = app.unseal(request.cookies.get(COOKIE), "launch")
     if launched is None:
@@ -363,7 +367,8 @@ def callback() -> Response:
     if not request.args.get("code"):
         raise SmartError(400, "The authorization server sent no code", "Launch the app again from the card.")
     client, context = _exchange(app, launched)
-    scopes = context.get("scope") if isinstance(context.get("scope"), str) else ""
+    scope = context.get("scope")
+    scopes = scope if isinstance(scope, str) else ""
     missing = [r for r in RESOURCES if not granted(scopes, r)]
     if missing:
         raise SmartError(
@@ -379,8 +384,10 @@ def callback() -> Response:
             400, "No patient was selected", "The authorization server named no patient for this launch."
         )
     token = client.server.auth.access_token
-    lifetime = context.get("expires_in") if isinstance(context.get("expires_in"), int) else SESSION_SECONDS
-    seconds = max(1, min(SESSION_SECONDS, lifetime))
+    # fhirclient keeps the token's expires_in as expires_at (local time); the session ends with the token.
+    expires_at = client.server.auth.expires_at
+    lifetime = (expires_at - datetime.now()).total_seconds() if expires_at else SESSION_SECONDS
+    seconds = int(max(1, min(SESSION_SECONDS, lifetime)))
     app_context = context.get("appContext") if isinstance(context.get("appContext"), str) else None
     sealed = app.seal(
         {
@@ -415,7 +422,7 @@ def focused_rule(app_context: str | None) -> str | None:
 
 def _overrides() -> tuple[list[str], dict[str, str]]:
     chosen: dict[str, str] = {}
-    for name in (*_LABS, *_SWITCHES):
+    for name in (*view.LABS, *_SWITCHES):
         value = (request.args.get(name) or "").strip()[:40]
         if value:
             chosen[name] = value
@@ -472,52 +479,14 @@ def page() -> Response:
             f"The FHIR server did not give what the rules need ({exc.code}).",
         ) from exc
     report = whatif.report(explanation, rt.ruleset)
-    html = render_template("smart.html", **_context(report, explanation, today, session, chosen))
-    return Response(html, mimetype="text/html")
-
-
-def _context(
-    report: dict[str, Any],
-    explanation: whatif.Explanation,
-    today: date,
-    session: dict[str, Any],
-    chosen: dict[str, str],
-) -> dict[str, Any]:
-    rt = runtime()
-    ruleset = rt.ruleset
-    resources = explanation.resolved.resources
-    series = {name: view.lab_points(resources, ruleset, name) for name in _LABS}
-    daily = {m["source"]: m["daily"] or "" for m in report["facts"]["medications"]}
-    spans = view.vitamin_d_spans(resources, ruleset, daily)
-    axis = view.time_axis(
-        [p.when for points in series.values() for p in points] + [s.start for s in spans], today
-    )
-    profile = ruleset.profiles[rt.profile]
-    labs = ruleset.facts.labs
-    charts = [
-        view.chart(labs["vitd"].label, labs["vitd"].canonical_unit, series["vitd"], axis, profile.bands),
-        view.chart(labs["egfr"].label, labs["egfr"].canonical_unit, series["egfr"], axis),
-        view.chart(labs["calcium"].label, labs["calcium"].canonical_unit, series["calcium"], axis),
-    ]
+    context = view.page_context(report, explanation, rt.ruleset, rt.profile, today)
     focus = focused_rule(session.get("app_context"))
-    titles = {rule.id: rule.title for rule in ruleset.rules_for("patient-view")}
-    return {
-        "report": report,
-        "today": today.isoformat(),
-        "profile": profile,
-        "profile_name": rt.profile,
-        "charts": charts,
-        "series": [(labs[name].label, series[name]) for name in _LABS],
-        "lanes": view.lanes(spans, axis),
-        "spans": spans,
-        "axis_ticks": axis.ticks(),
-        "chart_width": view.WIDTH,
-        "lane_height": view.LANE * max(len(spans), 1) + 8,
-        "focus": focus if focus in titles else None,
-        "focus_title": titles.get(focus or ""),
-        "chosen": chosen,
-        "labs": [
-            (name, labs[name].label, sorted(labs[name].units), labs[name].canonical_unit) for name in _LABS
-        ],
-        "now": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    titles = {rule.id: rule.title for rule in rt.ruleset.rules_for("patient-view")}
+    html = render_template(
+        "smart.html",
+        **context,
+        focus=focus if focus in titles else None,
+        focus_title=titles.get(focus or ""),
+        chosen=chosen,
+    )
+    return Response(html, mimetype="text/html")

@@ -17,7 +17,7 @@ from d3k2.core.labs import lab_role, quantity_parts
 from d3k2.core.readers import Unreadable, loinc_codes, medication_text, observation_date, parse_date, ref_of
 from d3k2.core.ruleset import Band, RuleSet
 from d3k2.service import classifier
-from d3k2.whatif import _medication_codeable
+from d3k2.whatif import Explanation, _medication_codeable
 
 _FRACTIONS = ("d3", "d2")
 WIDTH, HEIGHT = 720.0, 240.0
@@ -175,7 +175,7 @@ def _y(value: float, top: float) -> float:
 def _nice_top(values: Sequence[float], floor: float) -> float:
     top = max((*values, floor)) * 1.1
     step = 10 ** math.floor(math.log10(top))
-    return math.ceil(top / step) * step
+    return float(math.ceil(top / step) * step)
 
 
 def chart(label: str, unit: str, points: Sequence[Point], axis: Axis, bands: Sequence[Band] = ()) -> Chart:
@@ -230,3 +230,42 @@ def lanes(spans: Sequence[Span], axis: Axis) -> list[dict[str, Any]]:
             }
         )
     return drawn
+
+
+# ---------------------------------------------------------------- the page
+
+
+LABS = ("vitd", "egfr", "calcium")
+
+
+def page_context(
+    report: dict[str, Any], explanation: Explanation, ruleset: RuleSet, profile_name: str, today: date
+) -> dict[str, Any]:
+    """What templates/smart.html shows: the charts, their table equivalents and the explain report."""
+    resources = explanation.resolved.resources
+    series = {name: lab_points(resources, ruleset, name) for name in LABS}
+    daily = {m["source"]: m["daily"] or "" for m in report["facts"]["medications"]}
+    spans = vitamin_d_spans(resources, ruleset, daily)
+    axis = time_axis([p.when for points in series.values() for p in points] + [s.start for s in spans], today)
+    profile = ruleset.profiles[profile_name]
+    labs = ruleset.facts.labs
+    charts = [
+        chart(labs["vitd"].label, labs["vitd"].canonical_unit, series["vitd"], axis, profile.bands),
+        chart(labs["egfr"].label, labs["egfr"].canonical_unit, series["egfr"], axis),
+        chart(labs["calcium"].label, labs["calcium"].canonical_unit, series["calcium"], axis),
+    ]
+    return {
+        "report": report,
+        "today": today.isoformat(),
+        "profile": profile,
+        "profile_name": profile_name,
+        "charts": charts,
+        "series": [(labs[name].label, series[name]) for name in LABS],
+        "lanes": lanes(spans, axis),
+        "spans": spans,
+        "chart_width": WIDTH,
+        "lane_height": LANE * max(len(spans), 1) + 8,
+        "labs": [
+            (name, labs[name].label, sorted(labs[name].units), labs[name].canonical_unit) for name in LABS
+        ],
+    }
