@@ -269,6 +269,7 @@ def launch() -> BaseResponse:
         }
     )
     url = client.authorize_url
+    client.server.session.close()  # fhirclient's own session: unused, d3k2 fetched the configuration
     sealed = app.seal(
         {"phase": "launch", "exp": time.time() + LAUNCH_SECONDS, "iss": iss, "client": client.state}
     )
@@ -327,7 +328,8 @@ def _refused(exc: Exception) -> SmartError:
 
 def _exchange(app: SmartApp, launched: dict[str, Any]) -> tuple[FHIRClient, dict[str, Any]]:
     client = FHIRClient(state=launched["client"])
-    client.server.session = _BoundedSession(app.settings.fhir_timeout)
+    client.server.session.close()
+    client.server.session = session = _BoundedSession(app.settings.fhir_timeout)
     try:
         client.handle_callback(request.url)
     except requests.HTTPError as exc:
@@ -340,6 +342,8 @@ def _exchange(app: SmartApp, launched: dict[str, Any]) -> tuple[FHIRClient, dict
         ) from exc
     except Exception as exc:  # fhirclient raises plain Exceptions (no token, a 401 from the token endpoint)
         raise _refused(exc) from exc
+    finally:
+        session.close()
     context = client.launch_context
     return client, context if isinstance(context, dict) else {}
 
