@@ -141,3 +141,19 @@ def test_focused_rule() -> None:
     assert focused_rule('{"rule":"vitd-deficient"}') == "vitd-deficient"
     for bad in (None, "", "not json", "[1]", '{"rule": 5}', '{"rule":"<script>"}'):
         assert focused_rule(bad) is None
+
+
+def test_cards_with_smart_links_match_the_openapi_document(client: Any) -> None:
+    """The links stay CDS Hooks 2.0.1 Links (label, url, type smart, appContext a string)."""
+    from test_openapi import check_response, document
+
+    from builders import FIXTURES
+
+    body = (FIXTURES / "patient-view" / "deficient" / "request.json").read_bytes()
+    answer = client.post(
+        "/cds-services/d3k2-patient-view",
+        data=body,
+        headers={"Content-Type": "application/json", "X-D3K2-Today": "2026-11-24"},
+    )
+    assert any(link["type"] == "smart" for card in answer.get_json()["cards"] for link in card["links"])
+    check_response(document(), "post", "/cds-services/d3k2-patient-view", answer)
