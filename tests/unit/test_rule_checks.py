@@ -186,8 +186,10 @@ MISTAKES = {
         [
             (
                 "rules/vka-k2.toml",
-                'fires = ["patient-view/warfarin-active", ',
-                'fires = [] # ["patient-view/warfarin-active", ',
+                'fires = ["patient-view/warfarin-active", "patient-view/warfarin-by-reference", '
+                '"patient-view/warfarin-contained",\n  "patient-view/warfarin-no-birthdate", '
+                '"patient-view/warfarin-pregnancy-status-missing"]',
+                "fires = []",
             )
         ],
         "rules/vka-k2.toml: tests.fires: no fixture where it fires",
@@ -196,7 +198,8 @@ MISTAKES = {
         [
             (
                 "rules/vka-k2.toml",
-                'silent = ["patient-view/warfarin-with-k2", "patient-view/warfarin-stopped"]',
+                'silent = ["patient-view/warfarin-with-k2", "patient-view/warfarin-stopped", '
+                '"patient-view/warfarin-target",\n  "patient-view/sandbox-patient-view"]',
                 "",
             )
         ],
@@ -318,7 +321,7 @@ def test_a_broken_facts_file_is_named(cards: Path) -> None:
 
 def test_fixtures_named_by_rules_are_checked_when_asked(cards: Path) -> None:
     edit(
-        cards, "rules/vka-k2.toml", '"patient-view/warfarin-contained"]', '"patient-view/warfarin-contianed"]'
+        cards, "rules/vka-k2.toml", '"patient-view/warfarin-contained",', '"patient-view/warfarin-contianed",'
     )
     edit(cards, "rules/vitd-high.toml", 'silent = ["patient-view/target"', 'silent = ["order-sign/k2-no-vka"')
     load_ruleset(cards)  # the service itself does not look for fixtures
