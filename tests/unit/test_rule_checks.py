@@ -39,6 +39,17 @@ MISTAKES = {
         [("rules/vitd-toxicity.toml", 'fact = "vitd.band"', 'fact = "vitd.bnd"')],
         "rules/vitd-toxicity.toml: when.fact: unknown fact 'vitd.bnd' (known: age.band, ",
     ),
+    "unknown named condition in an indicator case": (
+        [
+            (
+                "rules/hypercalcemia.toml",
+                '{ ref = "hypercalcemia-below-severe-off-d" }',
+                '{ ref = "hypercalcemia-below-severe" }',
+            )
+        ],
+        "rules/hypercalcemia.toml: indicator_when[0].when.ref: unknown named condition "
+        "'hypercalcemia-below-severe'",
+    ),
     "ordering operator on a band": (
         [("rules/vitd-high.toml", '{ fact = "vitd.band", in = ["high"] }', '{ fact = "vitd.band", lt = 3 }')],
         f"rules/vitd-high.toml: when.all[1].lt: lt = 3.0 does not fit vitd.band, a band ({BAND_OPS})",
