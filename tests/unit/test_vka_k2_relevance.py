@@ -134,6 +134,11 @@ def test_warfarin_caution_whenever_k2_is_at_stake_and_never_a_k2_suggestion_besi
     without = cards(profile, medications=listed, **given)
     on_doac = cards(profile, medications=(APIXABAN, *listed), **given)
     case = (profile, born, vitd, pregnant, egfr, k2, missing)
+    # The value is always on a card when it is low, whatever else is missing (issue 22).
+    target = next(b for b in ruleset().profiles[profile].bands if b.id == "target")
+    if vitd is not None and vitd < target.lower and missing != "vitd":
+        for found in (on_warfarin, without, on_doac):
+            assert any(f"**{vitd} ng/mL**" in c["detail"] for c in found), case
     assert not suggests_k2(on_warfarin), case
     # A DOAC has no vitamin K interaction: the same cards as without it, no caution (CLINICAL.md 4).
     assert topics({"cards": on_doac}) == topics({"cards": without}), case
