@@ -159,6 +159,8 @@ def test_hypercalcemia_is_critical_only_when_severe_or_with_vitamin_d(case: str)
     (card,) = [c for c in cards if c["source"]["topic"]["code"] == "hypercalcemia"]
     assert card["indicator"] == indicator, case
     assert "Severity: " in card["detail"]
+    # The vitamin D to hold is named.
+    assert ("Current vitamin D: Cholecalciferol" in card["detail"]) == (CURRENT_D3 in extra)
 
 
 def test_hypercalcemia_on_the_problem_list_without_a_calcium_result_stays_critical() -> None:
