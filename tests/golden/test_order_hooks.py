@@ -84,3 +84,14 @@ def test_unselected_risky_draft_is_not_judged() -> None:
 def test_missing_data_is_named_not_fatal() -> None:
     card = _by_topic(_cards("sandbox-order-sign", "order-sign"))["data-incomplete"]
     assert "calcium results (could not be fetched: connection refused)" in card["detail"]
+
+
+def test_active_analog_dose_is_shown_with_its_own_digits() -> None:
+    # Calcitriol 0.25 mcg once daily: the summary said "0.2 mcg/day" (rounded to one decimal); CLINICAL.md 6a
+    # wants active analogs in mcg with their own digits.
+    for name in ("calcitriol-deficiency-egfr-20", "calcitriol-hypercalcemia"):
+        cards = _cards(name, "order-sign")
+        assert cards, name
+        for card in cards:
+            assert "0.25 mcg/day" in card["summary"], card["summary"]
+            assert "0.2 mcg/day" not in card["summary"] + card["detail"]

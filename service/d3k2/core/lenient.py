@@ -59,8 +59,12 @@ def quote(value: object) -> str:
 
 
 def fmt(value: Decimal) -> str:
+    """A dose with its own digits when it has at most three decimals (0.25 mcg, 1.25 mg, 0.125 mcg: never
+    "0.2" or "0.12"); a quotient such as 50,000 / 7 IU to two decimals."""
     if value == value.to_integral_value():
         return f"{value:,.0f}"
     if abs(value) < Decimal("0.01"):
         return f"{value:.2g}"
+    if value == value.quantize(Decimal("0.001")):
+        return f"{value.normalize():,f}"
     return f"{value:,.2f}".rstrip("0").rstrip(".")

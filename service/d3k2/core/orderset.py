@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from types import SimpleNamespace
 
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder
+from d3k2.core.lenient import fmt
 from d3k2.core.quantities import Interval, format_number
 from d3k2.core.record import MedicationFact
 from d3k2.core.texts import Texts
@@ -147,7 +149,8 @@ def draft_fields(
     """The {draft.*} template fields of one ingredient of one draft order, with the set it is judged in."""
     daily = texts.unknown_dose
     if ingredient.daily is not None and ingredient.unit:
-        daily = texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
+        # The digits of the draft's own arithmetic: calcitriol 0.25 mcg/day, never "0.2 mcg/day" (CLINICAL.md 6a).
+        daily = texts.daily_dose.format(amount=fmt(Decimal(repr(ingredient.daily))), unit=ingredient.unit)
     # A weekly dose stays weekly ("50,000 IU weekly", not "7,142.9 IU/day"): its arithmetic leads with it.
     if ingredient.weekly is not None and _weekly_lead(ingredient):
         daily = texts.weekly_dose.format(amount=format_number(ingredient.weekly), unit=ingredient.unit)
