@@ -88,7 +88,29 @@ def test_set_facts_without_vitamin_d_and_partner_names() -> None:
         "drafts.current_vitamin_d": False,
         "draft.set_lead": False,
         "draft.total_daily": None,
+        "draft.total_weekly": None,
+        "draft.weekly_schedule": False,
     }
     assert partner_names(the_set, "vka") == "Warfarin"  # one name for two drafts of it
     assert partner_names(the_set, "vitamin-k1") == "none"
     assert the_set.lead is None
+
+
+def test_the_weekly_course_is_told_from_its_daily_equivalent() -> None:
+    weekly = _dose("vitamin-d", 50000 / 7, "50,000 IU/week")
+    daily = _dose("vitamin-d", 50000 / 7, "7,142.86 IU/day")
+    alone = order_set([_draft("w", "W", weekly)], [], [])
+    values = set_values(alone, alone.judged[0][0], weekly)
+    assert values["draft.weekly_schedule"] is True
+    assert values["draft.total_weekly"] == Interval.exact(50000)
+    same_amount_daily = order_set([_draft("d", "D", daily)], [], [])
+    assert set_values(same_amount_daily, same_amount_daily.judged[0][0], daily)["draft.weekly_schedule"] is False
+
+
+def test_a_weekly_dose_beside_a_daily_one_has_no_fraction_of_an_iu() -> None:
+    weekly = _dose("vitamin-d", 50000 / 7, "50,000 IU/week")
+    the_set = order_set([_draft("w", "W", weekly)], [], [_current(2000)])
+    # 7,142.857… + 2,000 IU/day: "about 9,143" (rounded up: never below a whole-number ceiling it exceeds).
+    assert total_text(the_set, "unknown") == "about 9,143 IU/day in all"
+    assert combined_text(the_set, "unknown").startswith("about 9,143 IU/day in all: W (50,000 IU/week) + ")
+    assert set_values(the_set, the_set.judged[0][0], weekly)["draft.total_weekly"] == Interval.exact(64000)

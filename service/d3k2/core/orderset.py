@@ -8,6 +8,7 @@ Pure: no Flask, no requests. order-select judges the selected drafts, but agains
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -98,6 +99,11 @@ def set_values(
         "drafts.current_vitamin_d": bool(the_set.current),
         "draft.set_lead": is_lead,
         "draft.total_daily": Interval.exact(total) if total is not None else None,
+        # The same total a week (to 0.01 IU, so that 50,000 IU once weekly is 50,000), and whether this draft's
+        # dose is stated once a week: Holick 2011's weekly treatment course is judged as a course, not as
+        # its daily equivalent (CLINICAL.md 3a).
+        "draft.total_weekly": Interval.exact(round(total * 7, 2)) if total is not None else None,
+        "draft.weekly_schedule": _weekly_lead(ingredient) is not None,
     }
 
 
@@ -105,6 +111,15 @@ def _weekly_lead(ingredient: IngredientDose) -> str | None:
     """A weekly dose's own lead ("50,000 IU/week"): weekly doses stay weekly (CLINICAL.md 6a)."""
     lead = ingredient.arithmetic.split(":", 1)[0]
     return lead if lead.endswith("/week") else None
+
+
+def _total(value: float) -> str:
+    """A combined daily total: a weekly dose beside a daily one adds fractions of an IU ("9,142.9 IU/day"),
+    which no clinician orders; shown as "about 9,143", rounded up, so that it stays on the same side of every
+    whole-number ceiling it is judged against."""
+    if float(value).is_integer():
+        return format_number(value)
+    return f"about {format_number(math.ceil(value))}"
 
 
 def combined_text(the_set: OrderSet, unknown: str) -> str:
@@ -123,7 +138,7 @@ def combined_text(the_set: OrderSet, unknown: str) -> str:
     ]
     if len(parts) == 1:
         return parts[0]
-    lead = f"{format_number(the_set.known_total)} IU/day in all"
+    lead = f"{_total(the_set.known_total)} IU/day in all"
     if not the_set.complete:
         lead = f"at least {lead}"
     return f"{lead}: {' + '.join(parts)}"
@@ -135,7 +150,7 @@ def total_text(the_set: OrderSet, unknown: str) -> str:
     if len(the_set.vitamin_d) + len(the_set.current) == 1 and the_set.vitamin_d:
         only = the_set.vitamin_d[0][1]
         return only.arithmetic.split(":", 1)[0] if only.daily is not None else unknown
-    total = f"{format_number(the_set.known_total)} IU/day in all"
+    total = f"{_total(the_set.known_total)} IU/day in all"
     return total if the_set.complete else f"at least {total}"
 
 
