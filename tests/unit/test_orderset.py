@@ -104,7 +104,8 @@ def test_the_weekly_course_is_told_from_its_daily_equivalent() -> None:
     assert values["draft.weekly_schedule"] is True
     assert values["draft.total_weekly"] == Interval.exact(50000)
     same_amount_daily = order_set([_draft("d", "D", daily)], [], [])
-    assert set_values(same_amount_daily, same_amount_daily.judged[0][0], daily)["draft.weekly_schedule"] is False
+    daily_values = set_values(same_amount_daily, same_amount_daily.judged[0][0], daily)
+    assert daily_values["draft.weekly_schedule"] is False
 
 
 def test_a_weekly_dose_beside_a_daily_one_has_no_fraction_of_an_iu() -> None:

@@ -99,9 +99,9 @@ def set_values(
         "drafts.current_vitamin_d": bool(the_set.current),
         "draft.set_lead": is_lead,
         "draft.total_daily": Interval.exact(total) if total is not None else None,
-        # The same total a week (to 0.01 IU, so that 50,000 IU once weekly is 50,000), and whether this draft's
-        # dose is stated once a week: Holick 2011's weekly treatment course is judged as a course, not as
-        # its daily equivalent (CLINICAL.md 3a).
+        # The same total a week (to 0.01 IU, so that 50,000 IU once weekly is 50,000), and whether this
+        # draft's dose is stated once a week: Holick 2011's weekly treatment course is judged as a course,
+        # not as its daily equivalent (CLINICAL.md 3a).
         "draft.total_weekly": Interval.exact(round(total * 7, 2)) if total is not None else None,
         "draft.weekly_schedule": _weekly_lead(ingredient) is not None,
     }
@@ -164,7 +164,7 @@ def draft_fields(
     """The {draft.*} template fields of one ingredient of one draft order, with the set it is judged in."""
     daily = texts.unknown_dose
     if ingredient.daily is not None and ingredient.unit:
-        # The digits of the draft's own arithmetic: calcitriol 0.25 mcg/day, never "0.2 mcg/day" (CLINICAL.md 6a).
+        # The digits of the draft's own arithmetic: calcitriol 0.25 mcg/day, never "0.2 mcg/day" (6a).
         daily = texts.daily_dose.format(amount=fmt(Decimal(repr(ingredient.daily))), unit=ingredient.unit)
     # A weekly dose stays weekly ("50,000 IU weekly", not "7,142.9 IU/day"): its arithmetic leads with it.
     if ingredient.weekly is not None and _weekly_lead(ingredient):
