@@ -18,7 +18,7 @@ from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import BadRequest, RuleSetError
 from d3k2.core.hooks import parse_feedback
-from d3k2.core.labs import calcium_high, describe_limit
+from d3k2.core.calcium import calcium_high, describe_limit
 from d3k2.core.loader import load_ruleset
 from d3k2.core.medications import medication_codeable
 from d3k2.core.quantities import Interval, format_interval

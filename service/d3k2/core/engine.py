@@ -15,7 +15,7 @@ from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts
 from d3k2.core.fields import FactValue, FieldContext, Fields, current_d, current_daily
-from d3k2.core.labs import calcium_grade, calcium_high
+from d3k2.core.calcium import calcium_grade, calcium_high
 from d3k2.core.orderset import OrderSet, draft_fields, order_set, set_values
 from d3k2.core.quantities import Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
@@ -83,8 +83,11 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
         values[f"{name}.present"] = measurement is not None
         values[f"{name}.value"] = measurement.value if measurement else None
         values[f"{name}.stale"] = measurement.stale if measurement else None
-    egfr_band = certain_band(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else None
-    values["egfr.band"] = egfr_band.id if egfr_band else None
+    # KDIGO categories, ascending: `<30` may be G4 or G5, so it has no category (never "G5"), and its lowest
+    # possible one is G5: the kidney caution shows for every value that may be below 30.
+    egfr = possible_bands(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else []
+    values["egfr.band"] = egfr[0].id if len(egfr) == 1 else None
+    values["egfr.lowest_band"] = egfr[0].id if egfr else None
     # Only a value certainly above the limit is high: `<11` is not, `>12` is.
     calcium_lab = ruleset.facts.labs["calcium"]
     values["calcium.high"] = calcium_high(facts.calcium, calcium_lab) is True

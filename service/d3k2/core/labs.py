@@ -23,7 +23,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from d3k2.core.copies import canonical
-from d3k2.core.quantities import Interval, LabBand, certain_band, format_exact, format_interval
+from d3k2.core.quantities import Interval, LabBand, Mark, format_interval
 from d3k2.core.readers import Unreadable, instant, nonempty_str, parse_date, ref_of
 from d3k2.core.terminology import LOINC, Terminology
 
@@ -79,6 +79,8 @@ class LabConfig:
     kinds: Mapping[str, str] = field(default_factory=dict)
     # kind → upper limit (canonical unit) when the lab sends no range.
     kind_limits: Mapping[str, float] = field(default_factory=dict)
+    # unit → kind → the same limit as its source states it in that unit, for results reported in it.
+    limits_in: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     # Severity grades above the limit, ascending, for the kinds they are defined for.
     grades: tuple[LabBand, ...] = ()
     graded_kinds: tuple[str, ...] = ()
@@ -92,6 +94,9 @@ class LabConfig:
     # Which of disagreeing copies of one result is the cautious one: "highest" (25(OH)D, calcium: the
     # toxicity and hypercalcemia cards) or "lowest" (eGFR: the kidney card; albumin: the higher correction).
     cautious: str = "highest"
+    # unit → every threshold a rule holds a value reported in it against (canonical unit; the loader collects
+    # them): a converted value is shown with the digits that keep it on its side of each (`format_beside`).
+    marks: Mapping[str, tuple[Mark, ...]] = field(default_factory=dict)
     # Codes whose value a coefficient > 1 raised ("among blacks" eGFR): `never` codes; only a value
     # certainly below this limit is used, as the upper bound it is, else the result is not used. Both named.
     upper_bound_below: float | None = None
@@ -112,12 +117,19 @@ class Measurement:
     notes: tuple[str, ...] = ()
     upper_limit: float | None = None  # canonical unit; the lab's range when given
     kind: str = ""  # calcium: "total", "albumin-corrected" or "ionized"
+    # How the value was reported (the unit as sent) and shown: the value the rules use is converted from it
+    # unrounded; shown beside the reported one with the lab's decimals, or more near a threshold (`marks`).
+    reported_unit: str = field(default="", compare=False)
+    converted: bool = field(default=False, compare=False)
+    decimals: int = field(default=2, compare=False)
+    marks: tuple[Mark, ...] = field(default=(), compare=False)
 
     @property
     def shown(self) -> str:
-        """As reported, with the value the rules used beside it when converted; neither rounded further."""
-        canonical = format_interval(self.value, self.unit, None)
-        return self.reported if canonical == self.reported else f"{self.reported} ({canonical})"
+        """As reported; a converted value beside it, never shown across a threshold from where it is."""
+        if not self.converted:
+            return self.reported
+        return f"{self.reported} ({format_interval(self.value, self.unit, self.decimals, self.marks)})"
 
 
 # (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
@@ -188,14 +200,21 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
     return value, comparator, unit
 
 
-def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
-    """(interval in the canonical unit, reported text) of a result triage found readable."""
+def _read(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str, str]:
+    """(interval in the canonical unit, reported text, unit) of a result triage found readable. Converted,
+    never rounded: the rules decide on the value reported (374.5 nmol/L is above 150 ng/mL)."""
     value, comparator, unit = quantity_parts(resource, lab, code)
     factor = lab.units[unit]
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
-    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
-    return converted, format_interval(reported_interval, display_unit, None)
+    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor)
+    return converted, format_interval(reported_interval, display_unit, None), unit
+
+
+def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
+    """(interval in the canonical unit, reported text) of a result triage found readable."""
+    value, reported, _unit = _read(resource, lab, code)
+    return value, reported
 
 
 def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = None) -> float | None:
@@ -211,9 +230,9 @@ def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = 
             high_unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit")) or unit
             factor = lab.units.get(high_unit or "")
             if factor is not None:
-                # Converted as a result is, so that a result equal to the limit is never above it.
+                # Converted as a result is (unrounded), so that a result equal to the limit is never above it.
                 limit = float(high["value"])
-                limits.append(limit if factor == 1.0 else round(limit * factor, lab.decimals))
+                limits.append(limit if factor == 1.0 else limit * factor)
     return min(limits, default=None)
 
 
@@ -308,9 +327,10 @@ def _measurement(
     """Stage 2: the picked result read in full (or its value and text `summed` with another's)."""
     _at, _id, when, status, found, upper, resource = candidate
     if summed is None:
-        value, reported = _quantity(resource, found.lab, found.code)
+        value, reported, unit = _read(resource, found.lab, found.code)
+        converted = found.lab.units[unit] != 1.0
     else:
-        (value, reported), upper = summed, None
+        (value, reported), upper, unit, converted = summed, None, lab.canonical_unit, True
     age = (today - when).days
     extra = (config.notes["preliminary"],) if status == "preliminary" else ()
     return Measurement(
@@ -327,6 +347,10 @@ def _measurement(
         notes=notes + extra,
         upper_limit=upper,
         kind=found.kind,
+        reported_unit=unit,
+        converted=converted,
+        decimals=lab.decimals,
+        marks=(*lab.marks.get(unit, ()), *(() if upper is None else ((upper, False),))),
     )
 
 
@@ -467,47 +491,18 @@ def _albumin_corrected(
     if not value.is_exact:
         return measured
     lab = config.labs[measured.analyte]
-    corrected = round(
-        measured.value.lo + correction.coefficient * (correction.normal - value.lo), lab.decimals
-    )
+    upper = () if measured.upper_limit is None else ((measured.upper_limit, False),)
+    marks = (*lab.marks.get(lab.canonical_unit, ()), *upper)
+    corrected = Interval.exact(measured.value.lo + correction.coefficient * (correction.normal - value.lo))
     basis = f"{correction.note}: measured total {measured.shown}, albumin {reported} of the same day"
     return replace(
         measured,
-        value=Interval.exact(corrected),
-        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, None),
+        value=corrected,
+        # Computed, not reported: shown as a converted value is, never across a threshold.
+        reported=format_interval(corrected, measured.unit, measured.decimals, marks),
         kind=correction.kind,
         notes=(*measured.notes, basis),
+        reported_unit=measured.unit,
+        converted=False,
+        marks=marks,
     )
-
-
-def _limit(calcium: Measurement, lab: LabConfig) -> float | None:
-    return calcium.upper_limit if calcium.upper_limit is not None else lab.kind_limits.get(calcium.kind)
-
-
-def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
-    """Above the lab's upper limit, else above the default limit of its kind (total, ionized, …)."""
-    if calcium is None:
-        return None
-    limit = _limit(calcium, lab)
-    if limit is None:
-        return None
-    return calcium.value.gt(limit)
-
-
-def calcium_grade(calcium: Measurement | None, lab: LabConfig) -> str | None:
-    """ "none" unless certainly high; then the highest grade it certainly reaches, or "ungraded" for a kind
-    without verified grades (ionized)."""
-    if calcium is None:
-        return None
-    if calcium_high(calcium, lab) is not True:
-        return "none"
-    grade = certain_band(calcium.value, lab.grades) if calcium.kind in lab.graded_kinds else None
-    return grade.id if grade else "ungraded"
-
-
-def describe_limit(calcium: Measurement, lab: LabConfig, lab_limit: str, default_limit: str) -> str:
-    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`,
-    which may name the calcium `{kind}`)."""
-    limit = _limit(calcium, lab)
-    origin = lab_limit if calcium.upper_limit is not None else default_limit.format(kind=calcium.kind)
-    return f"{format_exact(limit or 0.0)} {lab.canonical_unit} ({origin})"

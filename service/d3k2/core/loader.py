@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig
 from d3k2.core.labs import AlbuminCorrection, LabConfig, Plausible
-from d3k2.core.quantities import LabBand
+from d3k2.core.quantities import LabBand, Mark, marks_of
 from d3k2.core.rulecheck import (
     Parts,
     Problems,
@@ -35,6 +36,7 @@ from d3k2.core.ruleset import (
     ConditionsDoc,
     PrefetchKey,
     ProductsDoc,
+    Profile,
     ProfilesDoc,
     Rule,
     RuleSet,
@@ -91,6 +93,31 @@ def _age_config(data: Mapping[str, Any]) -> AgeConfig:
     return AgeConfig(bands=bands, max_years=int(data["max_years"]))
 
 
+def _marks(lab: LabConfig, more: tuple[Mark, ...] = ()) -> dict[str, tuple[Mark, ...]]:
+    """unit → the thresholds rules hold a value reported in it against, in the canonical unit: the lab's
+    bands and grades, its default limits (as stated in that unit, converted as a result is), `more`."""
+    marks = (*marks_of(lab.bands), *marks_of(lab.grades), *more)
+    if lab.upper_bound_below is not None:
+        marks += ((lab.upper_bound_below, True),)
+    by_unit: dict[str, tuple[Mark, ...]] = {}
+    for unit, factor in lab.units.items():
+        limits = dict(lab.kind_limits)
+        for stated_unit, stated in lab.limits_in.items():
+            if lab.units.get(stated_unit) == factor:
+                limits.update({kind: value * factor for kind, value in stated.items()})
+        by_unit[unit] = tuple(sorted({*marks, *((limit, False) for limit in limits.values())}))
+    return by_unit
+
+
+def with_profile_marks(facts: FactsConfig, lab: str, profiles: Iterable[Profile]) -> FactsConfig:
+    """The 25(OH)D thresholds of every profile among the marks of its lab."""
+    if lab not in facts.labs:
+        return facts
+    more = tuple(mark for profile in profiles for mark in marks_of(profile.bands))
+    labs = {**facts.labs, lab: replace(facts.labs[lab], marks=_marks(facts.labs[lab], more))}
+    return replace(facts, labs=labs)
+
+
 def cautious_direction(value: object) -> str:
     if value not in ("highest", "lowest"):
         raise ValueError(f"labs.*.cautious must be 'highest' or 'lowest', not {value!r}")
@@ -116,6 +143,10 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
                 kinds={str(k): str(v) for k, v in lab.get("kinds", {}).items()},
                 kind_limits={str(k): float(v) for k, v in lab.get("kind_limits", {}).items()},
+                limits_in={
+                    str(unit): {str(k): float(v) for k, v in limits.items()}
+                    for unit, limits in lab.get("limits_in", {}).items()
+                },
                 grades=tuple(LabBand(**band) for band in lab.get("grades", ())),
                 graded_kinds=tuple(lab.get("graded_kinds", ())),
                 correction=AlbuminCorrection(**lab["correction"]) if "correction" in lab else None,
@@ -129,6 +160,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             )
             for name, lab in data["labs"].items()
         }
+        labs = {name: replace(lab, marks=_marks(lab)) for name, lab in labs.items()}
         conditions = data["conditions"]
         config = FactsConfig(
             accepted_status=tuple(data["observation"]["accepted_status"]),
@@ -322,7 +354,8 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
         directory=cards,
         terminology=terminology,
         catalog=catalog,
-        facts=facts,
+        # The profiles' 25(OH)D bands are thresholds too: a converted 25(OH)D is never shown across one.
+        facts=with_profile_marks(facts, "vitd", parts.profiles.values()),
         vocabulary=vocabulary,
         sources=parts.sources,
         profiles=parts.profiles,
