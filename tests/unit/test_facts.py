@@ -55,12 +55,15 @@ def test_ng_per_ml_is_canonical() -> None:
     assert vitd.shown == "18 ng/mL" and vitd.source == "Observation/o1" and vitd.when == date(2026, 11, 1)
 
 
-@pytest.mark.parametrize(("value", "expected"), [(45, 18.0), (75, 30.0), (375, 150.2)])
-def test_nmol_per_litre_converts_with_2_496(value: float, expected: float) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected", "shown"), [(45, 18.028845, "18"), (75, 30.048075, "30"), (375, 150.240375, "150.2")]
+)
+def test_nmol_per_litre_converts_with_2_496(value: float, expected: float, shown: str) -> None:
     vitd = facts(obs("62292-8", **qty(value, "nmol/L"))).vitd
     assert vitd is not None
-    assert vitd.value.lo == pytest.approx(expected, abs=0.01)
-    assert vitd.shown.startswith(f"{value} nmol/L (")
+    # The rules decide on the value converted, unrounded; the card shows it rounded beside the reported one.
+    assert vitd.value.lo == pytest.approx(expected, abs=1e-9)
+    assert vitd.shown == f"{value} nmol/L ({shown} ng/mL)"
 
 
 def test_round_trip_ng_nmol() -> None:

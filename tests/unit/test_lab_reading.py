@@ -236,19 +236,29 @@ def test_no_threshold_adjacent_value_is_shown_on_the_other_side(
 @pytest.mark.parametrize(
     ("lab", "code", "unit", "threshold"),
     [("vitd", "62292-8", "nmol/L", t) for t in (12, 20, 30, 40, 50, 60, 80, 100, 150)]
-    + [("calcium", "2000-8", "mmol/L", t) for t in (10.5, 12, 14)]
-    + [("calcium", IONIZED_MMOL, "mmol/L", 5.29)],
+    + [("calcium", "2000-8", "mmol/L", t) for t in (2.62 * 4.008, 12, 14)]
+    + [("calcium", IONIZED_MMOL, "mmol/L", 1.32 * 4.008)],
 )
 def test_a_converted_value_is_shown_as_reported_and_on_the_side_the_rules_judged(lab, code, unit, threshold):
-    factor = ruleset().facts.labs[lab].units[unit]
-    for delta in (-0.01, -0.005, 0.005, 0.01):
+    config = ruleset().facts.labs[lab]
+    factor = config.units[unit]
+    # A value exactly on the threshold is in the band above it (a closed lower bound: 25(OH)D ≥ 30) or not
+    # (a limit: calcium above 10.5 is high).
+    on_is_above = dict(config.marks[unit])[threshold]
+
+    def above(x: float) -> bool:
+        return x > threshold or (x == threshold and on_is_above)
+
+    for delta in (-0.01, -0.005, -0.0001, 0, 0.0001, 0.005, 0.01):
         reported = round((threshold + delta) / factor, 4)
         numbers, measured = _shown_numbers(lab, obs(code, reported, unit))
         assert numbers[0] == reported, (lab, reported, numbers)
         converted = numbers[1] if len(numbers) > 1 else numbers[0]
-        # What the card shows beside it is exactly the value the rules compared.
-        assert converted == measured.value.lo
-        assert (converted > threshold) == (measured.value.gt(threshold) is True)
+        # The value the rules compared is the reported one converted, unrounded; the one shown beside it is
+        # rounded (to the lab's digits, or more) but on the side of the threshold the rules judged.
+        assert measured.value.lo == reported * factor
+        assert abs(converted - measured.value.lo) <= 0.5 * 10**-config.decimals
+        assert above(converted) == above(measured.value.lo), (reported, converted)
 
 
 def test_two_point_six_five_is_never_two_point_six() -> None:

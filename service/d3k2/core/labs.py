@@ -441,7 +441,7 @@ def _upper_bound(
         return None
     issues.append(f"{named} as an estimate: {config.notes['upper_bound_used']}")
     measured = _measurement(bound, lab, config, today, (config.notes["upper_bound_used"], *notes))
-    return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open))
+    return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open), converted=True)
 
 
 def read_simple_lab(
