@@ -230,11 +230,15 @@ def _tv(value: bool | None) -> str:
 
 
 def _interval_text(value: Interval) -> str:
+    """As the rules compared it: converted values are not rounded (29.995992 is below 30, not "30")."""
     if value.is_exact:
-        return format_number(value.lo, 2)
+        return format_number(value.lo, _DIGITS)
     low = "(" if value.lo_open else "["
     high = ")" if value.hi_open else "]"
-    return f"{low}{format_number(value.lo, 2)}, {format_number(value.hi, 2)}{high}"
+    return f"{low}{format_number(value.lo, _DIGITS)}, {format_number(value.hi, _DIGITS)}{high}"
+
+
+_DIGITS = 6
 
 
 # ---------------------------------------------------------------- evaluation
