@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from builders import CARDS, TODAY, ruleset
+from d3k2.core.calcium import calcium_high, describe_limit
 from d3k2.core.cards import medication_request
 from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.dosage import IngredientDose
@@ -18,7 +19,6 @@ from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import BadRequest, RuleSetError
 from d3k2.core.hooks import parse_feedback
-from d3k2.core.calcium import calcium_high, describe_limit
 from d3k2.core.loader import load_ruleset
 from d3k2.core.medications import medication_codeable
 from d3k2.core.quantities import Interval, format_interval

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
+from d3k2.core.calcium import calcium_high
 from d3k2.core.engine import band_of
 from d3k2.core.facts import Facts
-from d3k2.core.calcium import calcium_high
 from d3k2.core.quantities import Interval
 from d3k2.core.readers import parse_date
 from d3k2.service import facts_for

@@ -13,8 +13,8 @@ import pytest
 
 import d3k2.core.facts as facts_module
 from builders import TODAY, ruleset
-from d3k2.core.facts import Facts, extract_facts
 from d3k2.core.calcium import calcium_high
+from d3k2.core.facts import Facts, extract_facts
 from d3k2.core.labs import Measurement
 from d3k2.core.quantities import Interval
 from d3k2.core.record import Evidence, MedicationFact, UnknownMedication

@@ -487,8 +487,8 @@ def test_unit_conversion_round_trips(lab_name, value, comparator) -> None:
         assert math.isclose(back.lo, reported.lo, rel_tol=1e-9) or back.lo == reported.lo
         assert math.isclose(back.hi, reported.hi, rel_tol=1e-9) or back.hi == reported.hi
         assert (back.lo_open, back.hi_open) == (reported.lo_open, reported.hi_open)
-        # The rules use the converted value unrounded; the card shows it rounded to the lab's decimals (or with
-        # more digits near a threshold): the error is at most half a unit of them.
+        # The rules use the converted value unrounded; the card shows it rounded to the lab's decimals (or
+        # with more digits near a threshold): the error is at most half a unit of them.
         marks = next(lab.marks[unit] for unit, f in lab.units.items() if f == factor)
         for exact in (reported.lo * factor, reported.hi * factor):
             if not math.isinf(exact):

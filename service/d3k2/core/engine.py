@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from d3k2.core.calcium import calcium_grade, calcium_high
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts
 from d3k2.core.fields import FactValue, FieldContext, Fields, current_d, current_daily
-from d3k2.core.calcium import calcium_grade, calcium_high
 from d3k2.core.orderset import OrderSet, draft_fields, order_set, set_values
 from d3k2.core.quantities import Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet

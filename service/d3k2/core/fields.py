@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from d3k2.core.facts import Facts
 from d3k2.core.calcium import describe_limit
+from d3k2.core.facts import Facts
 from d3k2.core.labs import Measurement
 from d3k2.core.quantities import Banded, Interval, format_number, possible_bands
 from d3k2.core.record import MedicationFact
