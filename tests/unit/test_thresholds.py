@@ -20,6 +20,7 @@ from builders import TODAY, lab_observation, ruleset
 from d3k2.core.calcium import calcium_high, describe_limit
 from d3k2.core.engine import evaluate
 from d3k2.core.facts import Facts
+from d3k2.core.loader import with_profile_marks
 from d3k2.core.quantities import LabBand, format_beside
 from d3k2.service import facts_for
 
@@ -218,3 +219,10 @@ def test_next_to_every_threshold_the_band_is_the_exact_values_and_no_number_show
         named = Fraction(NUMBER.findall(text)[0].replace(",", ""))
         ours = numbers[0] if unit in text else shown
         assert (ours > named) is values["calcium.high"], (measured.shown, text)
+
+
+def test_the_profiles_thresholds_are_marks_of_the_25ohd_lab() -> None:
+    rs = ruleset()
+    marks = {mark for mark, _ in rs.facts.labs["vitd"].marks["nmol/L"]}
+    assert {12, 20, 30, 40, 50, 60, 80, 100, 150} <= marks  # seed, endocrine-2011 and iom-2011
+    assert with_profile_marks(rs.facts, "no-such-lab", rs.profiles.values()) is rs.facts
