@@ -383,7 +383,7 @@ def _measurement(m: Measurement | None) -> dict[str, Any] | None:
     if m is None:
         return None
     return {
-        "value": format_interval(m.value, m.unit),
+        "value": format_interval(m.value, m.unit, m.decimals, m.marks),  # never across a threshold
         "reported": m.reported,
         "unit": m.unit,
         "date": m.when.isoformat(),
