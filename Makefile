@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest pythons replay bench fuzz attack conformance clean
+.PHONY: run demo test lint typecheck pytest pythons replay bench fuzz attack conformance clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	D3K2_ENV=$${D3K2_ENV:-dev} $(BIN)/d3k2 serve --host $${D3K2_HOST:-127.0.0.1} --port $${D3K2_PORT:-8080}
+
+# d3k2 and a local FHIR R4 server (sekmet-fhir) with demo patients, ready for the CDS Hooks sandbox: prints the
+# sandbox URL of each patient; Ctrl-C stops both. Ports: D3K2_DEMO_PORT (8080), D3K2_DEMO_FHIR_PORT (8090).
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests tools
@@ -39,14 +44,16 @@ fuzz: $(STAMP)
 	  tests/unit/test_thresholds.py
 
 # The pre-launch attack of issue 24, replayed (a few minutes): each class of tests/http/test_attack.py with
-# more examples, the edge (gunicorn, nginx, slow clients), the log checks and both fuzzers; zero 5xx, no token
-# or patient data in any log line. `make test` runs the same tests bounded.
+# more examples, the edge (gunicorn, nginx, slow clients), the log checks, feedback through database outages
+# and killed workers, and both fuzzers; zero 5xx, no token or patient data in any log line, zero
+# acknowledged-but-lost feedback. `make test` runs the same tests bounded.
 ATTACK_EXAMPLES ?= 100
 attack: $(STAMP)
 	D3K2_ATTACK_EXAMPLES=$(ATTACK_EXAMPLES) D3K2_FUZZ_EXAMPLES=$(ATTACK_EXAMPLES) \
 	  D3K2_PROPERTY_EXAMPLES=$$(( $(ATTACK_EXAMPLES) * 3 )) \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/http/test_attack.py tests/integration/test_edge.py \
-	    tests/http/test_hardening.py tests/http/test_logs_no_phi.py tests/http/test_schemathesis.py \
+	    tests/http/test_hardening.py tests/http/test_logs_no_phi.py tests/integration/test_feedback_durable.py \
+	    tests/http/test_schemathesis.py \
 	    tests/unit/test_properties.py
 
 # CDS Hooks 2.0.1 service-side MUST/SHOULD statements, each with the tests that prove it.

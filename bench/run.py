@@ -3,7 +3,9 @@
 Starts a local FHIR server (sekmet-fhir) with one patient, a bare Flask app twice (orjson, and the
 standard json module) and d3k2, all under gunicorn with the same worker count and class, then drives
 each scenario with wrk at one concurrency for both apps and prints throughput, p50, p99 and the
-ratio d3k2 / bare. Traffic goes to 127.0.0.1 only. Results are also written as JSON (--json).
+ratio d3k2 / bare; then the typical call with D3K2_AUTH=required against the same call with auth off
+(bench/auth.py). Traffic goes to 127.0.0.1 only. Results are also written as JSON (--json); --only runs
+some of the scenarios.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import auth
 import requests
 import scenarios
 
@@ -42,6 +45,7 @@ TODAY = scenarios.TODAY.isoformat()
 SERVICE = {"typical": "d3k2-patient-view", "history": "d3k2-patient-view", "fallback": "d3k2-patient-view"}
 SERVICE["order-sign"] = "d3k2-order-sign"
 SERVICE["history-prefetched"] = "d3k2-patient-view"
+SCENARIOS = ("typical", "order-sign", "history", "fallback", "auth")
 
 
 def free_port() -> int:
@@ -140,8 +144,19 @@ def worker_cpu_seconds(master: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def drive(port: int, body: Path, path: str, seconds: float, connections: int, master: int) -> Load:
+def drive(
+    port: int,
+    body: Path,
+    path: str,
+    seconds: float,
+    connections: int,
+    master: int,
+    tokens: Path | None = None,
+) -> Load:
+    """wrk against one app; with ``tokens`` (a file of JWTs, one a line) each request carries the next one."""
     env = {**os.environ, "BODY_FILE": str(body), "URL_PATH": path}
+    if tokens is not None:
+        env["TOKENS_FILE"] = str(tokens)
     argv = [
         "wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "10s",
         "-H", f"X-D3K2-Today: {TODAY}", "-s", str(LUA), f"http://127.0.0.1:{port}",
@@ -153,7 +168,7 @@ def drive(port: int, body: Path, path: str, seconds: float, connections: int, ma
     if line is None:
         sys.exit(f"bench: wrk printed no result:\n{done.stdout}\n{done.stderr}")
     got = json.loads(line.removeprefix("BENCH "))
-    errors = got["socket_errors"] + got["non200"]
+    errors = got["socket_errors"] + got["status_errors"]  # wrk's count of answers ≥ 400
     return Load(
         rps=round(got["requests"] / (got["duration_us"] / 1e6), 1),
         p50_ms=round(got["p50_us"] / 1000, 2),
@@ -164,13 +179,13 @@ def drive(port: int, body: Path, path: str, seconds: float, connections: int, ma
     )
 
 
-def check_answer(port: int, body: Path, path: str) -> dict[str, Any]:
+def check_answer(port: int, body: Path, path: str, token: str = "") -> dict[str, Any]:
     """One request outside the load: it must answer 200 (a benchmark of error answers measures nothing)."""
+    headers = {"Content-Type": "application/json", "X-D3K2-Today": TODAY}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     answer = requests.post(
-        f"http://127.0.0.1:{port}{path}",
-        data=body.read_bytes(),
-        headers={"Content-Type": "application/json", "X-D3K2-Today": TODAY},
-        timeout=30,
+        f"http://127.0.0.1:{port}{path}", data=body.read_bytes(), headers=headers, timeout=30
     )
     if answer.status_code != 200:
         sys.exit(f"bench: {path} answered {answer.status_code}: {answer.text[:500]}")
@@ -333,7 +348,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per scenario and app (history: ×2)")
     parser.add_argument("--connections", type=int, default=4, help="for the typical and order-sign scenarios")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--only",
+        type=lambda raw: [name.strip() for name in raw.split(",") if name.strip()],
+        default=list(SCENARIOS),
+        help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})",
+    )
     args = parser.parse_args()
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        sys.exit(f"bench: unknown scenarios {sorted(unknown)}; choose among {', '.join(SCENARIOS)}")
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is not installed (Debian: apt-get install wrk; `make bench` does it as root)")
 
@@ -346,7 +370,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="d3k2-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        fhir_port, bare_port, bare_json_port, d3k2_port, edge_port = (free_port() for _ in range(5))
+        ports = [free_port() for _ in range(6)]
+        fhir_port, bare_port, bare_json_port, d3k2_port, edge_port, auth_port = ports
         fhir_base = f"http://127.0.0.1:{fhir_port}/fhir"
         print(f"bench: starting sekmet, bare (orjson, json) and d3k2 with {args.workers} sync workers each")
         stack.enter_context(sekmet(fhir_port, work))
@@ -382,12 +407,21 @@ def main() -> None:
             "D3K2_FHIR_ALLOWED": "http://127.0.0.1:*",
         }
         (work / "d3k2-data").mkdir()
-        d3k2 = stack.enter_context(gunicorn("d3k2", "d3k2.http.wsgi:app", d3k2_port, args.workers, d3k2_env, work))
+        d3k2 = stack.enter_context(
+            gunicorn("d3k2", "d3k2.http.wsgi:app", d3k2_port, args.workers, d3k2_env, work)
+        )
         (work / "edge-data").mkdir()
         edge_env = {**d3k2_env, "D3K2_DATA_DIR": str(work / "edge-data")}
         edge = stack.enter_context(
             gunicorn("d3k2-edge", "edge_app:app", edge_port, args.workers, edge_env, work)
         )
+        issuer = auth.Issuer(work)
+        if "auth" in args.only:
+            (work / "auth-data").mkdir()
+            auth_env = {**d3k2_env, "D3K2_DATA_DIR": str(work / "auth-data"), **issuer.env()}
+            d3k2_auth = stack.enter_context(
+                gunicorn("d3k2-auth", "d3k2.http.wsgi:app", auth_port, args.workers, auth_env, work)
+            )
 
         plan = [
             ("typical", bodies["typical"], args.connections, args.seconds),
@@ -396,6 +430,8 @@ def main() -> None:
             ("fallback", bodies["fallback"], 1, args.seconds),
         ]
         for name, body, connections, seconds in plan:
+            if name not in args.only:
+                continue
             path = f"/cds-services/{SERVICE[name]}"
             answer = check_answer(d3k2_port, body, path)
             check_answer(bare_port, body, path)
@@ -425,15 +461,51 @@ def main() -> None:
                     drive(d3k2_port, fallback_base, path, seconds, connections, d3k2.pid)
                 )
             results["scenarios"][name] = row
-        print("bench: fallback in-process (FhirClient.fetch_many vs each query alone)")
-        results["fallback_in_process"] = fallback_in_process(fhir_base, queries, rounds=30)
-        print("bench: fallback against a concurrent server (sekmet's answers replayed, 10 ms each)")
-        results["fallback_concurrent"] = fallback_concurrent(fhir_base, queries, delay_ms=10, rounds=30)
+        if "auth" in args.only:
+            results["auth"] = auth_on_off(
+                issuer, bodies["typical"], (d3k2_port, d3k2.pid), (auth_port, d3k2_auth.pid), args
+            )
+        if "fallback" in args.only:
+            print("bench: fallback in-process (FhirClient.fetch_many vs each query alone)")
+            results["fallback_in_process"] = fallback_in_process(fhir_base, queries, rounds=30)
+            print("bench: fallback against a concurrent server (sekmet's answers replayed, 10 ms each)")
+            results["fallback_concurrent"] = fallback_concurrent(fhir_base, queries, delay_ms=10, rounds=30)
         results["memory"] = {"bare": worker_memory(bare.pid), "d3k2": worker_memory(d3k2.pid)}
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"bench: results written to {args.json}")
+
+
+def auth_on_off(
+    issuer: auth.Issuer, body: Path, off: tuple[int, int], on: tuple[int, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The typical call against d3k2 with auth off, then against the same d3k2 (same gunicorn settings) with
+    D3K2_AUTH=required, each request with a fresh token from a pool minted beforehand."""
+    path = f"/cds-services/{SERVICE['typical']}"
+    for token in issuer.pool("warm", 4, path).read_text().split():  # each must answer 200: accepted
+        check_answer(off[0], body, path)
+        check_answer(on[0], body, path, token)
+    # Auth off ignores the header: any tokens will do, reused; wrk does the same work as in the auth-on run.
+    ignored = issuer.pool("ignored", 1000, path)
+    print(f"bench: auth (typical, {args.connections} connections, {args.seconds:g} s each): off, then on")
+    load_off = drive(off[0], body, path, args.seconds, args.connections, off[1], ignored)
+    count = auth.pool_size(load_off.rps, args.seconds, args.connections)
+    started = time.monotonic()
+    fresh = issuer.pool("fresh", count, path)
+    minted_s = round(time.monotonic() - started, 1)
+    load_on = drive(on[0], body, path, args.seconds, args.connections, on[1], fresh)
+    if load_on.requests + args.connections >= count:
+        sys.exit(f"bench: the pool of {count} tokens ran out after {load_on.requests} requests (reused)")
+    return {
+        "tokens": count,
+        "minting_s": minted_s,
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "auth_off": asdict(load_off),
+        "auth_on": asdict(load_on),
+        "ratio": ratio(load_on.rps, load_off.rps),
+    }
 
 
 def report(results: dict[str, Any]) -> None:
@@ -470,16 +542,28 @@ def report(results: dict[str, Any]) -> None:
             f"{ratio(d['p50_ms'], b['p50_ms']):>9.2f} {ratio(d['p99_ms'], b['p99_ms']):>9.2f}"
             f" {'':>4} {ratio(d['worker_cpu_us'], b['worker_cpu_us']):>8.2f}"
         )
+    if "auth" in results:
+        row = results["auth"]
+        for app, key in (("d3k2, auth off", "auth_off"), ("d3k2, auth on", "auth_on")):
+            load = row[key]
+            print(
+                f"{'auth':<12} {app:<18} {row['connections']:>4} {load['rps']:>9,.1f} "
+                f"{load['p50_ms']:>9.2f} {load['p99_ms']:>9.2f} {load['errors']:>4}"
+                f" {load['worker_cpu_us']:>8,.0f}"
+            )
     print()
     print("targets")
-    typical = s["typical"]
-    share = ratio(typical["d3k2"]["rps"], typical["bare"]["rps"])
-    print(
-        f"  typical: d3k2 at {share:.0%} of the bare throughput (target ≥ 60 %), "
-        f"p99 {typical['d3k2']['p99_ms']:.2f} ms (target < 10 ms)"
-    )
+    if "typical" in s:
+        typical = s["typical"]
+        share = ratio(typical["d3k2"]["rps"], typical["bare"]["rps"])
+        print(
+            f"  typical: d3k2 at {share:.0%} of the bare throughput (target ≥ 60 %), "
+            f"p99 {typical['d3k2']['p99_ms']:.2f} ms (target < 10 ms)"
+        )
+    if "auth" in results:
+        print(auth.report_line(results["auth"]))
     for name in ("typical", "order-sign"):
-        row = s[name]
+        row = s.get(name, {})
         if "d3k2_edge_only" not in row:
             continue
         # Worker time per request (workers ÷ throughput): what the edge and the core add to the bare app.
@@ -494,7 +578,18 @@ def report(results: dict[str, Any]) -> None:
             f"with the core memoised d3k2 reaches "
             f"{ratio(row['d3k2_edge_only']['rps'], row['bare']['rps']):.0%} of bare"
         )
-    history = s["history"]
+    if "history" in s:
+        report_history(s["history"])
+    if "fallback" in s:
+        report_fallback(s["fallback"], results["fallback_in_process"], results["fallback_concurrent"])
+    mem = {
+        app: ", ".join(f"{w['rss_mib']}/{w['uss_mib']}" for w in workers)
+        for app, workers in results["memory"].items()
+    }
+    print(f"  memory per worker after the run (RSS/USS MiB): d3k2 {mem['d3k2']}; bare {mem['bare']}")
+
+
+def report_history(history: dict[str, Any]) -> None:
     print(
         f"  history: d3k2 p50 {history['d3k2']['p50_ms']:.1f} ms = "
         f"{ratio(history['d3k2']['p50_ms'], history['bare_json']['p50_ms']):.2f} × bare with std json "
@@ -502,8 +597,9 @@ def report(results: dict[str, Any]) -> None:
         f"{ratio(history['d3k2']['p50_ms'], history['bare']['p50_ms']):.2f} × bare with orjson "
         f"({history['bare']['p50_ms']:.1f} ms)"
     )
-    fb = results["fallback_in_process"]
-    e2e = s["fallback"]
+
+
+def report_fallback(e2e: dict[str, Any], fb: dict[str, Any], fc: dict[str, Any]) -> None:
     fetch_cost = round(e2e["d3k2"]["p50_ms"] - e2e["d3k2_same_data_prefetched"]["p50_ms"], 2)
     print(
         f"  fallback ({fb['queries']} queries): fetch_many {fb['fetch_many_ms']:.2f} ms vs slowest single "
@@ -511,7 +607,6 @@ def report(results: dict[str, Any]) -> None:
         f"{fb['sum_single_ms']:.2f} ms); end to end: p50 with fetching − p50 prefetched = {fetch_cost:.2f} ms"
         f" = {ratio(fetch_cost, fb['slowest_single_ms']):.2f} × slowest single"
     )
-    fc = results["fallback_concurrent"]
     print(
         f"  fallback against a concurrent server ({fc['delay_ms']:.0f} ms per answer): fetch_many "
         f"{fc['fetch_many_ms']:.2f} ms vs slowest single {fc['slowest_single_ms']:.2f} ms = "
@@ -519,11 +614,6 @@ def report(results: dict[str, Any]) -> None:
         f"slowest query alone through FhirClient {max(fc['client_single_ms'].values()):.2f} ms = "
         f"{fc['ratio_to_client_slowest']:.2f} ×"
     )
-    mem = {
-        app: ", ".join(f"{w['rss_mib']}/{w['uss_mib']}" for w in workers)
-        for app, workers in results["memory"].items()
-    }
-    print(f"  memory per worker after the run (RSS/USS MiB): d3k2 {mem['d3k2']}; bare {mem['bare']}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ class Settings:
     max_json_depth: int = 64
     max_prefetch_entries: int = 20_000
     preview: bool | None = None  # the card preview page; None: on in dev only
+    # Keys the card uuids (d3k2.core.cards.card_uuid); None: a key kept in the feedback database.
+    card_key: str | None = field(default=None, repr=False)
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -147,6 +149,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_prefetch_entries=_int(env, "D3K2_MAX_PREFETCH_ENTRIES", base.max_prefetch_entries),
         preview=_preview(env),
         trust_host_header=_flag(env, "D3K2_TRUST_HOST_HEADER"),
+        card_key=_card_key(env),
     )
     check_audience(settings)
     return settings
@@ -160,6 +163,19 @@ def check_audience(settings: Settings) -> None:
             "name in aud); only on a single host whose every client is trusted, set D3K2_TRUST_HOST_HEADER=1 "
             "to take it from the Host header instead"
         )
+
+
+CARD_KEY_MIN = 32
+
+
+def _card_key(env: Mapping[str, str]) -> str | None:
+    raw = env.get("D3K2_CARD_KEY") or None
+    if raw is not None and len(raw) < CARD_KEY_MIN:
+        # Never quoted: it is a secret.
+        raise ConfigError(
+            f"D3K2_CARD_KEY must be at least {CARD_KEY_MIN} characters (e.g. openssl rand -hex 32)"
+        )
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from d3k2.core.cards import build_cards, prepare_cards
+from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards, prepare_cards
 from d3k2.core.drafts import DraftReading, read_draft_orders
 from d3k2.core.engine import Evaluation, evaluate
 from d3k2.core.errors import BadRequest, UnknownService
@@ -83,6 +83,7 @@ def facts_for(
         classify=classifier(ruleset),
         doses=dose_reader(ruleset),
         missing=resolved.missing if resolved else (),
+        missing_keys=resolved.missing_keys if resolved else (),
         incomplete=resolved.incomplete if resolved else (),
         issues=resolved.issues if resolved else (),
         unknown=resolved.unknown if resolved else (),
@@ -108,7 +109,10 @@ def call_service(
     fetcher: Fetcher | None,
     adjust: Adjust | None = None,
     trace: bool = False,
+    card_key: bytes = OFFLINE_CARD_KEY,
 ) -> Outcome:
+    """``card_key`` keys the card uuids (d3k2.core.cards.card_uuid): the HTTP service passes its
+    deployment's secret; offline tools (replay, explain, the preview) keep the public default."""
     service = find_service(ruleset, service_id)
     request = parse_request(payload)
     if request.hook != service.hook:
@@ -120,6 +124,6 @@ def call_service(
     drafts = drafts_of(ruleset, request)
     evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts, trace=trace)
     cards = build_cards(
-        ruleset, evaluation, hook_instance=request.hookInstance, patient_id=request.context.patientId
+        ruleset, evaluation, hook=request.hook, patient_id=request.context.patientId, card_key=card_key
     )
     return Outcome(request, {"cards": cards, "systemActions": []}, evaluation, resolved, drafts)

@@ -4,8 +4,10 @@ time, oversized feedback, other methods, production's FHIR allow-list, and at th
 production runs it) malformed chunked bodies and SCRIPT_NAME headers.
 
 Every class: never a 5xx, and no token, comment or other secret of the request in any log line (each
-record formatted as d3k2.http.logs writes it). Bounded for `make test`; `make attack` raises the
-examples with D3K2_ATTACK_EXAMPLES (and runs the fuzzers and tests/integration/test_edge.py with it).
+record formatted as d3k2.http.logs writes it); every feedback item acknowledged is in the store
+(tests/ledger.py; under database outages and killed workers: tests/integration/test_feedback_durable.py).
+Bounded for `make test`; `make attack` raises the examples with D3K2_ATTACK_EXAMPLES (and runs the fuzzers,
+tests/integration/test_edge.py and test_feedback_durable.py with it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from builders import CARDS, SERVICE, hook_request, refused_url, ruleset
@@ -30,6 +32,7 @@ from d3k2.http.auth import MAX_LIFETIME
 from d3k2.http.logs import JsonFormatter
 from edge import gunicorn, raw
 from jwt_keys import BASE_URL, NOW, es384, write_trust
+from ledger import Ledger
 
 EXAMPLES = int(os.environ.get("D3K2_ATTACK_EXAMPLES", "15"))
 ATTACK = settings(
@@ -196,6 +199,8 @@ stamps = st.one_of(
     items=st.integers(min_value=0, max_value=130),
     card=st.text(min_size=0, max_size=200),
 )
+@example(stamp="2026-11-24T19:11:44Z", comment_size=10, items=3, card="attack-card-1")  # acknowledged
+@example(stamp=None, comment_size=4000, items=1, card="attack-card-2")
 def test_feedback_is_bounded_and_never_5xx(
     app: Flask, lines: Lines, stamp: str | None, comment_size: int, items: int, card: str
 ) -> None:
@@ -206,11 +211,15 @@ def test_feedback_is_bounded_and_never_5xx(
         "overrideReason": {"reason": {"code": "patient-refused"}, "userComment": comment},
         "outcomeTimestamp": stamp,
     }
-    response = app.test_client().post(FEEDBACK, json={"feedback": [item] * items})
+    body = {"feedback": [item] * items}
+    response = app.test_client().post(FEEDBACK, json=body)
     assert_no_5xx(response)
     assert response.status_code in (200, 400, 413)
     if items > 100:
         assert response.status_code == 413
+    acknowledged = Ledger()  # zero acknowledged-but-lost feedback
+    acknowledged.feedback_answer(response.status_code, body)
+    assert not acknowledged.lost(app.extensions["d3k2.store"].engine).feedback
     lines.assert_absent("PhIcOmMeNt")
 
 

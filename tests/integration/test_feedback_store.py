@@ -126,7 +126,8 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
 def test_migrate_twice_is_a_no_op(store: FeedbackStore) -> None:
     store.migrate()
     with store.engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM d3k2_alembic_version")).scalar() == "0002"
+        version = connection.execute(text("SELECT version_num FROM d3k2_alembic_version")).scalar()
+        assert version == "0003_card_uuid_key"
 
 
 # ---------------------------------------------------------------- the report
@@ -243,12 +244,17 @@ def test_cli_report_text_and_json(tmp_path: Path) -> None:
         "code": "judgement",
         "system": "http://example.org/d3k2/override-reason",
         "count": 2,
+        "display": None,
     }
     as_text = runner.invoke(main, ["feedback", "report", "--since", "2026-11-25"], env=env)
     assert as_text.exit_code == 0, as_text.output
     lines = as_text.output.splitlines()
-    assert lines[0] == "Feedback per rule since 2026-11-25T00:00:00+00:00"
-    assert lines[3].split() == ["A", "2", "2", "1", "1", "50.0", "already-taking", "(1),", "declined", "(1)"]
+    assert lines[0] == "Feedback per rule since 2026-11-25 (activity: 2026-11-25 to 2026-11-25)"
+    assert lines[2].split()[:5] == ["rule", "shown", "served", "accepted", "accept%"]
+    assert lines[3].split() == [
+        *("A", "2", "2", "1", "50.0", "0", "1", "50.0"),
+        *("already-taking", "(1),", "declined", "(1)"),
+    ]
     missing = runner.invoke(main, ["feedback", "report"], env={**env, "D3K2_DATA_DIR": str(tmp_path / "no")})
     assert missing.exit_code == 1
     assert "no feedback database" in missing.output

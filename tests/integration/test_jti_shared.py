@@ -1,26 +1,20 @@
 """The jti store in the feedback database (PostgreSQL): one table every instance shares, so a token
-replayed on another instance is refused; the local file takes over while PostgreSQL fails. And two
-separate d3k2 processes sharing one PostgreSQL."""
+replayed on another instance is refused; the local file takes over while PostgreSQL fails. Two separate
+d3k2 instances (gunicorn) sharing one PostgreSQL: test_two_instances.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from test_database_stall import frozen, timed
 
-from builders import stop
 from d3k2.config import Settings
 from d3k2.http.jti import CLAIM_TIMEOUT, JtiStore, PostgresJtiStore, open_jti_store
 from d3k2.store.feedback import FeedbackStore
 from fhir_server import free_port
-from jwt_keys import BASE_URL, ISSUER, NOW, es384, write_trust
+from jwt_keys import ISSUER, NOW
 from postgres import running_postgres
 
 
@@ -92,78 +86,6 @@ def test_postgresql_down_falls_back_to_the_local_file(
         assert "j1" not in caplog.text
     finally:
         store.close()
-
-
-# ---------------------------------------------------------------- two processes, one PostgreSQL
-
-
-def _serve(tmp_path: Path, name: str, url: str, trust: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "D3K2_ENV": "test",
-        "D3K2_AUTH": "required",
-        "D3K2_TRUST_FILE": str(trust),
-        "D3K2_PUBLIC_BASE_URL": BASE_URL,  # both instances behind one public name, as behind a balancer
-        "D3K2_DATABASE_URL": url,
-        "D3K2_DATA_DIR": str(tmp_path / name),  # each its own jti file: only PostgreSQL is shared
-        "D3K2_HOST": "127.0.0.1",
-        "D3K2_PORT": str(port),
-    }
-    log_path = tmp_path / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "d3k2"), "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-    return process, f"http://127.0.0.1:{port}", log_path
-
-
-def _wait_up(base: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"d3k2 serve did not come up:\n{log_path.read_text(errors='replace')}")
-
-
-def _discovery(base: str, token: str) -> int:
-    request = urllib.request.Request(f"{base}/cds-services", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-
-
-def test_a_token_replayed_on_another_instance_is_refused(postgres_url: str, tmp_path: Path) -> None:
-    trust = tmp_path / "trust.json"
-    write_trust(trust)
-    servers = [_serve(tmp_path, name, postgres_url, trust) for name in ("a", "b")]
-    try:
-        for process, base, log_path in servers:
-            _wait_up(base, process, log_path)
-        (_, first, _), (_, second, _) = servers
-        now = int(time.time())
-
-        def token() -> str:
-            return es384().sign(iat=now - 5, exp=now + 240)
-
-        used = token()
-        assert _discovery(first, used) == 200
-        assert _discovery(second, used) == 401  # the replay, on the other instance
-        assert _discovery(first, used) == 401
-        assert _discovery(second, token()) == 200  # a fresh token is welcome on either
-    finally:
-        for process, _, _ in servers:
-            stop(process)
 
 
 def test_a_frozen_postgresql_costs_a_claim_at_most_its_timeout(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from builders import TODAY, fixtures, ruleset
-from d3k2.core.cards import build_cards
+from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
 from d3k2.core.engine import evaluate
 from d3k2.core.terminology import LOINC
 from d3k2.service import facts_for
@@ -116,7 +116,11 @@ def answer(resources: list[dict[str, Any]], profile: str) -> list[dict[str, Any]
     rs = ruleset()
     found = facts_for(rs, resources, TODAY)
     return build_cards(
-        rs, evaluate(rs, found, hook="patient-view", profile=profile), hook_instance="hi", patient_id="p1"
+        rs,
+        evaluate(rs, found, hook="patient-view", profile=profile),
+        hook="patient-view",
+        patient_id="p1",
+        card_key=OFFLINE_CARD_KEY,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
-from d3k2.core.cards import build_cards
+from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
 from d3k2.core.engine import evaluate
 from d3k2.core.facts import Facts
 from d3k2.core.terminology import LOINC, SNOMED
@@ -181,11 +181,11 @@ def test_the_data_card_names_the_copies() -> None:
     rs = ruleset()
     found = facts(warfarin(), warfarin("stopped"), sarcoidosis(), sarcoidosis("resolved"))
     evaluation = evaluate(rs, found, hook="patient-view", profile=rs.default_profile)
-    cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    cards = build_cards(rs, evaluation, hook="patient-view", patient_id="p1", card_key=OFFLINE_CARD_KEY)
     data = next(c for c in cards if c["source"]["topic"]["code"] == "data-incomplete")
     assert data["detail"].startswith(
-        "Two different copies of the same record were sent (condition, medication list): "
-        "cautions from either are kept.\n\n"
+        "Two different copies of the same record were sent: Sarcoidosis, warfarin. "
+        "Cautions from either are kept.\n\n"
     )
     assert "Not used" not in data["detail"]
     # Both cautions are kept: warfarin stays active (its card shows when K2 is at stake, not beside the

@@ -155,9 +155,9 @@ def test_all_of_with_an_undecided_part_cannot_tell() -> None:
 @pytest.mark.parametrize(
     ("resource", "issue"),
     [
-        (obs("62292-8", valueQuantity={"value": 5}), "valueQuantity has no unit"),
-        (obs("62292-8", valueString="positive"), "valueString is not a number"),
-        (obs("12180-6", valueString="4.5"), "valueString has no unit"),
+        (obs("62292-8", valueQuantity={"value": 5}), "the value has no unit"),
+        (obs("62292-8", valueString="positive"), "the value is not a number"),
+        (obs("12180-6", valueString="4.5"), "the value has no unit"),
         (obs("62292-8", valueQuantity={"value": 5, "unit": "ng/mL", "comparator": "~"}), "comparator '~'"),
     ],
 )
@@ -245,7 +245,7 @@ def test_a_contained_reference_that_is_not_there_is_named() -> None:
             {"coding": ["junk", {"display": "Sarcoidosis"}, {"system": SNOMED, "code": "31541009"}]},
             "Sarcoidosis",
         ),
-        ({"coding": [{"system": SNOMED, "code": "31541009"}]}, "condition"),
+        ({"coding": [{"system": SNOMED, "code": "31541009"}]}, "a condition without a name"),
     ],
 )
 def test_condition_evidence_is_named_from_text_then_display(code, text) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hmac
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import date, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -25,7 +27,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from builders import TODAY, fixtures, ruleset
-from d3k2.core.cards import build_cards, card_uuid, medication_request, service_request, validated_resource
+from d3k2.core.cards import (
+    OFFLINE_CARD_KEY,
+    build_cards,
+    card_uuid,
+    medication_request,
+    service_request,
+    validated_resource,
+)
 from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import FactValue, evaluate, evaluate_condition, fact_values
 from d3k2.core.errors import BadRequest
@@ -337,17 +346,64 @@ def test_remembered_draft_doses_equal_fresh_ones() -> None:
 # ---------------------------------------------------------------- cards
 
 
-@PROPERTY
-@given(st.text(min_size=1), st.lists(st.text(), max_size=3))
-def test_card_ids_are_uuid5(hook_instance: str, parts: list[str]) -> None:
-    name = "d3k2:" + ":".join((hook_instance, *parts))
-    try:
-        expected = str(uuid.uuid5(uuid.NAMESPACE_URL, name))
-    except UnicodeEncodeError:
-        with pytest.raises(UnicodeEncodeError):
-            card_uuid(hook_instance, *parts)
-        return
-    assert card_uuid(hook_instance, *parts) == expected
+CARD = {"patient": "pt-1", "hook": "order-select", "rule": "k2-warfarin", "draft": "d1", "day": TODAY}
+
+
+def test_a_card_uuid_is_the_same_for_the_same_inputs_and_an_rfc9562_version_8_uuid() -> None:
+    first = card_uuid(b"k" * 32, **CARD)
+    assert first == card_uuid(b"k" * 32, **CARD)
+    parsed = uuid.UUID(first)
+    assert (str(parsed), parsed.version, parsed.variant) == (first, 8, uuid.RFC_4122)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"patient": "pt-2"},
+        {"hook": "order-sign"},
+        {"rule": "d3-deficiency"},
+        {"draft": "d2"},
+        {"draft": ""},
+        {"day": TODAY + timedelta(days=1)},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_each_input_and_the_key_change_a_card_uuid(change: dict[str, Any]) -> None:
+    assert card_uuid(b"k" * 32, **CARD) != card_uuid(b"k" * 32, **(CARD | change))
+    assert card_uuid(b"k" * 32, **CARD) != card_uuid(b"j" * 32, **CARD)
+
+
+def test_a_card_uuid_is_the_hmac_of_its_inputs_with_the_version_and_variant_bits_set() -> None:
+    message = b'["pt-1","order-select","k2-warfarin","d1","2026-11-24"]'
+    expected = bytearray(hmac.new(b"k" * 32, message, "sha256").digest()[:16])
+    expected[6] = (expected[6] & 0x0F) | 0x80
+    expected[8] = (expected[8] & 0x3F) | 0x80
+    assert uuid.UUID(card_uuid(b"k" * 32, **CARD)).bytes == bytes(expected)
+
+
+def test_repeated_calls_of_one_order_session_give_the_same_uuids_and_other_days_new_ones() -> None:
+    """The sandbox fires order-select on every keystroke, each with a new hookInstance and new dates."""
+    rs = ruleset()
+    fixture = next(f for f in fixtures() if f.request["hook"] == "order-select" and "sandbox" in f.name)
+    typed = copy.deepcopy(fixture.request) | {"hookInstance": "8aa14886-1d28-447d-86aa-5363c4a5649f"}
+    draft = typed["context"]["draftOrders"]["entry"][0]["resource"]
+    draft["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"]["start"] = "0202-12-01"
+    call = partial(call_service, rs, "d3k2-order-select", profile="seed", fetcher=None, card_key=b"k" * 32)
+    first = call(fixture.request, today=TODAY).response["cards"]
+    assert first
+    assert [c["uuid"] for c in call(typed, today=TODAY).response["cards"]] == [c["uuid"] for c in first]
+    tomorrow = {c["uuid"] for c in call(fixture.request, today=TODAY + timedelta(days=1)).response["cards"]}
+    assert not tomorrow & {c["uuid"] for c in first}
+    other_key = call_service(
+        rs,
+        "d3k2-order-select",
+        fixture.request,
+        today=TODAY,
+        profile="seed",
+        fetcher=None,
+        card_key=b"j" * 32,
+    )
+    assert not {c["uuid"] for c in other_key.response["cards"]} & {c["uuid"] for c in first}
 
 
 def test_suggested_resources_are_validated_once_each_and_equal_fresh_ones() -> None:
@@ -385,7 +441,7 @@ def test_answers_never_share_card_objects() -> None:
                 yield from objects(item)
 
     assert not set(objects(first.response["cards"])) & set(objects(second.response["cards"]))
-    cards = build_cards(rs, first.evaluation, hook_instance="x", patient_id="p")
+    cards = build_cards(rs, first.evaluation, hook="order-sign", patient_id="p", card_key=OFFLINE_CARD_KEY)
     assert any("overrideReasons" in card for card in cards)
 
 

@@ -161,7 +161,7 @@ def test_undated_result_is_skipped_and_reported() -> None:
     del undated["effectiveDateTime"]
     result = facts(undated)
     assert result.vitd is None
-    assert result.issues == ("Observation/o1 skipped: 25(OH)D result has no date",)
+    assert result.issues == ("a 25(OH)D result (no date)",)
 
 
 def test_stale_after_365_days() -> None:
@@ -190,17 +190,18 @@ def test_dihydroxy_and_d3_itself_are_never_25ohd(code: str) -> None:
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        (qty("abc", "ng/mL"), "valueQuantity.value is not a number"),
-        (qty(18, "furlongs"), "unit 'furlongs' not understood for 25(OH)D"),
-        ({"valueQuantity": {"value": 18}}, "valueQuantity has no unit"),
-        ({"valueString": "low"}, "valueString is not a number"),
-        ({"valueBoolean": True}, "no valueQuantity or valueString"),
+        (qty("abc", "ng/mL"), "the value is not a number"),
+        (qty(18, "furlongs"), "unit 'furlongs' not understood"),
+        ({"valueQuantity": {"value": 18}}, "the value has no unit"),
+        ({"valueString": "low"}, "the value is not a number"),
+        ({"valueBoolean": True}, "no value"),
     ],
 )
 def test_unusable_values_are_skipped_with_the_reason(value: dict[str, Any], reason: str) -> None:
     result = facts(obs("62292-8", **value))
     assert result.vitd is None
-    assert result.issues == (f"Observation/o1 skipped: {reason}",)
+    assert len(result.issues) == 1 and result.issues[0].endswith(f" ({reason})"), result.issues
+    assert "Observation/" not in result.issues[0]
 
 
 def test_malformed_resources_never_hide_others() -> None:

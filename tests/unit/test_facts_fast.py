@@ -81,35 +81,36 @@ def test_an_unreadable_old_result_is_reported_beside_the_newest() -> None:
     )
     assert result.vitd == vitd(Interval.exact(31), "31 ng/mL", source="Observation/new")
     assert result.issues == (
-        "Observation/old skipped: unit 'furlongs' not understood for 25(OH)D",
-        "Observation/undated skipped: 25(OH)D result has no date",
+        "25(OH)D of 2020-01-01 (unit 'furlongs' not understood)",
+        "a 25(OH)D result (no date)",
     )
 
 
 @pytest.mark.parametrize(
     ("resource", "reason"),
     [
-        (obs(VITD, True), "valueQuantity.value is not a number"),
-        (obs(VITD, 10**400), "unreadable (OverflowError)"),
+        (obs(VITD, True), "the value is not a number"),
+        (obs(VITD, 10**400), "could not be read"),
         (
             obs(VITD, 5, valueQuantity={"value": 5, "unit": "ng/mL", "comparator": "~"}),
             "comparator '~' not understood",
         ),
-        (obs(VITD, 5, valueQuantity={"value": 5, "comparator": "<"}), "valueQuantity has no unit"),
-        (obs(VITD, "12 furlongs"), "unit 'furlongs' not understood for 25(OH)D"),
+        (obs(VITD, 5, valueQuantity={"value": 5, "comparator": "<"}), "the value has no unit"),
+        (obs(VITD, "12 furlongs"), "unit 'furlongs' not understood"),
         # A code whose LOINC property names no unit (ionized calcium, "property not confirmed").
-        (obs("12180-6", "4.5"), "valueString has no unit"),
-        (obs(VITD, 18, when="0001-01-01T00:00:00+01:00"), "unreadable (OverflowError)"),
+        (obs("12180-6", "4.5"), "the value has no unit"),
+        (obs(VITD, 18, when="0001-01-01T00:00:00+01:00"), "could not be read"),
         (
             obs(VITD, 18, referenceRange=[{"high": {"value": 10**400, "unit": "ng/mL"}}]),
-            "unreadable (OverflowError)",
+            "could not be read",
         ),
     ],
 )
 def test_unreadable_results_keep_their_reason(resource: dict[str, Any], reason: str) -> None:
     result = facts(resource)
     assert result.vitd is None and result.egfr is None
-    assert result.issues == (f"Observation/o1 skipped: {reason}",)
+    assert len(result.issues) == 1 and result.issues[0].endswith(f" ({reason})"), result.issues
+    assert "Observation/" not in result.issues[0]
 
 
 def test_a_result_without_a_value_is_skipped_silently() -> None:
@@ -326,7 +327,7 @@ def test_legacy_egfr_only_without_a_race_free_result() -> None:
 def test_the_same_result_under_two_keys_counts_once_and_versions_never_depend_on_order() -> None:
     first = obs(VITD, "bad", oid="dup")
     copy = obs(VITD, "bad", oid="dup")
-    assert facts(first, copy).issues == ("Observation/dup skipped: valueString is not a number",)
+    assert facts(first, copy).issues == ("25(OH)D of 2026-11-01 (the value is not a number)",)
     version_a = obs(VITD, 20, oid="v")
     version_b = obs(VITD, 25, oid="v")
     for resources in ((version_a, version_b), (version_b, version_a), (version_a, version_b, version_a)):

@@ -92,7 +92,7 @@ def test_a_lab_names_its_cautious_direction_or_the_rule_set_does_not_load() -> N
 def test_a_comma_before_three_digits_or_a_spaced_number_is_never_guessed(text) -> None:
     result = facts(text_obs(VITD, text, oid="v"), obs(VITD, 170, "ng/mL", oid="old", when="2026-01-01"))
     assert result.vitd is not None and result.vitd.source == "Observation/old"
-    assert len(result.issues) == 1 and result.issues[0].startswith("Observation/v skipped: valueString")
+    assert len(result.issues) == 1 and result.issues[0].startswith("25(OH)D of 2026-11-01 (the value is ")
 
 
 def test_a_decimal_comma_is_still_read() -> None:
@@ -206,13 +206,13 @@ def test_a_unitless_range_is_in_the_results_unit_and_the_lowest_high_is_used() -
 
 
 def test_the_hypercalcemia_card_names_an_old_calcium_as_old() -> None:
-    from d3k2.core.cards import build_cards
+    from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
     from d3k2.core.engine import evaluate
 
     rs = ruleset()
     evaluation = evaluate(
         rs, facts(obs(CALCIUM, 11.5, "mg/dL", when="2024-01-01")), hook="patient-view", profile="seed"
     )
-    cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    cards = build_cards(rs, evaluation, hook="patient-view", patient_id="p1", card_key=OFFLINE_CARD_KEY)
     card = next(c for c in cards if c["source"]["topic"]["code"] == "hypercalcemia")
     assert "on 2024-01-01 (stale: 1058 days old)" in card["detail"]

@@ -101,6 +101,9 @@ def test_the_other_entries_of_a_bundle_with_an_error_are_used() -> None:
         ),
         # Only what no rule reads arrived beside the error (the Patient, a Basic).
         ({"vitd": bundle(TIMEOUT, {"resourceType": "Basic", "id": "b"})}, ["vitd"]),
+        # A resourceType that is no string (a list, an object) names nothing the rules read: 412, not 500.
+        ({"vitd": bundle(TIMEOUT, {"resourceType": ["Observation"], "id": "l"})}, ["vitd"]),
+        ({"vitd": bundle(TIMEOUT, {"resourceType": {"a": 1}, "id": "o"})}, ["vitd"]),
     ],
 )
 def test_nothing_the_rules_read_arrived_is_412_naming_the_keys(

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from builders import FIXTURES, TODAY, ruleset
-from d3k2.core.cards import SUMMARY_LIMIT, build_cards
+from d3k2.core.cards import OFFLINE_CARD_KEY, SUMMARY_LIMIT, build_cards
 from d3k2.core.engine import evaluate
 from d3k2.core.facts import Facts
 from d3k2.core.quantities import Interval, format_beside, format_interval
@@ -201,7 +201,7 @@ def facts(resources: list[Any], today: date = TODAY) -> Facts:
 def cards_for(resources: list[Any], hook: str = "patient-view", patient: str = "p1", today: date = TODAY):
     rs = ruleset()
     evaluation = evaluate(rs, facts(resources, today), hook=hook, profile=rs.default_profile)
-    return build_cards(rs, evaluation, hook_instance="hi", patient_id=patient)
+    return build_cards(rs, evaluation, hook=hook, patient_id=patient, card_key=OFFLINE_CARD_KEY)
 
 
 # ---------------------------------------------------------------- properties
@@ -552,7 +552,9 @@ def test_every_suggested_resource_is_valid_r4(vitd, others, patient, today, prof
     )
     rs = ruleset()
     evaluation = evaluate(rs, facts(resources, today), hook="patient-view", profile=profile)
-    for card in build_cards(rs, evaluation, hook_instance="hi", patient_id=patient):
+    for card in build_cards(
+        rs, evaluation, hook="patient-view", card_key=OFFLINE_CARD_KEY, patient_id=patient
+    ):
         for suggestion in card.get("suggestions", []):
             assert suggestion["label"] and suggestion["uuid"]
             for action in suggestion["actions"]:
@@ -640,7 +642,7 @@ def test_every_usable_vitd_result_gets_a_band_or_is_uncertain_and_a_card(
         # Straddling the lowest band from above (`>25`): no band, never the lowest and its dose.
         band is None and comparator in (">", ">=") and evaluation.values["vitd.band_certain"] is False
     )
-    cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    cards = build_cards(rs, evaluation, hook="patient-view", card_key=OFFLINE_CARD_KEY, patient_id="p1")
     shown = [c for c in cards if c["source"]["topic"]["code"] in VITD_CARDS]
     assert shown, f"no 25(OH)D card for {comparator or ''}{value} {unit} ({profile})"
     reported = format_interval(Interval.from_comparator(value, comparator), unit, None)
@@ -668,7 +670,9 @@ def test_every_egfr_result_decides_the_kidney_check(value, comparator) -> None:
     # A value that may be below 30 may be in G4 or G5: the caution shows.
     below_30 = band in ("G4", "G5")
     assert below_30 == (reading.lt(30) is not False)
-    kidney = "kidney-advanced" in topics_of(build_cards(rs, evaluation, hook_instance="hi", patient_id="p1"))
+    kidney = "kidney-advanced" in topics_of(
+        build_cards(rs, evaluation, hook="patient-view", card_key=OFFLINE_CARD_KEY, patient_id="p1")
+    )
     assert kidney == below_30
     if reading.ge(30) is True:
         assert not kidney, "a value certainly at or above 30 (such as >60) is not < 30"
@@ -691,7 +695,7 @@ def test_every_calcium_result_decides_whether_it_is_high(value, comparator) -> N
     evaluation = evaluate(rs, facts(resources), hook="patient-view", profile=rs.default_profile)
     high = evaluation.values["calcium.high"]
     assert high is (Interval.from_comparator(value, comparator).gt(10.5) is True)
-    cards = build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    cards = build_cards(rs, evaluation, hook="patient-view", card_key=OFFLINE_CARD_KEY, patient_id="p1")
     assert ("hypercalcemia" in topics_of(cards)) == high
 
 

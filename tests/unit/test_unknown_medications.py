@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
-from d3k2.core.cards import build_cards
+from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
 from d3k2.core.engine import evaluate, fact_values
 from d3k2.core.facts import Facts
 from d3k2.core.record import UnknownMedication
@@ -42,7 +42,7 @@ def facts(*resources: Any) -> Facts:
 def cards(found: Facts) -> list[dict[str, Any]]:
     rs = ruleset()
     evaluation = evaluate(rs, found, hook="patient-view", profile=rs.default_profile)
-    return build_cards(rs, evaluation, hook_instance="hi", patient_id="p1")
+    return build_cards(rs, evaluation, hook="patient-view", card_key=OFFLINE_CARD_KEY, patient_id="p1")
 
 
 WARFARIN = {"coding": [{"system": RXNORM, "code": "855332", "display": "warfarin 5 MG"}]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 from collections.abc import Mapping
 from datetime import date, timedelta
@@ -26,15 +27,56 @@ _ANY_PATIENT = "d3k2-any-patient"
 _NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
-def card_uuid(hook_instance: str, *parts: str) -> str:
-    """Stable across replays of the same request, distinct per rule (and per draft order).
+# A public key for offline tools (replay, explain, the preview, the goldens): their uuids are stable across
+# runs and machines. The service keys its uuids with the deployment's secret instead (FeedbackStore.card_key).
+OFFLINE_CARD_KEY = b"d3k2-offline-card-uuid-key"
+
+
+def card_uuid(key: bytes, *, patient: str, hook: str, rule: str, draft: str, day: date) -> str:
+    """The card's uuid: the same for the same patient, hook, rule and draft on the same (UTC) day, so that
+    the cards an EHR asks for again and again (order-select fires on every keystroke) are one card in the
+    feedback report. An HMAC-SHA256 keyed with the deployment's secret, so that the uuid (stored, logged,
+    seen by the EHR) never lets the patient id be read back or guessed without that key. Formatted as an
+    RFC 9562 version 8 (custom) uuid.
+
+    CDS Hooks 2.0 allows a uuid to come back on later calls: a card's ``uuid`` is "Unique identifier of the
+    card. MAY be used for auditing and logging cards and SHALL be included in any subsequent calls to the CDS
+    service's feedback endpoint", and "the feedback endpoint may be called for multiple hook instances ...
+    or even multiple times for a card or suggestion"; nothing asks for a new uuid per hookInstance
+    (https://cds-hooks.hl7.org/2.0/#card-attributes, https://cds-hooks.hl7.org/2.0/#feedback).
+    """
+    message = orjson.dumps([patient, hook, rule, draft, day.isoformat()])
+    digest = bytearray(hmac.new(key, message, hashlib.sha256).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
+    return _uuid_text(digest)
+
+
+def draft_digest(finding: Finding) -> str:
+    """The draft order a card is about, canonically: its reference, its medication and the ingredient
+    judged; "" for a card about the patient. Dates and doses are left out: they change while the
+    clinician fills in the order (a call per keystroke), and it is still the same order."""
+    draft = finding.draft
+    if draft is None:
+        return ""
+    ingredient = finding.ingredient.concept if finding.ingredient is not None else None
+    canonical = orjson.dumps([draft.reference, draft.rxnorm_code, draft.medication_text, ingredient])
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def suggestion_uuid(card_id: str, label: str) -> str:
+    """uuid5 of the card's uuid and the suggestion's label: as stable as its card.
 
     `str(uuid.uuid5(uuid.NAMESPACE_URL, name))`, spelt out: the UUID object costs more than the hash.
     """
-    name = "d3k2:" + ":".join((hook_instance, *parts))
+    name = f"d3k2:{card_id}:suggestion:{label}"
     digest = bytearray(hashlib.sha1(_NAMESPACE + name.encode(), usedforsecurity=False).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return _uuid_text(digest)
+
+
+def _uuid_text(digest: bytearray) -> str:
     h = digest.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -163,7 +205,7 @@ def _suggestion(
     today: date,
 ) -> dict[str, Any]:
     label = _render(suggestion.label, finding.fields)
-    result: dict[str, Any] = {"label": label, "uuid": card_uuid(card_id, "suggestion", label)}
+    result: dict[str, Any] = {"label": label, "uuid": suggestion_uuid(card_id, label)}
     if suggestion.recommended:
         result["isRecommended"] = True
     actions: list[dict[str, Any]] = []
@@ -198,8 +240,9 @@ def build_cards(
     ruleset: RuleSet,
     evaluation: Evaluation,
     *,
-    hook_instance: str,
+    hook: str,
     patient_id: str,
+    card_key: bytes,
 ) -> list[dict[str, Any]]:
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
     today = evaluation.facts.today
@@ -207,10 +250,9 @@ def build_cards(
     for finding in evaluation.findings:
         rule = finding.rule
         sources = [ruleset.sources[s] for s in rule.sources]
-        ids = [rule.id] if finding.draft is None else [rule.id, finding.draft.reference]
-        if finding.ingredient is not None:
-            ids.append(finding.ingredient.concept)
-        card_id = card_uuid(hook_instance, *ids)
+        card_id = card_uuid(
+            card_key, patient=patient_id, hook=hook, rule=rule.id, draft=draft_digest(finding), day=today
+        )
         suggestions = [
             _suggestion(s, finding, ruleset, card_id=card_id, patient_id=patient_id, today=today)
             for s in rule.suggestions

@@ -31,7 +31,16 @@ from d3k2.core.labs import (
     upper_limit,
 )
 from d3k2.core.quantities import Interval, format_interval
-from d3k2.core.readers import Unreadable, effective_text, instant, loinc_codes, ref_of
+from d3k2.core.readers import (
+    Unreadable,
+    effective_text,
+    instant,
+    loinc_codes,
+    medication_text,
+    observation_date,
+    parse_date,
+    ref_of,
+)
 from d3k2.core.record import (
     Evidence,
     MedicationClassifier,
@@ -86,8 +95,10 @@ class Facts:
     medications: tuple[MedicationFact, ...] = ()
     issues: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
+    missing_keys: tuple[str, ...] = ()  # the prefetch keys (services.toml) that `missing` names
     incomplete: tuple[str, ...] = ()  # required data (medications, conditions, labs) that could not be had
     copies: tuple[str, ...] = ()  # "<type>/<id>" of records sent as different copies, all of them read
+    copy_names: tuple[str, ...] = ()  # ... named for the card: by name and date, never by id
     unknown_medications: tuple[UnknownMedication, ...] = ()
     age: Age = NOT_ON_RECORD
     # Facts of data that could not be had in full (`PrefetchKey.unknown`, e.g. "pregnancy.unknown").
@@ -176,8 +187,41 @@ class _Collector(RecordReader):
         self.moments: dict[str, tuple[str, date, datetime | None] | None] = {}
         self.patients: list[Mapping[str, Any]] = []
 
-    def report(self, resource: Mapping[str, Any], reason: str) -> None:
-        self.issues.append(f"{ref_of(resource)} skipped: {reason}")
+    def report(self, resource: Mapping[str, Any], reason: str, what: str | None = None) -> None:
+        """A record not used, named for the data card by what it is and its date, never by its id."""
+        notes = self.config.notes
+        self.issues.append(notes["not_used"].format(what=what or self.name_of(resource), reason=reason))
+
+    def name_of(self, resource: Mapping[str, Any], lab: str | None = None) -> str:
+        """A lab result by its lab and date, a condition or medication by its name, else by its kind."""
+        return self.named(resource, lab)[0]
+
+    def named(self, resource: Mapping[str, Any], lab: str | None = None) -> tuple[str, bool]:
+        """`name_of`, and whether it names the record itself (not only its kind)."""
+        notes = self.config.notes
+        rtype = resource.get("resourceType")
+        kind = rtype.lower() if isinstance(rtype, str) else ""
+        name, when, dated = "", None, notes["dated"]
+        if rtype == "Observation":
+            found = None if lab else self.lookup.role(loinc_codes(resource))
+            name, when = lab or (found.lab.label if found else ""), observation_date(resource)
+        elif rtype == "Condition":
+            name, dated = medication_text(resource.get("code")), notes["condition_dated"]
+            when = parse_date(resource.get("onsetDateTime")) or parse_date(resource.get("recordedDate"))
+        elif rtype in ("MedicationStatement", "MedicationRequest"):
+            name = medication_text(resource.get("medicationCodeableConcept"))
+        what = name or notes.get(f"record_{kind}", notes["record_other"])
+        return (dated.format(what=what, date=when.isoformat()) if when else what), bool(name)
+
+    def copy_names(self, copies: Sequence[str]) -> tuple[str, ...]:
+        """Each record sent as different copies by one name: the first copy that names it, by name."""
+        named: dict[str, list[tuple[bool, str]]] = {}
+        for resource in self.unique:
+            ref = ref_of(resource)
+            if ref in copies:
+                name, specific = self.named(resource)
+                named.setdefault(ref, []).append((not specific, name))
+        return tuple(sorted({min(names)[1] for names in named.values()}))
 
     def observation(self, resource: Mapping[str, Any]) -> None:
         """Stage 1 for a lab result: triage (see above); pregnancy status is read in full."""
@@ -210,14 +254,16 @@ class _Collector(RecordReader):
             text = effective_text(resource)
             moment = moment_of(text) if text is not None else None
         if moment is None:
-            self.report(resource, f"{found.lab.label} result has no date")
+            what = self.config.notes["undated_result"].format(lab=found.lab.label)
+            self.report(resource, self.config.notes["no_date"], what)
             return
         if resource.get("dataAbsentReason") is not None and "valueQuantity" not in resource:
             return
         try:
             value, comparator, unit = quantity_parts(resource, found.lab, found.code)
         except Unreadable as exc:
-            self.report(resource, str(exc))
+            reason = self.config.notes[exc.key].format(detail=exc.detail)
+            self.report(resource, reason, self.name_of(resource, found.lab.label))
             return
         text, when, at = moment
         if not self._usable(found.lab, value, comparator, unit, when, found.kind):
@@ -247,8 +293,10 @@ class _Collector(RecordReader):
     ) -> bool:
         """Dated at most `future_days` after today, and certainly possible for a body; else named on the
         data card (by lab and date, never by id) and not used, so that an older usable result is."""
+        notes = self.config.notes
         if (when - self.today).days > self.config.future_days:
-            self.issues.append(f"{lab.label} of {when.isoformat()} is dated in the future")
+            what = notes["dated"].format(what=lab.label, date=when.isoformat())
+            self.issues.append(notes["future"].format(what=what))
             return False
         plausible = lab.plausible
         reading = Interval.from_comparator(value, comparator)
@@ -256,7 +304,8 @@ class _Collector(RecordReader):
         floor = plausible.above_by_kind.get(kind, plausible.above)
         if canonical.le(floor) is True or canonical.gt(plausible.most) is True:
             shown = format_interval(reading, unit, None)
-            self.issues.append(f"{lab.label} of {when.isoformat()} is {shown}: {plausible.reason}")
+            what = notes["dated"].format(what=lab.label, date=when.isoformat())
+            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=plausible.reason))
             return False
         return True
 
@@ -269,6 +318,7 @@ def extract_facts(
     terminology: Terminology,
     classify: MedicationClassifier,
     missing: Sequence[str] = (),
+    missing_keys: Sequence[str] = (),
     incomplete: Sequence[str] = (),
     issues: Sequence[str] = (),
     doses: MedicationDoser | None = None,
@@ -291,8 +341,8 @@ def extract_facts(
             elif rtype == "Patient":
                 collector.patients.append(resource)
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
-        except _ERRORS as exc:
-            collector.report(resource, f"unreadable ({type(exc).__name__})")
+        except _ERRORS:
+            collector.report(resource, config.notes["unreadable"])
     pregnancy = collector.current_pregnancy()  # names what a newer status superseded: before the issues
     labs = config.labs
     found = collector.candidates
@@ -317,8 +367,10 @@ def extract_facts(
         ),
         issues=tuple(sorted(set(collector.issues))),
         missing=tuple(missing),
+        missing_keys=tuple(missing_keys),
         incomplete=tuple(incomplete),
         copies=tuple(sorted(copies)),
+        copy_names=collector.copy_names(copies) if copies else (),
         unknown_medications=tuple(sorted(set(collector.unknown), key=lambda u: (u.source, u.reason, u.name))),
         age=read_age(collector.patients, today, config.age),
         unknown=tuple(sorted(set(unknown))),

@@ -17,7 +17,7 @@ from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import RuleSet
 from d3k2.core.texts import Texts
 from d3k2.core.vitamers import d2_fields
-from d3k2.core.wording import REFERENCE, evidence_of, evidence_text, names_of, record_kind
+from d3k2.core.wording import evidence_of, evidence_text, names_of, record_kind
 
 FactValue = bool | str | float | Interval | None
 
@@ -27,11 +27,11 @@ def _bands_label(value: Interval, bands: Sequence[Banded]) -> str:
     return " or ".join(b.label for b in possible_bands(value, bands))
 
 
-def _range_note(value: Interval, bands: Sequence[Banded]) -> str:
+def _range_note(value: Interval, bands: Sequence[Banded], texts: Texts) -> str:
     """Why the band is not certain: the lab reported a bound (`>100`), not a number."""
     if len(possible_bands(value, bands)) < 2:
         return ""
-    return "above the assay's range" if math.isinf(value.hi) else "below the assay's range"
+    return texts.above_range if math.isinf(value.hi) else texts.below_range
 
 
 def current_d(facts: Facts) -> list[MedicationFact]:
@@ -48,8 +48,9 @@ def current_daily(products: list[MedicationFact]) -> float | None:
 
 def _current_d_fields(c: FieldContext) -> SimpleNamespace:
     products = current_d(c.facts)
+    texts = c.ruleset.texts
     if not products:
-        return SimpleNamespace(names="none", daily="none")
+        return SimpleNamespace(names=texts.none, daily=texts.none)
     names = ", ".join(sorted({m.product for m in products}))
     # Each product's own lead ("5,000 IU/day", "50,000 IU/week") or why its dose is unknown.
     leads = sorted(m.dose.split(":", 1)[0] if m.daily is not None else m.dose for m in products)
@@ -57,21 +58,38 @@ def _current_d_fields(c: FieldContext) -> SimpleNamespace:
     if len(products) == 1:
         daily = leads[0]
     elif total is None:
-        daily = "unknown (" + "; ".join(leads) + ")"
+        daily = texts.current_unknown.format(doses="; ".join(leads))
     else:
-        daily = f"{format_number(total)} IU/day in all ({' + '.join(leads)})"
+        daily = texts.current_total.format(total=format_number(total), doses=" + ".join(leads))
     return SimpleNamespace(names=names, daily=daily)
 
 
 def _measurement_fields(m: Measurement | None, texts: Texts) -> SimpleNamespace:
     if m is None:
         return SimpleNamespace(
-            shown=texts.not_on_record, date=texts.no_date, stale="", notes="", age="", status=""
+            shown=texts.not_on_record,
+            date=texts.no_date,
+            stale="",
+            notes="",
+            age="",
+            status="",
+            line=texts.line_none,
+            brief=texts.brief_none,
         )
     stale = texts.stale.format(days=m.age_days) if m.stale else ""
     notes = f" ({'; '.join(m.notes)})" if m.notes else ""
+    date = m.when.isoformat()
+    line = texts.line.format(shown=m.shown, date=date, stale=stale, notes=notes)
+    brief = texts.brief.format(shown=m.shown, date=date)
     return SimpleNamespace(
-        shown=m.shown, date=m.when.isoformat(), stale=stale, notes=notes, age=str(m.age_days), status=m.status
+        shown=m.shown,
+        date=date,
+        stale=stale,
+        notes=notes,
+        age=str(m.age_days),
+        status=m.status,
+        line=line,
+        brief=brief,
     )
 
 
@@ -87,9 +105,12 @@ def _profile_fields(c: FieldContext) -> SimpleNamespace:
     return SimpleNamespace(name=c.profile_name, title=c.ruleset.profiles[c.profile_name].title)
 
 
-def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str) -> SimpleNamespace:
+def _with_note(fields: SimpleNamespace, m: Measurement | None, note: str, texts: Texts) -> SimpleNamespace:
     if m is not None and note:
         fields.notes = f" ({'; '.join((*m.notes, note))})"
+        fields.line = texts.line.format(
+            shown=fields.shown, date=fields.date, stale=fields.stale, notes=fields.notes
+        )
     return fields
 
 
@@ -98,11 +119,11 @@ def _vitd_fields(c: FieldContext) -> SimpleNamespace:
     texts = c.ruleset.texts
     if m is None:
         vitd = _measurement_fields(m, texts)
-        vitd.band = "no band (no result)"
+        vitd.band = texts.vitd_no_band
         vitd.line = texts.vitd_none
         return vitd
     bands = c.ruleset.profiles[c.profile_name].bands
-    vitd = _with_note(_measurement_fields(m, texts), m, _range_note(m.value, bands))
+    vitd = _with_note(_measurement_fields(m, texts), m, _range_note(m.value, bands, texts), texts)
     vitd.band = _bands_label(m.value, bands)
     stale = texts.stale.format(days=m.age_days) if m.stale else ""
     vitd.line = texts.vitd_line.format(
@@ -114,9 +135,11 @@ def _vitd_fields(c: FieldContext) -> SimpleNamespace:
 def _egfr_fields(c: FieldContext) -> SimpleNamespace:
     m = c.facts.egfr
     bands = c.ruleset.facts.labs["egfr"].bands
+    texts = c.ruleset.texts
     if m is None or len(possible_bands(m.value, bands)) < 2:
-        return _measurement_fields(m, c.ruleset.texts)
-    return _with_note(_measurement_fields(m, c.ruleset.texts), m, f"could be {_bands_label(m.value, bands)}")
+        return _measurement_fields(m, texts)
+    note = texts.could_be.format(bands=_bands_label(m.value, bands))
+    return _with_note(_measurement_fields(m, texts), m, note, texts)
 
 
 def _calcium_fields(c: FieldContext) -> SimpleNamespace:
@@ -130,13 +153,17 @@ def _calcium_fields(c: FieldContext) -> SimpleNamespace:
     # Total, albumin-corrected and ionized calcium are different measurements: the card names which.
     calcium.shown = f"{m.kind} {m.shown}" if m.kind else m.shown
     texts = c.ruleset.texts
+    calcium.brief = texts.brief.format(shown=calcium.shown, date=calcium.date)
+    calcium.line = texts.line.format(
+        shown=calcium.shown, date=calcium.date, stale=calcium.stale, notes=calcium.notes
+    )
     calcium.limit = describe_limit(m, lab, texts.lab_limit, texts.default_limit)
     grade = c.values.get("calcium.grade")
     labels = {g.id: g.label for g in lab.grades}
     if grade in labels:
-        calcium.grade = f" Severity: {labels[str(grade)]}, Minisola 2015."
+        calcium.grade = texts.grade.format(label=labels[str(grade)])
     elif grade == "ungraded":
-        calcium.grade = f" Severity: not graded for {m.kind} calcium."
+        calcium.grade = texts.ungraded.format(kind=m.kind)
     return calcium
 
 
@@ -149,29 +176,31 @@ def _evidence_fields(c: FieldContext) -> SimpleNamespace:
     return SimpleNamespace(**groups, pregnancy=pregnancy)
 
 
+def skipped_checks(facts: Facts, texts: Texts) -> list[str]:
+    """The checks not made for want of data: a lab without a usable result, and each prefetch key that
+    could not be had in full (texts.toml [skipped], one text once)."""
+    labs = [name for name in ("vitd", "egfr", "calcium") if getattr(facts, name) is None]
+    keys = [k for k in (*labs, *facts.missing_keys) if k in texts.skipped]
+    return list(dict.fromkeys(texts.skipped[k] for k in keys))
+
+
 def _data_fields(c: FieldContext) -> SimpleNamespace:
     facts, texts = c.facts, c.ruleset.texts
-    # The readers name each record by its id, which a clinician cannot use: the card names its kind instead.
-    problems = [
-        REFERENCE.sub(lambda r: record_kind(r.group(0), texts), p) for p in (*facts.missing, *facts.issues)
-    ]
-    issues = "; ".join(problems) if problems else c.ruleset.texts.none
-    paragraphs = [f"Not used: {issues}."] if problems else []
-    if facts.copies:
-        paragraphs.append(
-            f"Two different copies of the same record were sent "
-            f"({', '.join(sorted({record_kind(r, c.ruleset.texts) for r in facts.copies}))}): "
-            "cautions from either are kept."
-        )
+    problems = [*facts.missing, *facts.issues]
+    paragraphs = [texts.data_not_used.format(problems="; ".join(problems))] if problems else []
+    if facts.copy_names:
+        paragraphs.append(texts.data_copies.format(records=", ".join(facts.copy_names)))
     if facts.unknown_medications:
         unknown = "; ".join(
-            f"{m.name or 'a medication without a name'} ({record_kind(m.source, texts)}: {m.reason})"
+            texts.unknown_medication.format(
+                name=m.name or texts.unnamed_medication, where=record_kind(m.source, texts), reason=m.reason
+            )
             for m in facts.unknown_medications
         )
-        paragraphs.append(
-            f"Medications of unknown kind: {unknown}. Vitamin K2 is not suggested while one is on record: "
-            "a vitamin K antagonist cannot be ruled out."
-        )
+        paragraphs.append(texts.data_unknown.format(medications=unknown))
+    if paragraphs and (checks := skipped_checks(facts, texts)):
+        paragraphs.append(texts.data_skipped.format(checks="; ".join(checks)))
+    issues = "; ".join(problems) if problems else texts.none
     return SimpleNamespace(issues=issues, text="\n\n".join(paragraphs))
 
 

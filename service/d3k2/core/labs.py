@@ -165,7 +165,7 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
             and kind is not int
             and (isinstance(raw, bool) or not isinstance(raw, int | float))
         ):
-            raise Unreadable("valueQuantity.value is not a number")
+            raise Unreadable("value_not_number")
         comparator = quantity.get("comparator")
         if comparator is not None:
             comparator = nonempty_str(comparator)
@@ -173,30 +173,30 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
         if not (isinstance(unit, str) and unit):
             unit = nonempty_str(quantity.get("unit"))
         if unit is None:
-            raise Unreadable("valueQuantity has no unit")
+            raise Unreadable("no_unit")
         if unit not in lab.units and nonempty_str(quantity.get("unit")) in lab.units:
             unit = str(quantity["unit"])
         value = float(raw)
     elif isinstance(resource.get("valueString"), str):
         match = _COMPARATOR_STRING.match(resource["valueString"])
         if not match:
-            raise Unreadable("valueString is not a number")
+            raise Unreadable("value_not_number")
         comparator = match.group(1)
         number = match.group(2)
         # "12,5" is a decimal comma, but "1,220" is 1.22 in one country and 1,220 in another: a thousand
         # times apart, either side of every threshold. Never guessed; not used, and named.
         if _THOUSANDS.match(number):
-            raise Unreadable("valueString number is ambiguous (a comma before three digits)")
+            raise Unreadable("ambiguous_number")
         value = float(number.replace(",", "."))
         unit = (match.group(3) or "").strip() or lab.default_unit_by_code.get(code)
         if unit is None:
-            raise Unreadable("valueString has no unit")
+            raise Unreadable("no_unit")
     else:
-        raise Unreadable("no valueQuantity or valueString")
+        raise Unreadable("no_value")
     if comparator is not None and comparator not in ("<", "<=", ">", ">=", "="):
-        raise Unreadable(f"comparator {comparator!r} not understood")
+        raise Unreadable("comparator_unknown", repr(comparator))
     if unit not in lab.units:
-        raise Unreadable(f"unit {unit!r} not understood for {lab.label}")
+        raise Unreadable("unit_unknown", repr(unit))
     return value, comparator, unit
 
 
@@ -435,11 +435,12 @@ def _upper_bound(
     """A value a coefficient > 1 raised: the true value is at most it. Used only when certainly below
     `upper_bound_below`; named on the data card either way."""
     value, reported = _quantity(bound[6], bound[4].lab, bound[4].code)
-    named = f"{lab.label} of {bound[2].isoformat()} ({reported})"
+    notes_ = config.notes
+    named = f"{notes_['dated'].format(what=lab.label, date=bound[2].isoformat())} ({reported})"
     if lab.upper_bound_below is None or value.lt(lab.upper_bound_below) is not True:
-        issues.append(f"{named}: {config.notes['upper_bound_unused']}")
+        issues.append(notes_["not_used"].format(what=named, reason=notes_["upper_bound_unused"]))
         return None
-    issues.append(f"{named} as an estimate: {config.notes['upper_bound_used']}")
+    issues.append(f"{notes_['estimate'].format(what=named)}: {notes_['upper_bound_used']}")
     measured = _measurement(bound, lab, config, today, (config.notes["upper_bound_used"], *notes))
     return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open), converted=True)
 

@@ -181,21 +181,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             request_current=tuple(data["medications"]["request_current"]),
             statement_unknown=tuple(data["medications"]["statement_unknown"]),
             request_unknown=tuple(data["medications"]["request_unknown"]),
-            notes={
-                key: str(data["notes"][key])
-                for key in (
-                    "preliminary",
-                    "d3_only",
-                    "d3_plus_d2",
-                    "legacy_equation",
-                    "same_specimen_lowest",
-                    "conflicting_copies",
-                    "upper_bound_used",
-                    "upper_bound_unused",
-                    "pregnancy_stale",
-                    "pregnancy_superseded",
-                )
-            },
+            notes={},  # texts.toml [notes], set by load_ruleset
             age=_age_config(data["age"]),
             future_days=int(data["observation"]["future_days"]),
             pregnancy_days=int(data["pregnancy"]["max_age_days"]),
@@ -331,6 +317,12 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
         categories=frozenset(catalog.categories()),
     )
     services = _services(services_doc, terminology, cards / "services.toml", problems)
+    facts = replace(facts, notes=texts.notes)
+    for key in sorted(set(services_doc.prefetch) ^ set(texts.skipped)):
+        problem = (
+            "missing" if key in services_doc.prefetch else "unknown key: not a prefetch key of services.toml"
+        )
+        problems.add(cards / "texts.toml", f"skipped.{key}", problem)
     _check_evidence_fields(cards, facts, vocabulary, problems)
     for key, spec in services_doc.prefetch.items():
         declared = vocabulary.facts.get(spec.unknown) if spec.unknown is not None else None

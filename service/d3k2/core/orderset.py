@@ -99,10 +99,16 @@ def set_values(
     }
 
 
+def _weekly_lead(ingredient: IngredientDose) -> str | None:
+    """A weekly dose's own lead ("50,000 IU/week"): weekly doses stay weekly (CLINICAL.md 6a)."""
+    lead = ingredient.arithmetic.split(":", 1)[0]
+    return lead if lead.endswith("/week") else None
+
+
 def combined_text(the_set: OrderSet, unknown: str) -> str:
     """The combined daily vitamin D dose with each part: "7,000 IU/day in all: A 5,000 IU/day + B …"."""
     parts = [
-        f"{_name(d, i)} ({format_number(i.daily)} IU/day)"
+        f"{_name(d, i)} ({_weekly_lead(i) or format_number(i.daily) + ' IU/day'})"
         if i.daily is not None
         else f"{_name(d, i)} ({unknown})"
         for d, i in the_set.vitamin_d
@@ -139,11 +145,12 @@ def draft_fields(
     draft: DraftOrder, ingredient: IngredientDose, texts: Texts, the_set: OrderSet
 ) -> SimpleNamespace:
     """The {draft.*} template fields of one ingredient of one draft order, with the set it is judged in."""
-    daily = (
-        texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
-        if ingredient.daily is not None and ingredient.unit
-        else texts.unknown_dose
-    )
+    daily = texts.unknown_dose
+    if ingredient.daily is not None and ingredient.unit:
+        daily = texts.daily_dose.format(amount=format_number(ingredient.daily), unit=ingredient.unit)
+    # A weekly dose stays weekly ("50,000 IU weekly", not "7,142.9 IU/day"): its arithmetic leads with it.
+    if ingredient.weekly is not None and _weekly_lead(ingredient):
+        daily = texts.weekly_dose.format(amount=format_number(ingredient.weekly), unit=ingredient.unit)
     return SimpleNamespace(
         name=_name(draft, ingredient),
         arithmetic=ingredient.arithmetic,

@@ -14,7 +14,13 @@ _LOINC_SPELLINGS = spellings(LOINC)
 
 
 class Unreadable(Exception):
-    """One resource (or one field the rules need) cannot be read; the message names no patient data."""
+    """One resource (or one field the rules need) cannot be read: `key` names why (a texts.toml [notes]
+    key), `detail` what was not understood (a unit, a comparator); never patient data."""
+
+    def __init__(self, key: str, detail: str = "") -> None:
+        super().__init__(f"{key}: {detail}" if detail else key)
+        self.key = key
+        self.detail = detail
 
 
 def nonempty_str(value: object) -> str | None:

@@ -132,10 +132,12 @@ class RecordReader:
                 return
             if code in self.config.pregnant_answers:
                 when = observation_date(resource)
-                if self._current_pregnancy(when, "pregnancy status 'pregnant'"):
-                    self.pregnancy.append(
-                        Evidence("pregnancy", "pregnancy status: pregnant", ref_of(resource), when)
+                notes = self.config.notes
+                if self._current_pregnancy(when, notes["pregnancy_status"]):
+                    evidence = Evidence(
+                        "pregnancy", notes["pregnancy_status_evidence"], ref_of(resource), when
                     )
+                    self.pregnancy.append(evidence)
                 return
 
     def current_pregnancy(self) -> list[Evidence]:
@@ -164,13 +166,13 @@ class RecordReader:
         concepts = self.terminology.concepts_of(resource.get("code"))
         if not concepts:
             return
-        text = codeable_text(resource["code"]) or "condition"
+        text = codeable_text(resource["code"]) or self.config.notes["condition_unnamed"]
         when = parse_date(resource.get("onsetDateTime")) or parse_date(resource.get("recordedDate"))
         for fact, valuesets in self.config.condition_facts.items():
             if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, ref_of(resource), when))
         if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(
-            when, f"condition '{text}'"
+            when, self.config.notes["condition_named"].format(text=text)
         ):
             self.pregnancy.append(Evidence("pregnancy", text, ref_of(resource), when))
 
@@ -193,7 +195,9 @@ class RecordReader:
             if not found:
                 display = reference.get("display") if isinstance(reference, Mapping) else None
                 name = display if isinstance(display, str) else ""
-                self.unknown.append(UnknownMedication(name, "medication not found", ref_of(resource)))
+                self.unknown.append(
+                    UnknownMedication(name, self.config.notes["medication_not_found"], ref_of(resource))
+                )
                 if not name:
                     return
                 # The display is still a name to match (a labelled guess): a warfarin stays a warfarin.
@@ -204,13 +208,16 @@ class RecordReader:
             codeables = [codeable]
         if not unknown_status and not any(_named(one) for one in codeables):
             # An empty concept or a Medication without code: it could be anything, a warfarin included.
-            self.unknown.append(UnknownMedication("", "medication has no code or name", ref_of(resource)))
+            reason = self.config.notes["medication_no_code"]
+            self.unknown.append(UnknownMedication("", reason, ref_of(resource)))
             return
         if unknown_status:
             named = sorted({name for one in codeables for _c, name, _m in self.classify(one)})
             texts = [medication_text(one) for one in codeables]
             name = ", ".join(named) or next((t for t in texts if t), "")
-            self.unknown.append(UnknownMedication(name, "status unknown", ref_of(resource)))
+            self.unknown.append(
+                UnknownMedication(name, self.config.notes["status_unknown"], ref_of(resource))
+            )
             return
         for one in codeables:
             for category, name, matched_by in self.classify(one):
@@ -227,7 +234,7 @@ class RecordReader:
         dose = next((d for d in found if d.concept == fact.category and d.name == fact.name), None)
         product = medication_text(codeable) or fact.name
         if dose is None:
-            return replace(fact, product=product, dose="dose unknown: not read")
+            return replace(fact, product=product, dose=self.config.notes["dose_not_read"])
         return replace(fact, product=product, daily=dose.daily, dose=dose.arithmetic)
 
     def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:

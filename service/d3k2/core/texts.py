@@ -23,6 +23,7 @@ class Texts:
     no_date: str  # ... and its date
     stale: str  # after a stale measurement's date; {days}
     daily_dose: str  # a draft's daily dose; {amount} {unit}
+    weekly_dose: str  # ... a weekly one; {amount} {unit}
     unknown_dose: str
     lab_limit: str  # where the calcium upper limit came from: the lab's range
     default_limit: str  # ... or the default
@@ -32,6 +33,28 @@ class Texts:
     evidence_dated: str  # a condition or observation on record with its date; {text} {date}
     from_statement: str  # where a medication is on record: a MedicationStatement
     from_request: str  # ... a MedicationRequest
+    line: str  # {egfr.line}, {calcium.line}: a measurement in one phrase; {shown} {date} {stale} {notes}
+    line_none: str  # ... when there is none
+    brief: str  # {*.brief}: the same for a summary; {shown} {date}
+    brief_none: str
+    vitd_no_band: str  # {vitd.band} when there is no result
+    above_range: str  # why a band is not certain: the lab reported a bound (">100"), not a number
+    below_range: str
+    could_be: str  # an eGFR that straddles bands; {bands}
+    grade: str  # {calcium.grade}; {label} of the hypercalcemia grade
+    ungraded: str  # ... a kind of calcium the grades are not for; {kind}
+    current_unknown: str  # {current_d.daily} of several products, one dose unknown; {doses}
+    current_total: str  # ... all known; {total} {doses}
+    data_not_used: str  # the data card: what was not used; {problems}
+    data_copies: str  # ... records sent as different copies; {records}
+    data_unknown: str  # ... medications of unknown kind; {medications}
+    unknown_medication: str  # one of them; {name} {where} {reason}
+    unnamed_medication: str  # ... without a name
+    data_skipped: str  # ... the checks not made; {checks}
+    # Words for data problems the fact readers name on the data card ([notes]).
+    notes: Mapping[str, str]
+    # A prefetch key (services.toml) → the check not made without it ([skipped]); checked by the loader.
+    skipped: Mapping[str, str]
     # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
     units: Mapping[str, str]
 
@@ -43,6 +66,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "no_date": frozenset(),
     "stale": frozenset({"days"}),
     "daily_dose": frozenset({"amount", "unit"}),
+    "weekly_dose": frozenset({"amount", "unit"}),
     "unknown_dose": frozenset(),
     "lab_limit": frozenset(),
     "default_limit": frozenset({"kind"}),
@@ -52,6 +76,67 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "evidence_dated": frozenset({"text", "date"}),
     "from_statement": frozenset(),
     "from_request": frozenset(),
+    "line": frozenset({"shown", "date", "stale", "notes"}),
+    "line_none": frozenset(),
+    "brief": frozenset({"shown", "date"}),
+    "brief_none": frozenset(),
+    "vitd_no_band": frozenset(),
+    "above_range": frozenset(),
+    "below_range": frozenset(),
+    "could_be": frozenset({"bands"}),
+    "grade": frozenset({"label"}),
+    "ungraded": frozenset({"kind"}),
+    "current_unknown": frozenset({"doses"}),
+    "current_total": frozenset({"total", "doses"}),
+    "data_not_used": frozenset({"problems"}),
+    "data_copies": frozenset({"records"}),
+    "data_unknown": frozenset({"medications"}),
+    "unknown_medication": frozenset({"name", "where", "reason"}),
+    "unnamed_medication": frozenset(),
+    "data_skipped": frozenset({"checks"}),
+}
+
+# [notes] key → its placeholders: what the fact readers say about a value or a record they did not use.
+NOTES: dict[str, frozenset[str]] = {
+    "preliminary": frozenset(),
+    "d3_only": frozenset(),
+    "d3_plus_d2": frozenset(),
+    "legacy_equation": frozenset(),
+    "same_specimen_lowest": frozenset(),
+    "conflicting_copies": frozenset(),
+    "upper_bound_used": frozenset(),
+    "upper_bound_unused": frozenset(),
+    "pregnancy_stale": frozenset({"what", "date", "days"}),
+    "pregnancy_superseded": frozenset({"date", "newer"}),
+    "pregnancy_status": frozenset(),
+    "pregnancy_status_evidence": frozenset(),
+    "condition_named": frozenset({"text"}),
+    "condition_unnamed": frozenset(),
+    "dated": frozenset({"what", "date"}),
+    "condition_dated": frozenset({"what", "date"}),
+    "estimate": frozenset({"what"}),
+    "future": frozenset({"what"}),
+    "implausible": frozenset({"what", "shown", "reason"}),
+    "not_used": frozenset({"what", "reason"}),
+    "undated_result": frozenset({"lab"}),
+    "record_observation": frozenset(),
+    "record_condition": frozenset(),
+    "record_medicationstatement": frozenset(),
+    "record_medicationrequest": frozenset(),
+    "record_patient": frozenset(),
+    "record_other": frozenset(),
+    "no_date": frozenset(),
+    "unreadable": frozenset(),
+    "value_not_number": frozenset(),
+    "no_unit": frozenset(),
+    "ambiguous_number": frozenset(),
+    "no_value": frozenset(),
+    "comparator_unknown": frozenset({"detail"}),
+    "unit_unknown": frozenset({"detail"}),
+    "medication_not_found": frozenset(),
+    "medication_no_code": frozenset(),
+    "status_unknown": frozenset(),
+    "dose_not_read": frozenset(),
 }
 
 
@@ -91,11 +176,17 @@ def load_texts(path: Path) -> Texts:
         raise RuleSetError(f"{path.name}: file missing", file=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
-    _table(doc, path, "", {"cards", "units"})
+    _table(doc, path, "", {"cards", "notes", "skipped", "units"})
     cards = _table(doc["cards"], path, "cards", set(PLACEHOLDERS))
+    notes_table = _table(doc["notes"], path, "notes", set(NOTES))
+    notes = {key: _text(notes_table[key], path, f"notes.{key}", wanted) for key, wanted in NOTES.items()}
+    skipped = {
+        str(key): _text(text, path, f"skipped.{key}", frozenset())
+        for key, text in _table(doc["skipped"], path, "skipped").items()
+    }
     units = {
         str(code): _text(word, path, f"units.{code}", frozenset())
         for code, word in _table(doc["units"], path, "units").items()
     }
     texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in PLACEHOLDERS.items()}
-    return Texts(**texts, units=units)
+    return Texts(**texts, notes=notes, skipped=skipped, units=units)

@@ -3,8 +3,6 @@ medication list, a prescription), never a FHIR id (pure)."""
 
 from __future__ import annotations
 
-import re
-
 from d3k2.core.facts import Facts
 from d3k2.core.record import Evidence
 from d3k2.core.texts import Texts
@@ -25,9 +23,6 @@ def evidence_text(items: list[Evidence], texts: Texts) -> str:
 
 def evidence_of(facts: Facts, texts: Texts, *concepts: str) -> str:
     return evidence_text([e for c in concepts for e in facts.conditions.get(c, ())], texts)
-
-
-REFERENCE = re.compile(r"\b(?:[A-Z][a-z]+)+/[A-Za-z0-9\-.]+")
 
 
 def record_kind(reference: str, texts: Texts) -> str:

@@ -41,6 +41,7 @@ class Resolved:
     resources: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # "<label> (<reason>)" for the card
     incomplete: list[str] = field(default_factory=list)  # labels of required keys without data
+    missing_keys: list[str] = field(default_factory=list)  # the keys `missing` names, in its order
     unknown: list[str] = field(default_factory=list)  # `PrefetchKey.unknown` facts of keys not had in full
     issues: list[str] = field(default_factory=list)
     fetched: dict[str, str] = field(default_factory=dict)  # key → "ok" or the error
@@ -195,6 +196,7 @@ def resolve(
             unobtainable[key] = reason
         else:
             result.missing.append(f"{spec.label} ({reason}; no FHIR server to ask)")
+            result.missing_keys.append(key)
     if to_fetch and fetcher is not None and request.fhirServer:
         token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
         outcomes = fetcher.fetch_many(request.fhirServer, to_fetch, token)
@@ -217,12 +219,13 @@ def resolve(
                 result.resources.extend(arrived)
                 reason += "; the part that arrived was used"
             result.missing.append(f"{spec.label} (could not be fetched: {reason})")
+            result.missing_keys.append(key)
             if spec.unknown is not None:
                 result.unknown.append(spec.unknown)
             if spec.required:
                 result.incomplete.append(spec.label)
     if unobtainable:
-        if not any(r.get("resourceType") in _READ_BY_RULES for r in result.resources):
+        if not any(_read_by_rules(r) for r in result.resources):
             raise PrefetchUnavailable(
                 "prefetch data the rules need was not sent and cannot be fetched"
                 " (no fhirServer in the request)",
@@ -230,6 +233,7 @@ def resolve(
             )
         for key, reason in unobtainable.items():
             result.missing.append(f"{keys[key].label} ({reason}; no FHIR server to ask)")
+            result.missing_keys.append(key)
             result.incomplete.append(keys[key].label)
     return result
 
@@ -267,3 +271,9 @@ def fetch_medications(resolved: Resolved, request: CdsRequest, fetcher: Fetcher 
         if outcome.error is None and outcome.resource is not None:
             resolved.resources.append(outcome.resource)
         resolved.fetched[refs[key]] = outcome.error or "ok"
+
+
+def _read_by_rules(resource: Mapping[str, Any]) -> bool:
+    """True when a rule reads this type of resource; a `resourceType` that is no string names none."""
+    kind = resource.get("resourceType")
+    return isinstance(kind, str) and kind in _READ_BY_RULES

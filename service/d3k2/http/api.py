@@ -91,6 +91,7 @@ def post_service(service_id: str) -> Response:
         today=_today(request.headers.get(TODAY_HEADER), rt.settings),
         profile=rt.profile,
         fetcher=InstrumentedFetcher(rt.fetcher, metrics),
+        card_key=store.card_key,
     )
     cards = outcome.response["cards"]
     # Said on the request's own log line (d3k2.http.logs), not on a second one.

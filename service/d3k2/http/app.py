@@ -46,7 +46,7 @@ def create_app(
         app.register_blueprint(preview_blueprint)
     metrics = Metrics()
     per_request = init_metrics(app, metrics, list(ruleset.services))
-    app.extensions["d3k2.store"] = opened = _open_store(store or FeedbackStore(settings.database))
+    app.extensions["d3k2.store"] = opened = _open_store(store or _new_store(settings))
     opened.served.listener = metrics.served_listener()
     app.extensions["d3k2.http.auth"] = authenticator
 
@@ -113,6 +113,11 @@ def error_answer(exc: BaseException, max_body_bytes: int) -> tuple[int, dict[str
 
 def _error(code: str, detail: str) -> dict[str, Any]:
     return {"error": code, "detail": detail}
+
+
+def _new_store(settings: Settings) -> FeedbackStore:
+    key = settings.card_key.encode() if settings.card_key else None
+    return FeedbackStore(settings.database, card_key=key)
 
 
 def _open_store(store: FeedbackStore) -> FeedbackStore:

@@ -13,6 +13,8 @@ not written yet is stored without a rule; the report takes the rule from ``cards
 from __future__ import annotations
 
 import hashlib
+import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +30,8 @@ from sqlalchemy.engine import Connection
 
 from d3k2.core.errors import BadRequest, D3K2Error
 from d3k2.core.hooks import FeedbackItem
-from d3k2.store.report import Report, query_report
+from d3k2.store.keys import card_key
+from d3k2.store.report import Names, Report, query_report
 from d3k2.store.schema import (
     MAX_CARD_UUID,
     StoreUnavailable,
@@ -41,6 +44,8 @@ from d3k2.store.schema import (
     utcnow,
 )
 from d3k2.store.served import ServedWriter, served_rows
+
+log = logging.getLogger("d3k2.store")
 
 
 def _parse_time(raw: str | None) -> datetime | None:
@@ -114,7 +119,8 @@ class FeedbackStore:
 
     ``served_options`` go to the cards-served writer (``ServedWriter``: batch_rows, interval, capacity,
     max_attempts, backoff, ...); ``flush_timeout`` bounds how long feedback and the report wait for a
-    batch that the writer is writing."""
+    batch that the writer is writing. ``card_key`` (D3K2_CARD_KEY) keys the card uuids; None: the key
+    stored in the database (d3k2.store.keys), read when the schema is migrated."""
 
     def __init__(
         self,
@@ -124,8 +130,11 @@ class FeedbackStore:
         pause_after_failure: float = 10.0,
         flush_timeout: float = 2.0,
         served_options: Mapping[str, Any] | None = None,
+        card_key: bytes | None = None,
     ) -> None:
         self.url = database_url(url)
+        self._card_key = card_key
+        self._stand_in_key: bytes | None = None
         self.engine = open_engine(self.url)
         self._clock = clock
         self._pause_after_failure = pause_after_failure
@@ -145,6 +154,19 @@ class FeedbackStore:
             return None
         return Path(self.url.database)
 
+    @property
+    def card_key(self) -> bytes:
+        """The deployment's key for card uuids (a hook answer's path: never a database call). Until the
+        database has been reached, a random key of this process's own: its cards' uuids then differ from
+        other instances' (the report counts such a card once per process), and it says so once."""
+        key = self._card_key
+        if key is not None:
+            return key
+        if self._stand_in_key is None:
+            self._stand_in_key = secrets.token_bytes(32)
+            log.warning("card uuid key not read from the feedback database yet: this process uses its own")
+        return self._stand_in_key
+
     def close(self) -> None:
         """Write the cards served still queued, stop the writer, close the connections."""
         self.served.close()
@@ -158,6 +180,8 @@ class FeedbackStore:
         """Upgrade the schema to the newest migration (a no-op when it is there already)."""
         with self._lock, transaction(self.engine) as connection:
             upgrade(connection)
+            if self._card_key is None:
+                self._card_key = card_key(connection)
             self._schema_ready = True
 
     def ensure_schema(self) -> None:
@@ -234,9 +258,9 @@ class FeedbackStore:
             return on_sqlite.returning(feedback.c.id)
         raise D3K2Error(f"unsupported database {connection.dialect.name!r}: use SQLite or PostgreSQL")
 
-    def report(self, since: datetime | None = None) -> Report:
+    def report(self, since: datetime | None = None, names: Names | None = None) -> Report:
         """The governance report (d3k2.store.report.query_report), with this process's queue written."""
         self.ensure_schema()
         self.flush()
         with transaction(self.engine) as connection:
-            return query_report(connection, since)
+            return query_report(connection, since, names)

@@ -109,6 +109,12 @@ feedback = Table(
     Column("outcome_at", UtcDateTime()),
     Column("received_at", UtcDateTime(), nullable=False),
 )
+deployment_keys = Table(
+    "deployment_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(128), nullable=False),
+)
 
 
 def utcnow() -> datetime:

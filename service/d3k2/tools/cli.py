@@ -476,24 +476,15 @@ def feedback() -> None:
 @click.option(
     "--since", callback=_date_option, help="Only cards served and feedback received from this day on (UTC)."
 )
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def feedback_report(since: date | None, fmt: str) -> None:
-    """Per rule: cards shown, accepted, overridden, and the top override reasons."""
-    from d3k2.store.feedback import FeedbackStore
-    from d3k2.store.schema import database_url
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text", show_default=True
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+def feedback_report(since: date | None, fmt: str, output: Path | None) -> None:
+    """Per rule: cards shown, accepted, overridden, top override reasons, trend by week (html: one page)."""
+    from d3k2.tools.governance import write_report
 
-    settings = _settings()
-    url = database_url(settings.database)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        raise click.ClickException(f"no feedback database at {url.database} (set D3K2_DATA_DIR)")
-    store = FeedbackStore(settings.database)
-    try:
-        result = store.report(datetime.combine(since, datetime.min.time(), UTC) if since else None)
-    except D3K2Error as exc:
-        raise click.ClickException(exc.detail) from exc
-    finally:
-        store.close()
-    click.echo(json.dumps(result.to_json(), indent=2) if fmt == "json" else result.to_text())
+    write_report(_settings(), since, fmt, output)
 
 
 @feedback.command("migrate")
