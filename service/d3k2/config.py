@@ -58,6 +58,17 @@ class Settings:
     preview: bool | None = None  # the card preview page; None: on in dev only
     # Keys the card uuids (d3k2.core.cards.card_uuid); None: a key kept in the feedback database.
     card_key: str | None = field(default=None, repr=False)
+    # The "Why this card?" SMART app (d3k2.http.smart): its base URL as the EHR reaches it (the launch URL
+    # is <base>/launch), an explicit off switch, the client_id registered with the EHR's authorization
+    # server, the FHIR server of a standalone launch, and the secret its session cookies are sealed with.
+    smart_app_url: str | None = None
+    smart: bool | None = None  # None: on when smart_app_url is set
+    smart_client_id: str = "d3k2"
+    smart_iss: str | None = None
+    smart_secret: str | None = None  # None: a random key per process (one process only)
+    smart_frame_ancestors: str | None = (
+        None  # CSP frame-ancestors of the app (the EHR's origins); None: 'none'
+    )
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -71,6 +82,15 @@ class Settings:
     @property
     def preview_enabled(self) -> bool:
         return self.preview if self.preview is not None else self.env == "dev"
+
+    @property
+    def smart_enabled(self) -> bool:
+        return self.smart_app_url is not None and self.smart is not False
+
+    @property
+    def smart_launch_url(self) -> str | None:
+        """What cards link to (type "smart"); None when the app is off."""
+        return f"{self.smart_app_url}/launch" if self.smart_enabled else None
 
     @property
     def jti_path(self) -> Path:
@@ -150,8 +170,15 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         preview=_preview(env),
         trust_host_header=_flag(env, "D3K2_TRUST_HOST_HEADER"),
         card_key=_card_key(env),
+        smart_app_url=_url(env, "D3K2_SMART_APP_URL"),
+        smart=_on_off(env, "D3K2_SMART"),
+        smart_client_id=env.get("D3K2_SMART_CLIENT_ID") or base.smart_client_id,
+        smart_iss=_url(env, "D3K2_SMART_ISS"),
+        smart_secret=env.get("D3K2_SMART_SECRET") or None,
+        smart_frame_ancestors=_frame_ancestors(env),
     )
     check_audience(settings)
+    check_smart(settings)
     return settings
 
 
@@ -176,6 +203,46 @@ def _card_key(env: Mapping[str, str]) -> str | None:
             f"D3K2_CARD_KEY must be at least {CARD_KEY_MIN} characters (e.g. openssl rand -hex 32)"
         )
     return raw
+
+
+def check_smart(settings: Settings) -> None:
+    """The SMART app needs its URL when switched on, and in production a secret shared by every worker."""
+    if settings.smart is True and settings.smart_app_url is None:
+        raise ConfigError("D3K2_SMART=on requires D3K2_SMART_APP_URL (the app's base URL, e.g. .../smart)")
+    if settings.smart_enabled and settings.env == "production" and not settings.smart_secret:
+        raise ConfigError(
+            "the SMART app in production requires D3K2_SMART_SECRET (the same in every worker: it seals the "
+            "app's session cookies)"
+        )
+
+
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.startswith(("http://", "https://")) or "?" in raw or "#" in raw:
+        raise ConfigError(f"{name} must be an http(s) URL without query, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _frame_ancestors(env: Mapping[str, str]) -> str | None:
+    raw = " ".join(env.get("D3K2_SMART_FRAME_ANCESTORS", "").replace(",", " ").split())
+    if not raw:
+        return None
+    if any(
+        not part.startswith(("https://", "http://")) or ";" in part or "'" in part for part in raw.split()
+    ):
+        raise ConfigError(f"D3K2_SMART_FRAME_ANCESTORS must list http(s) origins, got {raw!r}")
+    return raw
+
+
+def _on_off(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw not in ("on", "off"):
+        raise ConfigError(f"{name} must be on or off, got {raw!r}")
+    return raw == "on"
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -110,6 +110,7 @@ def call_service(
     adjust: Adjust | None = None,
     trace: bool = False,
     card_key: bytes = OFFLINE_CARD_KEY,
+    smart_url: str | None = None,
 ) -> Outcome:
     """``card_key`` keys the card uuids (d3k2.core.cards.card_uuid): the HTTP service passes its
     deployment's secret; offline tools (replay, explain, the preview) keep the public default."""
@@ -124,6 +125,11 @@ def call_service(
     drafts = drafts_of(ruleset, request)
     evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile, drafts=drafts, trace=trace)
     cards = build_cards(
-        ruleset, evaluation, hook=request.hook, patient_id=request.context.patientId, card_key=card_key
+        ruleset,
+        evaluation,
+        hook=request.hook,
+        patient_id=request.context.patientId,
+        card_key=card_key,
+        smart_url=smart_url,
     )
     return Outcome(request, {"cards": cards, "systemActions": []}, evaluation, resolved, drafts)

@@ -78,7 +78,9 @@ def test_sandbox_patient_view_answers_cards(client) -> None:
     assert response.status_code == 200
     body = response.get_json()
     assert set(body) == {"cards", "systemActions"}
-    assert {"vka-k2", "kidney-advanced", "granulomatous"} <= set(topics(body))
+    assert {"kidney-advanced", "granulomatous"} <= set(topics(body))
+    # Kidney disease and sarcoidosis keep K2 off whatever else is found: no warfarin/K2 card (CLINICAL.md 6a).
+    assert "vka-k2" not in topics(body)
     assert response.headers["Cache-Control"] == "no-store"
 
 
@@ -412,6 +414,10 @@ def test_medication_reference_is_read_from_the_fhir_server(client, fhir_server: 
     )
     body = sandbox("patient-view.request.json")
     body["fhirServer"] = fhir_server.base_url
+    # Without the sandbox patient's kidney disease and sarcoidosis K2 would be suggested (25(OH)D 18 ng/mL),
+    # so the warfarin/K2 card shows when the referenced Medication is read as warfarin.
+    empty = {"resourceType": "Bundle", "type": "searchset"}
+    body["prefetch"]["egfr"] = body["prefetch"]["conditions"] = empty
     body["prefetch"]["medstatements"] = {
         "resourceType": "Bundle",
         "type": "searchset",

@@ -233,7 +233,9 @@ def test_explain_a_fixture_request_matches_its_golden(client) -> None:
     assert report["response"] == expected["response"]
     assert report["facts"]["vitd"]["source"] == "Observation/d3k2-vitd-1"
     verdicts = {r["rule"]: r["verdict"] for r in report["rules"]}
-    assert verdicts["vka-k2"] == "fired"
+    assert verdicts["kidney-advanced"] == "fired"
+    # Kidney disease and sarcoidosis keep K2 off: warfarin alone gives no warfarin/K2 card (CLINICAL.md 6a).
+    assert verdicts["vka-k2"] == "silent"
     assert verdicts["vitd-deficient"] == "silent"
 
 

@@ -73,12 +73,14 @@ def test_explain_shows_facts_with_sources_fired_and_silent_rules_and_cards(bundl
         for line in rules_table.splitlines()
         if line.startswith("│") and line.split("│")[2].strip()
     }
-    assert rows["vka-k2"] == "FIRED"
     assert rows["granulomatous"] == "FIRED"
     assert rows["vitd-toxicity"] == "silent"
+    # Warfarin, but kidney disease and sarcoidosis keep K2 off: no warfarin/K2 card (CLINICAL.md 6a).
+    assert rows["vka-k2"] == "silent"
     assert "k2.active eq False: False → true" in text
     assert "Cards" in text
-    assert "On warfarin: no vitamin K2 supplement" in text
+    assert "Granulomatous disease on record" in text
+    assert "On warfarin: no vitamin K2 supplement" not in text
 
 
 def test_json_report(bundle_file: Path) -> None:
@@ -90,7 +92,7 @@ def test_json_report(bundle_file: Path) -> None:
     assert data["facts"]["conditions"]["sarcoidosis"][0]["source"] == "Condition/d3k2-sarcoid-1"
     assert verdicts(data)["kidney-advanced"] == "fired"
     assert verdicts(data)["vitd-deficient"] == "silent"
-    assert {c["topic"] for c in data["cards"]} == {"granulomatous", "kidney-advanced", "vka-k2"}
+    assert {c["topic"] for c in data["cards"]} == {"granulomatous", "kidney-advanced"}
     assert data["response"]["cards"][0]["uuid"] == data["cards"][0]["uuid"]
 
 
@@ -98,6 +100,11 @@ def test_what_if_egfr_and_warfarin(bundle_file: Path) -> None:
     healthier = report(str(bundle_file), "--today", TODAY, "--set", "egfr=60", "--set", "warfarin=off")
     assert verdicts(healthier)["kidney-advanced"] == "silent"
     assert verdicts(healthier)["vka-k2"] == "silent"
+    # K2 on the list beside the warfarin: the INR card; without the warfarin it goes.
+    taking = report(str(bundle_file), "--today", TODAY, "--set", "k2=on")
+    assert verdicts(taking)["vka-k2-taking"] == "fired"
+    stopped = report(str(bundle_file), "--today", TODAY, "--set", "k2=on", "--set", "warfarin=off")
+    assert verdicts(stopped)["vka-k2-taking"] == "silent"
     assert healthier["facts"]["egfr"]["source"] == "Observation/whatif-egfr"
     assert healthier["overrides"][1] == {
         "override": "warfarin=off",

@@ -173,7 +173,7 @@ def golden_cards() -> list[dict[str, Any]]:
     return cards
 
 
-def test_fixture_renders_golden_cards_and_whatif_removes_warfarin_card(preview: Page) -> None:
+def test_fixture_renders_golden_cards_and_whatif_k2_and_warfarin(preview: Page) -> None:
     page = preview.page
     page.select_option("#fixture", FIXTURE)
     preview.wait_for_run()
@@ -182,13 +182,14 @@ def test_fixture_renders_golden_cards_and_whatif_removes_warfarin_card(preview: 
     assert sorted(preview.cards()) == sorted(
         (c["source"]["topic"]["code"], f"card card-{c['indicator']}", c["summary"]) for c in golden
     )
-    source = page.locator('.card[data-topic="vka-k2"] .card-source a')
+    source = page.locator('.card[data-topic="granulomatous"] .card-source a')
     assert source.get_attribute("href") == next(
-        c["source"]["url"] for c in golden if c["source"]["topic"]["code"] == "vka-k2"
+        c["source"]["url"] for c in golden if c["source"]["topic"]["code"] == "granulomatous"
     )
     assert source.get_attribute("rel") == "noopener noreferrer"
     # Markdown: the **bold** of the detail is bold, not asterisks.
-    assert page.text_content('.card[data-topic="vka-k2"] .card-detail strong') == "warfarin"
+    bold = page.text_content('.card[data-topic="granulomatous"] .card-detail strong')
+    assert bold == "Sarcoidosis (2019-03-01)"
     # A suggestion button toggles the resource it would create.
     resource = page.locator('.card[data-topic="granulomatous"] pre.resource')
     assert resource.is_hidden()
@@ -200,16 +201,21 @@ def test_fixture_renders_golden_cards_and_whatif_removes_warfarin_card(preview: 
     fired = page.eval_on_selector_all(
         "#explanation tr.verdict-fired td:nth-child(2)", "cells => cells.map(c => c.textContent)"
     )
-    assert "vka-k2" in fired
+    assert "granulomatous" in fired
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "preview.png"), full_page=True)
 
+    # K2 on the list beside the warfarin gives the INR card; without the warfarin it goes.
+    before = preview.run_number()
+    page.check("#wi-k2-on")
+    preview.wait_for_run(before)
+    assert "vka-k2-taking" in [topic for topic, _classes, _summary in preview.cards()]
     before = preview.run_number()
     page.check("#wi-warfarin-off")
     preview.wait_for_run(before)
     topics = [topic for topic, _classes, _summary in preview.cards()]
-    assert "vka-k2" not in topics
+    assert "vka-k2-taking" not in topics
     assert {"granulomatous", "kidney-advanced"} <= set(topics)
     assert "warfarin=off" in (page.text_content("#explanation") or "")
     page.screenshot(path=str(ARTIFACTS / "preview-whatif.png"), full_page=True)
@@ -316,7 +322,7 @@ def test_hostile_fhir_text_is_shown_literally_never_run(preview: Page, how: str)
     assert injected == 0
     topics = [topic for topic, _c, _s in preview.cards()]
     # Pregnancy beside granulomatous disease: no "as per prenatal care" card beside the one that blocks D3.
-    assert {"granulomatous", "vka-k2"} <= set(topics) and "pregnancy-d3" not in topics
+    assert "granulomatous" in topics and "pregnancy-d3" not in topics
     cards_text = page.text_content("#cards") or ""
     explanation = page.text_content("#explanation") or ""
     assert IMG in cards_text

@@ -192,7 +192,7 @@ def test_a_plain_bundle_builds_a_request_and_gets_a_golden(tmp_path: Path) -> No
     first = run(str(export), "--hook", "patient-view", "--today", TODAY)
     assert first.exit_code == 0, first.output
     assert "no golden file" in first.output
-    assert "vka-k2" in first.output
+    assert "kidney-advanced" in first.output
     assert run(str(export), "--hook", "patient-view", "--today", TODAY, "--update").exit_code == 0
     golden = json.loads((tmp_path / "export.expected.json").read_text(encoding="utf-8"))
     assert golden["patient"] == "d3k2-pt-1"

@@ -16,7 +16,7 @@ from builders import TODAY, fixtures, ruleset
 from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
 from d3k2.core.engine import evaluate
 from d3k2.core.terminology import LOINC
-from d3k2.service import facts_for
+from d3k2.service import call_service, facts_for
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
@@ -166,7 +166,8 @@ def test_current_vitamin_d_gets_no_second_product(profile: str) -> None:
     assert "Cholecalciferol" in card["detail"] and "5,000 IU/day" in card["detail"]
 
 
-FIXTURES = [f for f in fixtures() if f.hook == "patient-view" and f.expected.get("status", 200) == 200]
+# Every hook: order-time replacements must fit the patient too.
+FIXTURES = [f for f in fixtures() if f.expected.get("status", 200) == 200]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.id for f in FIXTURES])
@@ -177,11 +178,23 @@ def test_every_golden_suggestion_fits_the_patient(fixture: Any) -> None:
     if born and len(born) == 10:
         b = date.fromisoformat(born)
         months = (today.year - b.year) * 12 + today.month - b.month - (today.day < b.day)
+    outcome = call_service(
+        ruleset(),
+        fixture.expected["service"],
+        fixture.request,
+        today=today,
+        profile=fixture.expected["profile"],
+        fetcher=None,
+    )
+    pregnant = outcome.evaluation.values.get("pregnant") is True
     for card in fixture.expected["response"].get("cards", []):
         for resource in resources_of(card):
             daily = daily_iu(resource)
-            if daily is not None:
-                assert daily <= ceiling(months) or is_course(resource), (card["summary"], daily)
+            if daily is None:
+                continue
+            if pregnant:  # ACOG 495: at most 2,000 IU/day, never a course (CLINICAL.md 3b)
+                assert daily <= 2000, (card["summary"], daily)
+            assert daily <= ceiling(months) or is_course(resource), (card["summary"], daily)
 
 
 def test_cards_come_by_indicator_then_rule_priority() -> None:

@@ -39,6 +39,17 @@ MISTAKES = {
         [("rules/vitd-toxicity.toml", 'fact = "vitd.band"', 'fact = "vitd.bnd"')],
         "rules/vitd-toxicity.toml: when.fact: unknown fact 'vitd.bnd' (known: age.band, ",
     ),
+    "unknown named condition in an indicator case": (
+        [
+            (
+                "rules/hypercalcemia.toml",
+                '{ ref = "hypercalcemia-below-severe-off-d" }',
+                '{ ref = "hypercalcemia-below-severe" }',
+            )
+        ],
+        "rules/hypercalcemia.toml: indicator_when[0].when.ref: unknown named condition "
+        "'hypercalcemia-below-severe'",
+    ),
     "ordering operator on a band": (
         [("rules/vitd-high.toml", '{ fact = "vitd.band", in = ["high"] }', '{ fact = "vitd.band", lt = 3 }')],
         f"rules/vitd-high.toml: when.all[1].lt: lt = 3.0 does not fit vitd.band, a band ({BAND_OPS})",
@@ -186,8 +197,10 @@ MISTAKES = {
         [
             (
                 "rules/vka-k2.toml",
-                'fires = ["patient-view/warfarin-active", ',
-                'fires = [] # ["patient-view/warfarin-active", ',
+                'fires = ["patient-view/warfarin-active", "patient-view/warfarin-by-reference", '
+                '"patient-view/warfarin-contained",\n  "patient-view/warfarin-no-birthdate", '
+                '"patient-view/warfarin-pregnancy-status-missing"]',
+                "fires = []",
             )
         ],
         "rules/vka-k2.toml: tests.fires: no fixture where it fires",
@@ -196,7 +209,8 @@ MISTAKES = {
         [
             (
                 "rules/vka-k2.toml",
-                'silent = ["patient-view/warfarin-with-k2", "patient-view/warfarin-stopped"]',
+                'silent = ["patient-view/warfarin-with-k2", "patient-view/warfarin-stopped", '
+                '"patient-view/warfarin-target",\n  "patient-view/sandbox-patient-view"]',
                 "",
             )
         ],
@@ -318,7 +332,7 @@ def test_a_broken_facts_file_is_named(cards: Path) -> None:
 
 def test_fixtures_named_by_rules_are_checked_when_asked(cards: Path) -> None:
     edit(
-        cards, "rules/vka-k2.toml", '"patient-view/warfarin-contained"]', '"patient-view/warfarin-contianed"]'
+        cards, "rules/vka-k2.toml", '"patient-view/warfarin-contained",', '"patient-view/warfarin-contianed",'
     )
     edit(cards, "rules/vitd-high.toml", 'silent = ["patient-view/target"', 'silent = ["order-sign/k2-no-vka"')
     load_ruleset(cards)  # the service itself does not look for fixtures

@@ -122,6 +122,7 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
             today=date.fromisoformat(fixture.expected["today"]),
             profile=fixture.expected["profile"],
             fetcher=None,
+            smart_url="https://cds.example.org/smart/launch",  # the smart link's label is a text too
         )
         answers.append(json.dumps(outcome.response, ensure_ascii=False))
     seen = "\n".join(answers)

@@ -243,7 +243,10 @@ def build_cards(
     hook: str,
     patient_id: str,
     card_key: bytes,
+    smart_url: str | None = None,
 ) -> list[dict[str, Any]]:
+    """`smart_url`: the "Why this card?" SMART app's launch URL; each card of a patient rule that
+    patient-view evaluates (what the app re-runs) then links to it, naming its rule in `appContext`."""
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
     today = evaluation.facts.today
     ranked: list[tuple[int, int, str, dict[str, Any]]] = []
@@ -274,6 +277,15 @@ def build_cards(
             },
             "links": [{"label": s.label, "url": s.url, "type": "absolute"} for s in sources],
         }
+        if smart_url is not None and rule.scope == "patient" and "patient-view" in rule.hooks:
+            card["links"].append(
+                {
+                    "label": ruleset.texts.smart_link,
+                    "url": smart_url,
+                    "type": "smart",
+                    "appContext": orjson.dumps({"rule": rule.id}).decode(),
+                }
+            )
         if suggestions:
             card["suggestions"] = suggestions
             card["selectionBehavior"] = "at-most-one"

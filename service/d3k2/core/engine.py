@@ -299,13 +299,13 @@ def evaluate(
     memo: dict[str, bool | None] = {}
     scopes: list[_DraftScope] | None = None
     for rule in ruleset.rules_for(hook):
-        indicator = rule.indicator_for(hook)
         if rule.scope == "patient":
             reasons: list[str] | None = [] if trace else None
             fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons, memo)
             if reasons is not None:
                 traces.append(Trace(rule.id, fired, tuple(reasons)))
             if fired:
+                indicator = _indicator(rule, hook, values, ruleset.conditions, memo)
                 findings.append(Finding(rule, indicator, fields, values))
             continue
         if scopes is None:
@@ -324,8 +324,22 @@ def evaluate(
                     scope.fields = ChainMap(
                         {"draft": draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
                     )
+                indicator = _indicator(rule, hook, scope.values, ruleset.conditions, scope.memo)
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
+
+
+def _indicator(
+    rule: Rule,
+    hook: str,
+    values: Mapping[str, FactValue],
+    named: Mapping[str, Condition],
+    memo: dict[str, bool | None],
+) -> str:
+    for case in rule.indicator_when:
+        if evaluate_condition(case.when, values, named, None, memo) is True:
+            return case.indicator
+    return rule.indicator_for(hook)
 
 
 def values_snapshot(values: Mapping[str, Any]) -> dict[str, Any]:

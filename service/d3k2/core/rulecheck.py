@@ -284,6 +284,10 @@ def check_rules(
             problems.add(path, "scope", "draft rules apply to order hooks only")
         _check_references(rule, path, parts, problems)
         check_condition(rule.when, (path, "when"), rule.scope, parts, drafts, problems)
+        for i, case in enumerate(rule.indicator_when):
+            check_condition(
+                case.when, (path, f"indicator_when[{i}].when"), rule.scope, parts, drafts, problems
+            )
         for name, template in (("summary", rule.summary), ("detail", rule.detail)):
             check_template(template, (path, name), rule.scope, parts.vocabulary, problems)
         for i, suggestion in enumerate(rule.suggestions):

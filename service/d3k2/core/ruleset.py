@@ -170,6 +170,13 @@ class Suggestion(_Strict):
         return self
 
 
+class IndicatorCase(_Strict):
+    """An indicator for the findings whose facts meet `when` (hypercalcemia graded: CLINICAL.md 5)."""
+
+    when: Condition
+    indicator: Indicator
+
+
 class Topic(_Strict):
     code: str
     display: str
@@ -190,6 +197,8 @@ class Rule(_Strict):
     scope: Literal["patient", "draft"] = "patient"
     indicator: Indicator
     indicator_by_hook: dict[Hook, Indicator] = {}
+    # The first case whose condition holds sets the indicator; otherwise indicator_by_hook, then indicator.
+    indicator_when: list[IndicatorCase] = []
     priority: int = 50
     reads: list[str]
     when: Condition

@@ -51,6 +51,7 @@ class Texts:
     unknown_medication: str  # one of them; {name} {where} {reason}
     unnamed_medication: str  # ... without a name
     data_skipped: str  # ... the checks not made; {checks}
+    smart_link: str  # the label of a card's link to the "Why this card?" SMART app
     # Words for data problems the fact readers name on the data card ([notes]).
     notes: Mapping[str, str]
     # A prefetch key (services.toml) → the check not made without it ([skipped]); checked by the loader.
@@ -94,6 +95,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "unknown_medication": frozenset({"name", "where", "reason"}),
     "unnamed_medication": frozenset(),
     "data_skipped": frozenset({"checks"}),
+    "smart_link": frozenset(),
 }
 
 # [notes] key → its placeholders: what the fact readers say about a value or a record they did not use.

@@ -92,6 +92,7 @@ def post_service(service_id: str) -> Response:
         profile=rt.profile,
         fetcher=InstrumentedFetcher(rt.fetcher, metrics),
         card_key=store.card_key,
+        smart_url=rt.settings.smart_launch_url,
     )
     cards = outcome.response["cards"]
     # Said on the request's own log line (d3k2.http.logs), not on a second one.

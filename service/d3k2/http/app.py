@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from d3k2.config import ConfigError, Settings, check_audience, from_env
+from d3k2.config import ConfigError, Settings, check_audience, check_smart, from_env
 from d3k2.core.errors import D3K2Error, Unauthorized
 from d3k2.core.loader import load_ruleset
 from d3k2.core.ruleset import RuleSet
@@ -19,6 +19,7 @@ from d3k2.http.auth import Authenticator, www_authenticate
 from d3k2.http.metrics import Metrics
 from d3k2.http.metrics import init_app as init_metrics
 from d3k2.http.preview import blueprint as preview_blueprint
+from d3k2.http.smart import init_app as init_smart
 from d3k2.http.web import DEFAULT_HEADERS, SECURITY_HEADERS, Runtime, json_response
 from d3k2.service import prepare
 from d3k2.store.feedback import FeedbackStore
@@ -37,6 +38,7 @@ def create_app(
         raise ConfigError(f"profile {settings.profile!r} is not in the rule set (known: {known})")
     authenticator = Authenticator.from_settings(settings)
     check_audience(settings)
+    check_smart(settings)
     # No app-wide /static: the preview blueprint serves its own files, only when it is enabled.
     app = Flask("d3k2", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -44,6 +46,8 @@ def create_app(
     app.register_blueprint(blueprint)
     if settings.preview_enabled:
         app.register_blueprint(preview_blueprint)
+    if settings.smart_enabled:
+        init_smart(app, settings)
     metrics = Metrics()
     per_request = init_metrics(app, metrics, list(ruleset.services))
     app.extensions["d3k2.store"] = opened = _open_store(store or _new_store(settings))
