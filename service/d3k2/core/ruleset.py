@@ -315,9 +315,14 @@ class RuleSet:
     texts: Texts
     # Made from the fields above, per instance: a rule set changed with dataclasses.replace starts afresh.
     medications: MedicationReader = field(init=False, repr=False, compare=False)
+    # The rules of each hook, in rule set order: every call reads them.
+    by_hook: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "medications", MedicationReader(self.terminology, self.catalog))
+        hooks = {hook for rule in self.rules for hook in rule.hooks}
+        by_hook = {hook: tuple(r for r in self.rules if hook in r.hooks) for hook in hooks}
+        object.__setattr__(self, "by_hook", by_hook)
 
     def rules_for(self, hook: str) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if hook in r.hooks)
+        return self.by_hook.get(hook, ())
