@@ -7,6 +7,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,6 +52,20 @@ class FactTest(_Strict):
                 f"a fact test needs exactly one operator (eq, ne, in, lt, le, gt, ge, present), got {ops}"
             )
         return self
+
+    # Found once per test (the rule set is loaded once), read by every evaluation.
+    @cached_property
+    def operator(self) -> str:
+        """The one operator a validated test has (`in_` for `in`)."""
+        for name in self.__pydantic_fields_set__:
+            if name != "fact":
+                return name
+        raise ValueError("a fact test without an operator")
+
+    @cached_property
+    def operand(self) -> Any:
+        """What the fact is tested against: the value of the operator's field."""
+        return getattr(self, self.operator)
 
 
 class AllOf(_Strict):
