@@ -90,9 +90,10 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["calcium.high"] = calcium_high(facts.calcium, calcium_lab) is True
     values["calcium.kind"] = facts.calcium.kind if facts.calcium else None
     values["calcium.grade"] = calcium_grade(facts.calcium, calcium_lab)
+    on_record = {m.category for m in facts.medications}
     for category in ruleset.catalog.by_category.values():
         if category.fact is not None:
-            values[category.fact] = bool(facts.meds(category.id))
+            values[category.fact] = category.id in on_record
     values["pregnant"] = bool(facts.pregnancy)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
@@ -107,10 +108,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
-    for service in ruleset.services.values():
-        for spec in service.prefetch.values():
-            if spec.unknown is not None:
-                values[spec.unknown] = spec.unknown in facts.unknown
+    for unknown in ruleset.unknown_facts:
+        values[unknown] = unknown in facts.unknown
     return values
 
 

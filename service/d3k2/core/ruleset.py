@@ -332,12 +332,16 @@ class RuleSet:
     medications: MedicationReader = field(init=False, repr=False, compare=False)
     # The rules of each hook, in rule set order: every call reads them.
     by_hook: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
+    # The facts of prefetch keys whose data could not be had in full (`PrefetchKey.unknown`), each once.
+    unknown_facts: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "medications", MedicationReader(self.terminology, self.catalog))
         hooks = {hook for rule in self.rules for hook in rule.hooks}
         by_hook = {hook: tuple(r for r in self.rules if hook in r.hooks) for hook in hooks}
         object.__setattr__(self, "by_hook", by_hook)
+        unknown = (spec.unknown for svc in self.services.values() for spec in svc.prefetch.values())
+        object.__setattr__(self, "unknown_facts", tuple(dict.fromkeys(u for u in unknown if u is not None)))
 
     def rules_for(self, hook: str) -> tuple[Rule, ...]:
         return self.by_hook.get(hook, ())
