@@ -282,14 +282,13 @@ def evaluate(
     memo: dict[str, bool | None] = {}
     scopes: list[_DraftScope] | None = None
     for rule in ruleset.rules_for(hook):
-        indicator = rule.indicator_for(hook)
         if rule.scope == "patient":
             reasons: list[str] | None = [] if trace else None
             fired = evaluate_condition(rule.when, values, ruleset.conditions, reasons, memo)
             if reasons is not None:
                 traces.append(Trace(rule.id, fired, tuple(reasons)))
             if fired:
-                findings.append(Finding(rule, indicator, fields, values))
+                findings.append(Finding(rule, rule.indicator_for(hook), fields, values))
             continue
         if scopes is None:
             the_set = order_set(
@@ -307,6 +306,7 @@ def evaluate(
                     scope.fields = ChainMap(
                         {"draft": draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
                     )
+                indicator = rule.indicator_for(hook)
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
 
