@@ -21,6 +21,8 @@ worker that has answered before). Modes:
   so subtract rules-typical)
 - history: the 7.4 MB history body read as the edge reads it (depth bound, orjson, entry count) and answered
   by ``call_service``
+- history-parse: only the reading of the history body (depth bound, orjson, entry count): what history
+  costs beyond it is the core's
 """
 
 from __future__ import annotations
@@ -83,6 +85,17 @@ def _runner(mode: str, data_dir: str) -> Callable[[], object]:
             return call_service(ruleset, service, payload, today=TODAY, profile=profile, fetcher=None)
 
         return core
+
+    if mode == "history-parse":
+        import orjson
+
+        raw = json.dumps(scenarios.history(), separators=(",", ":")).encode()
+
+        def parse() -> object:
+            assert not json_too_deep(raw, 64)
+            return prefetch_entries(orjson.loads(raw))
+
+        return parse
 
     if mode == "history":
         import orjson
