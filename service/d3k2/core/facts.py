@@ -299,11 +299,16 @@ class _Collector(RecordReader):
             self.issues.append(notes["future"].format(what=what))
             return False
         plausible = lab.plausible
-        reading = Interval.from_comparator(value, comparator)
-        canonical = reading.scaled(lab.units[unit])
         floor = plausible.above_by_kind.get(kind, plausible.above)
-        if canonical.le(floor) is True or canonical.gt(plausible.most) is True:
-            shown = format_interval(reading, unit, None)
+        factor = lab.units[unit]
+        if comparator is None:  # most results: one number, compared as its exact Interval would be
+            canonical = value * factor
+            implausible = canonical <= floor or canonical > plausible.most
+        else:
+            bounds = Interval.from_comparator(value, comparator).scaled(factor)
+            implausible = bounds.le(floor) is True or bounds.gt(plausible.most) is True
+        if implausible:
+            shown = format_interval(Interval.from_comparator(value, comparator), unit, None)
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
             self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=plausible.reason))
             return False

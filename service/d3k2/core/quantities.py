@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Protocol, TypeVar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Interval:
     """A set of possible true values; comparisons answer True, False or None (cannot tell)."""
 
@@ -67,9 +67,8 @@ class Interval:
 
     def within(self, lower: float, upper: float, lower_open: bool, upper_open: bool) -> bool | None:
         """Whether every possible value lies in the band (lower, upper) with the given openness."""
-        above = Interval(self.lo, self.hi, self.lo_open, self.hi_open)
-        low_ok = above.gt(lower) if lower_open else above.ge(lower)
-        high_ok = above.lt(upper) if upper_open else above.le(upper)
+        low_ok = self.gt(lower) if lower_open else self.ge(lower)
+        high_ok = self.lt(upper) if upper_open else self.le(upper)
         if low_ok is False or high_ok is False:
             return False
         if low_ok is None or high_ok is None:
