@@ -42,11 +42,11 @@ from d3k2.core.readers import (
     ref_of,
 )
 from d3k2.core.record import (
+    STATES,
     Evidence,
     MedicationClassifier,
     MedicationDoser,
     MedicationFact,
-    STATES,
     RecordReader,
     StateConfig,
     UnknownMedication,
@@ -227,7 +227,7 @@ class _Collector(RecordReader):
         return tuple(sorted({min(names)[1] for names in named.values()}))
 
     def observation(self, resource: Mapping[str, Any]) -> None:
-        """Stage 1 for a lab result: triage (see above); a pregnancy or breastfeeding status is read in full."""
+        """Stage 1 for a lab result: triage (see above); a pregnancy or breastfeeding status is read whole."""
         codes = loinc_codes(resource)
         if not codes:
             return

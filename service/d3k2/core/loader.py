@@ -199,7 +199,7 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
     for name, concepts in config.evidence.items():
         where = f"evidence.{name}"
         if name in STATES or not concepts:
-            problem = "must list condition facts; {evidence.pregnancy} and {evidence.lactation} are the states'"
+            problem = "must list condition facts; {evidence.pregnancy} and {evidence.lactation} are reserved"
             raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
         for concept in concepts:
             if concept not in config.condition_facts:
@@ -269,7 +269,7 @@ def _rules(cards: Path, problems: Problems) -> list[tuple[Path, Rule]]:
 def _check_evidence_fields(
     cards: Path, facts: FactsConfig, vocabulary: Vocabulary, problems: Problems
 ) -> None:
-    """Each {evidence.<group>} template field is one group of facts.toml [evidence] (pregnancy and lactation apart)."""
+    """Each {evidence.<group>} field is one group of facts.toml [evidence] (pregnancy and lactation apart)."""
     declared = {f.removeprefix("evidence.") for f in vocabulary.fields.patient if f.startswith("evidence.")}
     declared.difference_update(STATES)
     for group in sorted(declared - set(facts.evidence)):

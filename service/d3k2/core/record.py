@@ -96,7 +96,7 @@ def evidence_order(evidence: Evidence) -> tuple[str, str, str]:
 
 
 class RecordReader:
-    """Reads conditions, pregnancy, lactation and medications; the lab triage (`d3k2.core.facts`) builds on it."""
+    """Reads conditions, pregnancy, lactation and medications; `d3k2.core.facts` (the labs) builds on it."""
 
     def __init__(
         self,
