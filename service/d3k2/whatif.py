@@ -288,11 +288,11 @@ def _matches(
         category = "vka" if override.name == "warfarin" else "vitamin-k2"
         codeable = _medication_codeable(resource, everything)
         return any(found == category for found, _name, _by in classifier(ruleset)(codeable))
-    facts = ruleset.facts
+    pregnancy = ruleset.facts.states["pregnancy"]
     if rtype == "Condition":
-        return bool(ruleset.terminology.concepts_of(resource.get("code")) & set(facts.pregnancy_conditions))
+        return bool(ruleset.terminology.concepts_of(resource.get("code")) & set(pregnancy.conditions))
     if rtype == "Observation":
-        return bool(_loinc_concepts(resource, ruleset) & set(facts.pregnancy_observation))
+        return bool(_loinc_concepts(resource, ruleset) & set(pregnancy.observation))
     return False
 
 
@@ -453,6 +453,7 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
             ],
             "conditions": {name: _evidence(items) for name, items in facts.conditions.items()},
             "pregnancy": _evidence(facts.pregnancy),
+            "lactation": _evidence(facts.lactation),
             "issues": list(facts.issues),
             "missing": list(facts.missing),
             "incomplete": list(facts.incomplete),

@@ -171,7 +171,7 @@ def test_a_pregnancy_status_that_could_not_be_had_withholds_dosing_and_k2(failed
     assert "vitd-deficient" in topics(answer(_deficient_with()))
     response = answer(_deficient_with(pregnancy=failed))
     assert not {"vitd-deficient", "k2-with-d3"} & set(topics(response))
-    assert "pregnancy status (" in data_card(response)
+    assert "pregnancy and breastfeeding status (" in data_card(response)
 
 
 def test_calcium_that_could_not_be_had_withholds_dosing() -> None:

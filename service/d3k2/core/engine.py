@@ -98,6 +98,7 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
         if category.fact is not None:
             values[category.fact] = category.id in on_record
     values["pregnant"] = bool(facts.pregnancy)
+    values["lactating"] = bool(facts.lactation)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
     # Whole months at "today"; None (and band "unknown") without a usable birthDate.

@@ -173,7 +173,8 @@ def _evidence_fields(c: FieldContext) -> SimpleNamespace:
         name: evidence_of(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()
     }
     pregnancy = evidence_text(list(facts.pregnancy), texts)
-    return SimpleNamespace(**groups, pregnancy=pregnancy)
+    lactation = evidence_text(list(facts.lactation), texts)
+    return SimpleNamespace(**groups, pregnancy=pregnancy, lactation=lactation)
 
 
 def skipped_checks(facts: Facts, texts: Texts) -> list[str]:

@@ -24,6 +24,7 @@ from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig
 from d3k2.core.labs import AlbuminCorrection, LabConfig, Plausible
 from d3k2.core.quantities import LabBand, Mark, marks_of
+from d3k2.core.record import STATES, StateConfig
 from d3k2.core.rulecheck import (
     Parts,
     Problems,
@@ -91,6 +92,16 @@ def _age_config(data: Mapping[str, Any]) -> AgeConfig:
     if not starts or starts[0] != 0 or starts != sorted(set(starts)):
         raise ValueError("age.bands must start at 0 months and ascend")
     return AgeConfig(bands=bands, max_years=int(data["max_years"]))
+
+
+def _state_config(data: Mapping[str, Any]) -> StateConfig:
+    return StateConfig(
+        observation=tuple(data["observation"]),
+        yes_answers=tuple(data["yes_answers"]),
+        no_answers=tuple(data["no_answers"]),
+        conditions=tuple(data["conditions"]),
+        max_age_days=int(data["max_age_days"]),
+    )
 
 
 def _marks(lab: LabConfig, more: tuple[Mark, ...] = ()) -> dict[str, tuple[Mark, ...]]:
@@ -166,10 +177,6 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             accepted_status=tuple(data["observation"]["accepted_status"]),
             fallback_status=tuple(data["observation"]["fallback_status"]),
             labs=labs,
-            pregnancy_observation=tuple(data["pregnancy"]["observation"]),
-            pregnant_answers=tuple(data["pregnancy"]["pregnant_answers"]),
-            not_pregnant_answers=tuple(data["pregnancy"]["not_pregnant_answers"]),
-            pregnancy_conditions=tuple(data["pregnancy"]["conditions"]),
             active_clinical_status=tuple(conditions["active_clinical_status"]),
             ignored_verification_status=tuple(conditions["ignored_verification_status"]),
             condition_facts={
@@ -184,15 +191,15 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             notes={},  # texts.toml [notes], set by load_ruleset
             age=_age_config(data["age"]),
             future_days=int(data["observation"]["future_days"]),
-            pregnancy_days=int(data["pregnancy"]["max_age_days"]),
+            states={state: _state_config(data[state]) for state in STATES},
             evidence={str(k): tuple(str(c) for c in v) for k, v in data["evidence"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
     for name, concepts in config.evidence.items():
         where = f"evidence.{name}"
-        if name == "pregnancy" or not concepts:
-            problem = "must list condition facts, and {evidence.pregnancy} is the pregnancy evidence"
+        if name in STATES or not concepts:
+            problem = "must list condition facts; {evidence.pregnancy} and {evidence.lactation} are reserved"
             raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
         for concept in concepts:
             if concept not in config.condition_facts:
@@ -262,9 +269,9 @@ def _rules(cards: Path, problems: Problems) -> list[tuple[Path, Rule]]:
 def _check_evidence_fields(
     cards: Path, facts: FactsConfig, vocabulary: Vocabulary, problems: Problems
 ) -> None:
-    """Each {evidence.<group>} template field is one group of facts.toml [evidence] (pregnancy apart)."""
+    """Each {evidence.<group>} field is one group of facts.toml [evidence] (pregnancy and lactation apart)."""
     declared = {f.removeprefix("evidence.") for f in vocabulary.fields.patient if f.startswith("evidence.")}
-    declared.discard("pregnancy")
+    declared.difference_update(STATES)
     for group in sorted(declared - set(facts.evidence)):
         problems.add(
             cards / "vocabulary.toml",
