@@ -130,10 +130,10 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
         )
         answers.append(json.dumps(outcome.response, ensure_ascii=False))
     seen = "\n".join(answers)
-    # "stale" shows on calcium-high-old's hypercalcemia card (an old calcium named as old); not_on_record on
-    # d3-weekly-high-calcium-no-vitd; current_total and current_unknown on current-two-d3-products(-one-dose-unknown).
-    # The date and band of an absent 25(OH)D are fallbacks no card shows: a card that may fire without a result
-    # names it by {vitd.line} ("no result on record"), never as "not on record on no date (no result)".
+    # "stale" shows on calcium-high-old's hypercalcemia card (an old calcium named as old); not_on_record
+    # on d3-weekly-high-calcium-no-vitd; current_total and current_unknown on current-two-d3-products and
+    # current-two-d3-products-one-dose-unknown. The date and band of an absent 25(OH)D are fallbacks no card
+    # shows: a card that may fire without a result names it by {vitd.line} ("no result on record").
     unreached = {"no_date", "vitd_no_band"}
     assert [key for key in marked if f"«{key}»" not in seen] == sorted(unreached, key=list(marked).index)
     assert '"unit": "«tablet»"' in seen
