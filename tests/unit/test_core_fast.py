@@ -195,7 +195,7 @@ def test_traced_and_untraced_evaluation_find_the_same(fixture: Any) -> None:
     rs = ruleset()
     request = parse_request(fixture.request)
     service = rs.services[fixture.expected["service"]]
-    resolved = resolve(service.prefetch, request, None)
+    resolved = resolve(service.prefetch, request, None, rs.texts)
     today = date.fromisoformat(fixture.expected["today"])
     profile = fixture.expected.get("profile", "seed")
     facts = facts_for(rs, resolved.resources, today, resolved)
@@ -229,7 +229,7 @@ def test_medication_facts_are_named_by_the_catalog() -> None:
 def _facts_with_everything() -> Facts:
     fixture = next(f for f in fixtures() if f.name == "warfarin-with-k2")
     request = parse_request(fixture.request)
-    resolved = resolve(ruleset().services["d3k2-patient-view"].prefetch, request, None)
+    resolved = resolve(ruleset().services["d3k2-patient-view"].prefetch, request, None, ruleset().texts)
     return facts_for(ruleset(), resolved.resources, TODAY, resolved)
 
 
@@ -253,7 +253,7 @@ def test_draft_fields_add_the_draft_to_the_answers_fields() -> None:
     rs = ruleset()
     fixture = next(f for f in fixtures() if f.request["hook"] == "order-sign" and "sandbox" in f.name)
     request = parse_request(fixture.request)
-    resolved = resolve(rs.services["d3k2-order-sign"].prefetch, request, None)
+    resolved = resolve(rs.services["d3k2-order-sign"].prefetch, request, None, rs.texts)
     facts = facts_for(rs, resolved.resources, TODAY, resolved)
     found = evaluate(rs, facts, hook="order-sign", profile="seed", drafts=drafts_of(rs, request)).findings
     scoped = [f for f in found if f.draft is not None]
@@ -485,7 +485,7 @@ FATAL = {"resourceType": "OperationOutcome", "issue": [{"severity": "fatal", "co
 def test_a_prefetched_value_is_read_in_one_pass(
     value: dict[str, Any], usable: list[Any], failure: str | None
 ) -> None:
-    assert usable_resources(value) == (usable, failure)
+    assert usable_resources(value, ruleset().texts) == (usable, failure)
     if failure is None:
         assert resources_of(value) == usable
 

@@ -58,6 +58,10 @@ class Texts:
     skipped: Mapping[str, str]
     # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
     units: Mapping[str, str]
+    # Why prefetch data could not be had, on the data card ([fetch]; keys and placeholders: FETCH).
+    fetch: Mapping[str, str]
+    # The words of an order set's vitamin D ([doses]; keys and placeholders: DOSES).
+    doses: Mapping[str, str]
 
 
 # [cards] key → the placeholders its text must use.
@@ -146,6 +150,37 @@ NOTES: dict[str, frozenset[str]] = {
 }
 
 
+# [fetch] key → its placeholders: a prefetch key not had in full, as the data card names it
+# (d3k2.fhir.prefetch).
+FETCH: dict[str, frozenset[str]] = {
+    "no_server": frozenset({"label", "reason"}),
+    "not_fetched": frozenset({"label", "reason"}),
+    "not_prefetched": frozenset(),
+    "ehr_sent": frozenset({"failure"}),
+    "server_sent": frozenset({"failure"}),
+    "in_part": frozenset({"reason"}),
+    "part_used": frozenset({"reason"}),
+    "nothing": frozenset(),
+    "operation_outcome": frozenset(),
+    "bundle_error": frozenset(),
+    "bundle_error_codes": frozenset({"codes"}),
+    "and_pages": frozenset({"error", "pages"}),
+    "first_page": frozenset(),
+    "first_page_of": frozenset({"count", "total"}),
+    "not_resource": frozenset({"label"}),
+    "first_pages_read": frozenset({"label"}),
+}
+
+# [doses] key → its placeholders: an order set's vitamin D in all (d3k2.core.orderset).
+DOSES: dict[str, frozenset[str]] = {
+    "in_all": frozenset({"total"}),
+    "at_least": frozenset({"total"}),
+    "set_total": frozenset({"total", "parts"}),
+    "set_part": frozenset({"name", "dose"}),
+    "set_on_record": frozenset({"name", "dose"}),
+}
+
+
 def _fail(path: Path, key: str, message: str) -> RuleSetError:
     return RuleSetError(f"{path.name}: {key}: {message}", file=str(path), field=key)
 
@@ -182,7 +217,7 @@ def load_texts(path: Path) -> Texts:
         raise RuleSetError(f"{path.name}: file missing", file=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
-    _table(doc, path, "", {"cards", "notes", "skipped", "units"})
+    _table(doc, path, "", {"cards", "notes", "skipped", "units", "fetch", "doses"})
     cards = _table(doc["cards"], path, "cards", set(PLACEHOLDERS))
     notes_table = _table(doc["notes"], path, "notes", set(NOTES))
     notes = {key: _text(notes_table[key], path, f"notes.{key}", wanted) for key, wanted in NOTES.items()}
@@ -194,5 +229,9 @@ def load_texts(path: Path) -> Texts:
         str(code): _text(word, path, f"units.{code}", frozenset())
         for code, word in _table(doc["units"], path, "units").items()
     }
+    fetch_table = _table(doc["fetch"], path, "fetch", set(FETCH))
+    fetch = {key: _text(fetch_table[key], path, f"fetch.{key}", wanted) for key, wanted in FETCH.items()}
+    doses_table = _table(doc["doses"], path, "doses", set(DOSES))
+    doses = {key: _text(doses_table[key], path, f"doses.{key}", wanted) for key, wanted in DOSES.items()}
     texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in PLACEHOLDERS.items()}
-    return Texts(**texts, notes=notes, skipped=skipped, units=units)
+    return Texts(**texts, notes=notes, skipped=skipped, units=units, fetch=fetch, doses=doses)
