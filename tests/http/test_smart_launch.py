@@ -71,12 +71,18 @@ def _good(base: str) -> dict[str, Any]:
         ("text", Response("<html>", mimetype="text/html"), 502, "is not JSON"),
         ("list", [1, 2], 502, "not a JSON object"),
         ("nopkce", {"code_challenge_methods_supported": ["plain"]}, 502, "does not support PKCE S256"),
-        ("noauth", {"token_endpoint": "http://127.0.0.1:9/token"}, 502, "incomplete"),
+        (
+            "noauth",
+            {"token_endpoint": "http://127.0.0.1:9/token", "code_challenge_methods_supported": ["S256"]},
+            502,
+            "incomplete",
+        ),
         (
             "plainhttp",
             {
                 "authorization_endpoint": "http://as.example.org/a",
                 "token_endpoint": "https://as.example.org/t",
+                "code_challenge_methods_supported": ["S256"],
             },
             502,
             "not on https",

@@ -36,7 +36,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from d3k2 import whatif
 from d3k2.config import Settings
 from d3k2.core.errors import D3K2Error
-from d3k2.fhir.client import is_allowed, origin
+from d3k2.fhir.client import configure_session, is_allowed, origin, read_deadline
 from d3k2.http import smart_view as view
 from d3k2.http.api import TODAY_HEADER, _today
 from d3k2.http.web import runtime
@@ -52,11 +52,17 @@ COOKIE = "d3k2_smart"
 LAUNCH_SECONDS = 300  # from the launch to the callback
 SESSION_SECONDS = 1800  # at most; less when the token expires sooner
 MAX_DOCUMENT_BYTES = 256 * 1024
+MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+# A browser keeps a cookie of at most 4096 bytes (name, value and attributes); a larger one is dropped
+# without a word, and the app would then say "no session" after a launch that worked.
+MAX_COOKIE_BYTES = 3900
 RESOURCES = ("Patient", "Observation", "MedicationStatement", "MedicationRequest", "Condition")
 SCOPE_V2 = "openid fhirUser " + " ".join(f"patient/{r}.rs" for r in RESOURCES)
 SCOPE_V1 = "openid fhirUser " + " ".join(f"patient/{r}.read" for r in RESOURCES)
 _SCOPE = re.compile(r"^(patient|user)/(\*|[A-Za-z]+)\.(\*|read|[cruds]+)$")
 _RULE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # what an Authorization header can carry: visible ASCII
 _SWITCHES = ("warfarin", "k2", "pregnant")
 
 
@@ -152,18 +158,40 @@ def _set_cookie(response: BaseResponse, value: str, seconds: int) -> None:
 # ---------------------------------------------------------------- launch
 
 
-def _bounded_get_json(url: str, timeout: float) -> Any:
-    with requests.get(
-        url, timeout=timeout, allow_redirects=False, stream=True, headers={"Accept": "application/json"}
-    ) as answer:
+def _read_capped(response: requests.Response, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` (decoded bytes counted: no compression bomb)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=16 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bounded_get_json(url: str, settings: Settings) -> Any:
+    # The fetcher's transport: no proxy variable or ~/.netrc entry from the environment, no cookies, and
+    # the whole answer within the budget (a server that drips a byte a second never trips a read timeout).
+    with (
+        configure_session(requests.Session(), settings) as session,
+        read_deadline(settings.fhir_budget),
+        session.get(
+            url,
+            timeout=settings.fhir_timeout,
+            allow_redirects=False,
+            stream=True,
+            headers={"Accept": "application/json"},
+        ) as answer,
+    ):
         if answer.status_code != 200:
             raise SmartError(
                 502,
                 "The FHIR server gave no SMART configuration",
                 f"HTTP {answer.status_code} from its .well-known/smart-configuration.",
             )
-        body = answer.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
-    if len(body) > MAX_DOCUMENT_BYTES:
+        body = _read_capped(answer, MAX_DOCUMENT_BYTES)
+    if body is None:
         raise SmartError(502, "The FHIR server's SMART configuration is too large", "More than 256 KiB.")
     return orjson.loads(body)
 
@@ -182,14 +210,21 @@ def _endpoint(config: dict[str, Any], name: str) -> str:
     return url
 
 
-def smart_configuration(iss: str, timeout: float) -> dict[str, Any]:
+def _unreachable(what: str, exc: Exception, started: float, budget: float) -> str:
+    if time.monotonic() - started >= budget:
+        return f"{what} did not arrive within {budget:g} s."
+    return f"{what} could not be read ({type(exc).__name__})."
+
+
+def smart_configuration(iss: str, settings: Settings) -> dict[str, Any]:
+    started = time.monotonic()
     try:
-        config = _bounded_get_json(f"{iss}/.well-known/smart-configuration", timeout)
+        config = _bounded_get_json(f"{iss}/.well-known/smart-configuration", settings)
     except requests.RequestException as exc:
         raise SmartError(
             502,
             "The FHIR server could not be reached",
-            f"Its SMART configuration could not be read ({type(exc).__name__}).",
+            _unreachable("Its SMART configuration", exc, started, settings.fhir_budget),
         ) from exc
     except orjson.JSONDecodeError as exc:
         raise SmartError(
@@ -199,12 +234,15 @@ def smart_configuration(iss: str, timeout: float) -> dict[str, Any]:
         raise SmartError(
             502, "The FHIR server's SMART configuration is not a JSON object", "Ask its administrator."
         )
+    # SMART App Launch 2 requires the list, with S256: a server that does not name it may ignore the
+    # PKCE challenge, and an intercepted code would then be exchanged without the verifier.
     methods = config.get("code_challenge_methods_supported")
-    if isinstance(methods, list) and "S256" not in methods:
+    if not isinstance(methods, list) or "S256" not in methods:
         raise SmartError(
             502,
             "The authorization server does not support PKCE S256",
-            "SMART App Launch 2 requires it; d3k2 does not launch without it.",
+            "Its SMART configuration does not list S256 in code_challenge_methods_supported; SMART App "
+            "Launch 2 requires it, and d3k2 does not launch without it.",
         )
     return config
 
@@ -245,11 +283,20 @@ def launch() -> BaseResponse:
         )
     if launch_token is not None and len(launch_token) > 2048:
         raise SmartError(400, "The launch parameter is too long", "At most 2048 characters.")
-    config = smart_configuration(iss, settings.fhir_timeout)
+    config = smart_configuration(iss, settings)
     authorize_uri, token_uri = (
         _endpoint(config, "authorization_endpoint"),
         _endpoint(config, "token_endpoint"),
     )
+    if not is_allowed(token_uri, settings.fhir_allowed):
+        # d3k2 itself posts the code and the PKCE verifier there: only to a server the operator allowed.
+        raise SmartError(
+            502,
+            "The token endpoint is not allowed",
+            "The FHIR server's SMART configuration names a token endpoint whose origin is not on d3k2's "
+            "allow-list (D3K2_FHIR_ALLOWED); nothing was sent to it. Add the authorization server's origin "
+            "to the list if it is the EHR's.",
+        )
     client = FHIRClient(
         settings={
             "app_id": settings.smart_client_id,
@@ -282,17 +329,27 @@ def launch() -> BaseResponse:
 
 
 class _BoundedSession(requests.Session):
-    """fhirclient's HTTP session for the token request: a timeout, and no redirects (the code and the
-    code_verifier go to the token endpoint the configuration named, nowhere else)."""
+    """fhirclient's HTTP session for the token request: the fetcher's transport (nothing from the
+    environment), a timeout, no redirects (the code and the code_verifier go to the token endpoint the
+    configuration named, nowhere else) and an answer of at most 64 KiB."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, settings: Settings) -> None:
         super().__init__()
-        self.timeout = timeout
+        configure_session(self, settings)
+        self.timeout = settings.fhir_timeout
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs["timeout"] = self.timeout
         kwargs["allow_redirects"] = False
-        return super().request(method, url, *args, **kwargs)
+        kwargs["stream"] = True
+        with super().request(method, url, *args, **kwargs) as response:
+            body = _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
+        if body is None:
+            raise SmartError(
+                502, "The authorization server's answer is too large", "Its token response is over 64 KiB."
+            )
+        response._content = body  # read here, bounded; requests serves .json() from it
+        return response
 
 
 def granted(scopes: str, resource: str) -> bool:
@@ -329,16 +386,24 @@ def _refused(exc: Exception) -> SmartError:
 def _exchange(app: SmartApp, launched: dict[str, Any]) -> tuple[FHIRClient, dict[str, Any]]:
     client = FHIRClient(state=launched["client"])
     client.server.session.close()
-    client.server.session = session = _BoundedSession(app.settings.fhir_timeout)
+    client.server.session = session = _BoundedSession(app.settings)
+    started = time.monotonic()
     try:
-        client.handle_callback(request.url)
+        with read_deadline(app.settings.fhir_budget):
+            client.handle_callback(request.url)
+    except SmartError:
+        raise
     except requests.HTTPError as exc:
         raise _refused(exc) from exc
+    except requests.JSONDecodeError as exc:
+        raise SmartError(
+            502, "The authorization server's answer is not JSON", "Its token response could not be read."
+        ) from exc
     except requests.RequestException as exc:
         raise SmartError(
             502,
             "The authorization server could not be reached",
-            f"The token request failed ({type(exc).__name__}).",
+            _unreachable("The token response", exc, started, app.settings.fhir_budget),
         ) from exc
     except Exception as exc:  # fhirclient raises plain Exceptions (no token, a 401 from the token endpoint)
         raise _refused(exc) from exc
@@ -387,11 +452,25 @@ def callback() -> BaseResponse:
         raise SmartError(
             400, "No patient was selected", "The authorization server named no patient for this launch."
         )
+    if not _FHIR_ID.match(patient):
+        # It goes into every query (patient=...): only a FHIR id, never more query or another path.
+        raise SmartError(
+            502,
+            "The authorization server named an invalid patient",
+            "Its token response's patient is not a FHIR id; nothing was read.",
+        )
     token = client.server.auth.access_token
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        raise SmartError(
+            502,
+            "The authorization server's token is not usable",
+            "Its access_token is not a string that an Authorization header can carry; nothing was read.",
+        )
     # fhirclient keeps the token's expires_in as expires_at (local time); the session ends with the token.
     expires_at = client.server.auth.expires_at
     lifetime = (expires_at - datetime.now()).total_seconds() if expires_at else SESSION_SECONDS
     seconds = int(max(1, min(SESSION_SECONDS, lifetime)))
+    # Only the rule the card named is kept (a short id): the EHR's appContext may be of any size.
     app_context = context.get("appContext") if isinstance(context.get("appContext"), str) else None
     sealed = app.seal(
         {
@@ -401,9 +480,16 @@ def callback() -> BaseResponse:
             "token": token,
             "patient": patient,
             "scope": scopes,
-            "app_context": app_context,
+            "focus": focused_rule(app_context),
         }
     )
+    if len(COOKIE) + 1 + len(sealed) > MAX_COOKIE_BYTES:
+        raise SmartError(
+            502,
+            "The access token is too large for this app",
+            f"The authorization server's token ({len(token)} characters) does not fit in the app's session "
+            "cookie, which a browser keeps only up to 4 KiB; ask for shorter tokens for this client.",
+        )
     response = redirect(f"{app.settings.smart_app_url}/", code=303)
     _set_cookie(response, sealed, seconds)
     return response
@@ -484,7 +570,7 @@ def page() -> Response:
         ) from exc
     report = whatif.report(explanation, rt.ruleset)
     context = view.page_context(report, explanation, rt.ruleset, rt.profile, today)
-    focus = focused_rule(session.get("app_context"))
+    focus = session.get("focus")
     titles = {rule.id: rule.title for rule in rt.ruleset.rules_for("patient-view")}
     html = render_template(
         "smart.html",
