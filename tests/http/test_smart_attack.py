@@ -268,3 +268,20 @@ def test_a_token_response_with_an_unusable_patient_or_token(
     answer = _launch(client, ehr, "shapes", _token(**changes))
     _page(answer, 502, title)
     assert client.get("/smart/").status_code == 401
+
+
+def test_a_short_cookie_secret_is_refused() -> None:
+    """The cookie is sealed with a key derived from D3K2_SMART_SECRET by one SHA-256: a short secret can be
+    guessed offline from one cookie, and a forged launch cookie names the token endpoint the callback posts
+    the code to. Before: any length, "x" included, was accepted in production."""
+    from d3k2.config import ConfigError, from_env
+
+    env = {
+        "D3K2_ENV": "production",
+        "D3K2_PUBLIC_BASE_URL": "https://cds.example.org",
+        "D3K2_SMART_APP_URL": "https://cds.example.org/smart",
+    }
+    with pytest.raises(ConfigError, match="D3K2_SMART_SECRET must be at least 32") as caught:
+        from_env({**env, "D3K2_SMART_SECRET": "hunter2"})
+    assert "hunter2" not in str(caught.value)
+    assert from_env({**env, "D3K2_SMART_SECRET": "s" * 32}).smart_secret == "s" * 32
