@@ -285,3 +285,15 @@ def test_a_short_cookie_secret_is_refused() -> None:
         from_env({**env, "D3K2_SMART_SECRET": "hunter2"})
     assert "hunter2" not in str(caught.value)
     assert from_env({**env, "D3K2_SMART_SECRET": "s" * 32}).smart_secret == "s" * 32
+
+
+def test_a_token_for_another_patient_than_the_cards_is_refused(client: Any, ehr: str) -> None:
+    """The card's appContext names its patient; a token response for another patient (the EHR's context
+    moved on, a mix-up) must not show that patient's record under this card. Before: it did."""
+    context = json.dumps({"rule": "vitd-deficient", "patient": "p1"})
+    answer = _launch(client, ehr, "other", _token(patient="p2", appContext=context))
+    _page(answer, 409, "opened for another patient than the card")
+    assert client.get("/smart/").status_code == 401
+    # The card's own patient opens the app; so does a launch whose appContext names no patient.
+    assert _launch(client, ehr, "same", _token(patient="p1", appContext=context)).status_code == 303
+    assert _launch(client, ehr, "bare", _token(appContext='{"rule":"vitd-deficient"}')).status_code == 303

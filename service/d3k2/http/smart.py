@@ -472,6 +472,16 @@ def callback() -> BaseResponse:
     seconds = int(max(1, min(SESSION_SECONDS, lifetime)))
     # Only the rule the card named is kept (a short id): the EHR's appContext may be of any size.
     app_context = context.get("appContext") if isinstance(context.get("appContext"), str) else None
+    card_patient = _from_app_context(app_context, "patient")
+    if card_patient is not None and card_patient != patient:
+        # The card was for one patient, the token is for another (the EHR's context moved on, or a mix-up):
+        # the page would show that other patient's record under this card's rule.
+        raise SmartError(
+            409,
+            "The app was opened for another patient than the card's",
+            "The authorization server named a different patient than the one the card was shown for; "
+            "nothing was read. Open the app again from the card of the patient in front of you.",
+        )
     sealed = app.seal(
         {
             "phase": "session",
@@ -498,16 +508,22 @@ def callback() -> BaseResponse:
 # ---------------------------------------------------------------- the app page
 
 
-def focused_rule(app_context: str | None) -> str | None:
-    """The rule a card's appContext names (``{"rule": "vitd-deficiency"}``), when it is one."""
+def _from_app_context(app_context: str | None, name: str) -> str | None:
+    """A string member of a card's appContext (``{"rule": "vitd-deficient", "patient": "p1"}``)."""
     if not app_context:
         return None
     try:
         data = orjson.loads(app_context)
     except orjson.JSONDecodeError:
         return None
-    rule = data.get("rule") if isinstance(data, dict) else None
-    return rule if isinstance(rule, str) and _RULE.match(rule) else None
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def focused_rule(app_context: str | None) -> str | None:
+    """The rule a card's appContext names (``{"rule": "vitd-deficient"}``), when it is one."""
+    rule = _from_app_context(app_context, "rule")
+    return rule if rule is not None and _RULE.match(rule) else None
 
 
 def _overrides() -> tuple[list[str], dict[str, str]]:
