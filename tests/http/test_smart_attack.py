@@ -24,6 +24,7 @@ from d3k2.http.smart import SCOPE_V2 as SCOPE
 CONFIGS: dict[str, Any] = {}
 TOKENS: dict[str, Any] = {}
 SEEN: list[str] = []  # what the proxy was asked for
+RECORDS: dict[str, list[dict[str, Any]]] = {}  # the Observations each FHIR server answers every search with
 
 
 def _serve(app: Flask) -> Iterator[str]:
@@ -58,7 +59,9 @@ def ehr() -> Iterator[str]:
 
     @app.get("/<name>/<path:path>")
     def fhir(name: str, path: str) -> Any:
-        return jsonify({"resourceType": "Bundle", "type": "searchset", "entry": []})
+        found = RECORDS.get(name, []) if path == "Observation" else []
+        entries = [{"resource": r} for r in found]
+        return jsonify({"resourceType": "Bundle", "type": "searchset", "entry": entries})
 
     yield from _serve(app)
 
@@ -297,3 +300,35 @@ def test_a_token_for_another_patient_than_the_cards_is_refused(client: Any, ehr:
     # The card's own patient opens the app; so does a launch whose appContext names no patient.
     assert _launch(client, ehr, "same", _token(patient="p1", appContext=context)).status_code == 303
     assert _launch(client, ehr, "bare", _token(appContext='{"rule":"vitd-deficient"}')).status_code == 303
+
+
+def _lab(oid: str, code: str, value: float, unit: str, day: str = "2026-10-01") -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": day,
+        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+    }
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        [_lab("v", "1989-3", 1e308, "ng/mL")],
+        [_lab("c", "17861-6", 1e308, "mmol/L")],  # ×4.008: infinite in mg/dL
+        [_lab("e", "33914-3", 1e308, "mL/min/{1.73_m2}")],
+    ],
+)
+def test_a_result_no_body_can_have_is_listed_not_drawn(client: Any, ehr: str, record: list[Any]) -> None:
+    """The facts do not use a value outside what a body can have; the chart drew it, and 1e308 overflowed
+    the chart's scale. Before: 500."""
+    RECORDS["absurd"] = [*record, _lab("ok", "1989-3", 19, "ng/mL", "2025-10-01")]
+    assert _launch(client, ehr, "absurd", _token()).status_code == 303
+    page = client.get("/smart/", headers={"X-D3K2-Today": "2026-11-24"})
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200, text
+    assert "not used: no body can have it" in text and "1e+308" in text
+    assert "<title>19 ng/mL on 2025-10-01</title>" in text  # the usable result is still drawn

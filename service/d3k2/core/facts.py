@@ -23,6 +23,7 @@ from d3k2.core.labs import (
     LabConfig,
     Measurement,
     Role,
+    implausible,
     lab_role,
     moment_of,
     quantity_parts,
@@ -298,14 +299,11 @@ class _Collector(RecordReader):
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
             self.issues.append(notes["future"].format(what=what))
             return False
-        plausible = lab.plausible
-        reading = Interval.from_comparator(value, comparator)
-        canonical = reading.scaled(lab.units[unit])
-        floor = plausible.above_by_kind.get(kind, plausible.above)
-        if canonical.le(floor) is True or canonical.gt(plausible.most) is True:
-            shown = format_interval(reading, unit, None)
+        if implausible(lab, value, comparator, unit, kind):
+            shown = format_interval(Interval.from_comparator(value, comparator), unit, None)
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
-            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=plausible.reason))
+            reason = lab.plausible.reason
+            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=reason))
             return False
         return True
 
