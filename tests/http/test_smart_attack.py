@@ -19,7 +19,7 @@ from werkzeug.serving import make_server
 from builders import CARDS, ruleset
 from d3k2.config import Settings
 from d3k2.http.app import create_app
-from d3k2.http.smart import SCOPE_V2 as SCOPE
+from d3k2.http.smart_auth import SCOPE_V2 as SCOPE
 
 CONFIGS: dict[str, Any] = {}
 TOKENS: dict[str, Any] = {}

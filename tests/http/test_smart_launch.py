@@ -16,7 +16,8 @@ from werkzeug.serving import make_server
 from builders import CARDS, ruleset
 from d3k2.config import Settings
 from d3k2.http.app import create_app
-from d3k2.http.smart import SCOPE_V1, SCOPE_V2, focused_rule, granted, wanted_scope
+from d3k2.http.smart import focused_rule
+from d3k2.http.smart_auth import SCOPE_V1, SCOPE_V2, granted, wanted_scope
 from fhir_server import free_port
 
 CONFIGS: dict[str, Any] = {}

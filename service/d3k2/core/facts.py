@@ -23,7 +23,6 @@ from d3k2.core.labs import (
     LabConfig,
     Measurement,
     Role,
-    implausible,
     lab_role,
     moment_of,
     quantity_parts,
@@ -306,6 +305,13 @@ class _Collector(RecordReader):
             self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=reason))
             return False
         return True
+
+
+def implausible(lab: LabConfig, value: float, comparator: str | None, unit: str, kind: str) -> bool:
+    """Whether a result is certainly outside what a body can have (then it is not used, and named)."""
+    canonical = Interval.from_comparator(value, comparator).scaled(lab.units[unit])
+    floor = lab.plausible.above_by_kind.get(kind, lab.plausible.above)
+    return canonical.le(floor) is True or canonical.gt(lab.plausible.most) is True
 
 
 def extract_facts(

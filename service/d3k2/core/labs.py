@@ -188,13 +188,6 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
     return value, comparator, unit
 
 
-def implausible(lab: LabConfig, value: float, comparator: str | None, unit: str, kind: str) -> bool:
-    """Whether a result is certainly outside what a body can have (then it is not used, and named)."""
-    canonical = Interval.from_comparator(value, comparator).scaled(lab.units[unit])
-    floor = lab.plausible.above_by_kind.get(kind, lab.plausible.above)
-    return canonical.le(floor) is True or canonical.gt(lab.plausible.most) is True
-
-
 def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
     """(interval in the canonical unit, reported text) of a result triage found readable."""
     value, comparator, unit = quantity_parts(resource, lab, code)

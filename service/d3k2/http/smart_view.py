@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
-from d3k2.core.labs import implausible, lab_role, quantity_parts
+from d3k2.core.facts import implausible
+from d3k2.core.labs import lab_role, quantity_parts
 from d3k2.core.readers import Unreadable, loinc_codes, medication_text, observation_date, parse_date, ref_of
 from d3k2.core.ruleset import Band, RuleSet
 from d3k2.service import classifier
