@@ -332,3 +332,19 @@ def test_a_result_no_body_can_have_is_listed_not_drawn(client: Any, ehr: str, re
     assert page.status_code == 200, text
     assert "not used: no body can have it" in text and "1e+308" in text
     assert "<title>19 ng/mL on 2025-10-01</title>" in text  # the usable result is still drawn
+
+
+def test_sealed_cookies_are_bound_to_their_phase_and_their_time(client: Any) -> None:
+    """Replay guards that held when attacked (no fix needed; kept so they stay): a launch cookie is no
+    session, a session past its exp is none, and a session cookie is no launch for the callback."""
+    smart = client.application.extensions["d3k2.smart"]
+    now = time.time()
+    session = {"phase": "session", "iss": "http://127.0.0.1:9/f", "token": "t", "patient": "p1", "scope": ""}
+    for value in (
+        smart.seal({**session, "phase": "launch", "exp": now + 60}),
+        smart.seal({**session, "exp": now - 1}),
+    ):
+        client.set_cookie("d3k2_smart", value, path="/smart")
+        assert client.get("/smart/").status_code == 401
+    client.set_cookie("d3k2_smart", smart.seal({**session, "exp": now + 60}), path="/smart")
+    assert client.get("/smart/callback?code=a&state=b").status_code == 400
