@@ -302,21 +302,24 @@ class _Collector(RecordReader):
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
             self.issues.append(notes["future"].format(what=what))
             return False
-        plausible = lab.plausible
-        floor = plausible.above_by_kind.get(kind, plausible.above)
-        factor = lab.units[unit]
-        if comparator is None:  # most results: one number, compared as its exact Interval would be
-            canonical = value * factor
-            implausible = canonical <= floor or canonical > plausible.most
-        else:
-            bounds = Interval.from_comparator(value, comparator).scaled(factor)
-            implausible = bounds.le(floor) is True or bounds.gt(plausible.most) is True
-        if implausible:
+        if implausible(lab, value, comparator, unit, kind):
             shown = format_interval(Interval.from_comparator(value, comparator), unit, None)
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
-            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=plausible.reason))
+            reason = lab.plausible.reason
+            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=reason))
             return False
         return True
+
+
+def implausible(lab: LabConfig, value: float, comparator: str | None, unit: str, kind: str) -> bool:
+    """Whether a result is certainly outside what a body can have (then it is not used, and named)."""
+    floor = lab.plausible.above_by_kind.get(kind, lab.plausible.above)
+    factor = lab.units[unit]
+    if comparator is None:  # most results: one number, compared as its exact Interval would be
+        canonical = value * factor
+        return canonical <= floor or canonical > lab.plausible.most
+    bounds = Interval.from_comparator(value, comparator).scaled(factor)
+    return bounds.le(floor) is True or bounds.gt(lab.plausible.most) is True
 
 
 def extract_facts(
