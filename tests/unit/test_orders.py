@@ -388,6 +388,11 @@ def test_dose_range_uses_the_upper_end(terminology: Terminology, catalog: Medica
     assert (
         d3.arithmetic == "8,000 IU/day: 2 tablets of 2,000 IU (upper end of dose range 1–2 used) twice daily"
     )
+    ranged["doseAndRate"] = [{"doseRange": {"high": {"value": 2, "code": "{pill}"}}}]
+    up_to = only(read_one(request(rx("801663"), ranged), terminology, catalog))
+    assert up_to.arithmetic == (
+        "8,000 IU/day: 2 tablets of 2,000 IU (upper end of dose range up to 2 used) twice daily"
+    )
 
 
 def test_frequency_max_is_used(terminology: Terminology, catalog: MedicationCatalog) -> None:
