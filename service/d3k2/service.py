@@ -96,7 +96,7 @@ def drafts_of(ruleset: RuleSet, request: CdsRequest) -> DraftReading | None:
     context = request.context
     orders = context.draftOrders if context.draftOrders is not None else context.medications
     selections = context.selections if request.hook == "order-select" else None
-    return read_draft_orders(orders, selections, ruleset.terminology, ruleset.catalog, ruleset.medications)
+    return read_draft_orders(orders, selections, ruleset.medications)
 
 
 def call_service(

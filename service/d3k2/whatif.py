@@ -186,7 +186,7 @@ def _lab_code(lab: LabConfig, ruleset: RuleSet) -> tuple[str, str]:
     main = (lab.total or lab.primary)[0]
     for system, code in ruleset.terminology.codes_in(main):
         concepts = ruleset.terminology.concepts(system, code)
-        if system == LOINC and code not in lab.never and not concepts & set(lab.exclude):
+        if system == LOINC and code not in lab.race_coefficients and not concepts & set(lab.exclude):
             return system, code
     raise OverrideError(f"the rule set's value set {main!r} has no usable LOINC code")
 

@@ -371,7 +371,7 @@ def _draft(dosage: dict[str, Any], medication: Any = D3_2000, **fields: Any) -> 
     if medication is not None:
         resource["medicationCodeableConcept"] = medication
     resource |= {"dosageInstruction": [dosage], **fields}
-    reading = read_draft_orders([resource], None, ruleset().terminology, ruleset().catalog)
+    reading = read_draft_orders([resource], None, ruleset().medications)
     [order] = reading.orders
     assert order.problems == ()
     [ingredient] = order.ingredients

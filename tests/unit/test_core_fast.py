@@ -314,12 +314,10 @@ def test_concepts_that_read_alike_share_an_entry() -> None:
 
 def test_the_medication_caches_are_bounded() -> None:
     rs = ruleset()
-    reader = MedicationReader(rs.terminology, rs.catalog, maxsize=3)
+    reader = MedicationReader(rs.terminology, rs.catalog, rs.texts.dosage, maxsize=3)
     for n in range(10):
         reader.concepts({"text": f"vitamin d3 {n} unit"})
-    reader_drafts = read_draft_orders(
-        [_d3_order(n) for n in range(1, 8)], None, rs.terminology, rs.catalog, reader
-    )
+    reader_drafts = read_draft_orders([_d3_order(n) for n in range(1, 8)], None, reader)
     assert len(reader_drafts.orders) == 7
     assert reader.cached() == (3, 3)
 
@@ -335,8 +333,10 @@ def test_rule_sets_do_not_share_what_they_remember() -> None:
 def test_remembered_draft_doses_equal_fresh_ones() -> None:
     rs = _fresh()
     orders = [_d3_order(2), _d3_order(2), _d3_order(3)]
-    remembered = read_draft_orders(orders, None, rs.terminology, rs.catalog, rs.medications)
-    plain = read_draft_orders(orders, None, rs.terminology, rs.catalog)
+    remembered = read_draft_orders(orders, None, rs.medications)
+    plain = read_draft_orders(
+        orders, None, MedicationReader(rs.terminology, rs.catalog, rs.texts.dosage, maxsize=0)
+    )
     assert remembered == plain
     assert remembered.orders[0].ingredients is remembered.orders[1].ingredients
     assert rs.medications.cached() == (1, 2)

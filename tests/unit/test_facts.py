@@ -236,14 +236,16 @@ def test_egfr_comparator_greater_than_sixty_is_not_below_thirty() -> None:
     assert egfr is not None and egfr.value.lt(30) is False and egfr.shown == ">60 mL/min/1.73 m²"
 
 
-def test_legacy_race_specific_egfr_only_without_race_free_of_its_day_and_never_the_black_value() -> None:
+def test_legacy_race_specific_egfr_only_without_race_free_of_its_day_and_never_the_black_value_as_sent() -> (
+    None
+):
     legacy = obs("88294-4", oid="legacy", when="2026-11-10", **qty(25, "mL/min/1.73m2"))
     black = obs("48643-1", oid="black", when="2026-11-20", **qty(40, "mL/min/1.73m2"))
     race_free = obs("98979-8", oid="free", when="2026-11-10", **qty(40, "mL/min/1.73m2"))
     assert facts(legacy, race_free).egfr.source == "Observation/free"  # type: ignore[union-attr]
-    only_legacy = facts(legacy, black).egfr
-    assert only_legacy is not None and only_legacy.source == "Observation/legacy"
-    assert "legacy sex/race-specific equation" in only_legacy.notes
+    newest = facts(legacy, black).egfr
+    assert newest is not None and newest.source == "Observation/black" and newest.value.lo == 40 / 1.212
+    assert "legacy sex/race-specific equation" in newest.notes
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,10 @@ TEXTS = ruleset().texts
 def _dose(concept: str, daily: float | None, lead: str = "") -> IngredientDose:
     arithmetic = f"{lead}: detail" if daily is not None else "dose unknown: no dosage instruction"
     weekly = daily * 7 if daily is not None else None
-    return IngredientDose(concept, concept, None, "IU", daily, weekly, arithmetic, "structured", "code")
+    period = "" if daily is None else ("wk" if lead.endswith("/week") else "d")
+    return IngredientDose(
+        concept, concept, None, "IU", daily, weekly, arithmetic, "structured", "code", lead, period
+    )
 
 
 def _draft(ref: str, text: str | None, *doses: IngredientDose) -> DraftOrder:

@@ -65,6 +65,8 @@ def test_the_shipped_texts_keep_their_wording() -> None:
         ('unknown_dose = "unknown dose"', 'unknown_dose = "a { b"', "cards.unknown_dose", "not a valid"),
         ('unknown_dose = "unknown dose"', "unknown_dose = 5", "cards.unknown_dose", "must be a string"),
         ('ug = "mcg"', "ug = 1", "units.ug", "must be a string"),
+        ('count_unit = "unit"', 'count_unit = "{x}"', "dosage.count_unit", "no placeholders"),
+        ('no_timing = "no timing"\n', "", "dosage.no_timing", "missing"),
         ("[units]", "[unit]", "units", "missing"),
         ('none = "none"', '[other]\nnone = "none"', "other", "unknown key"),
     ],
@@ -82,7 +84,7 @@ def test_a_broken_text_stops_startup_naming_file_and_key(
 
 def test_the_two_tables_must_be_tables(texts_file: Path) -> None:
     texts_file.write_text(
-        'cards = 1\nnotes = 1\nskipped = 1\nunits = "x"\nfetch = 1\ndoses = 1\n', encoding="utf-8"
+        'cards = 1\nnotes = 1\nskipped = 1\nunits = "x"\nfetch = 1\ndoses = 1\ndosage = 1\n', encoding="utf-8"
     )
     with pytest.raises(RuleSetError, match=r"texts\.toml: cards: missing or not a table"):
         load_texts(texts_file)
@@ -113,6 +115,7 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
         units={**rs.texts.units, "{tbl}": "«tablet»"},
         fetch=rs.texts.fetch,
         doses=rs.texts.doses,
+        dosage=rs.texts.dosage,
     )
     changed = dataclasses.replace(rs, texts=texts)
     answers = []
@@ -138,6 +141,37 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
     assert [key for key in marked if f"«{key}»" not in seen] == sorted(unreached, key=list(marked).index)
     assert '"unit": "«tablet»"' in seen
     assert "25(OH)D bands:" not in seen and "not on record" not in seen
+
+
+def test_the_words_of_a_dose_reach_the_cards_from_the_file() -> None:
+    """[dosage]: a draft's arithmetic, where its dose was read, and why a dose is unknown."""
+    rs = ruleset()
+    marked = {
+        "count_one": "«count_one» {count} {noun} {strength} {unit}",
+        "adverb_d": "«daily»",
+        "basis_structured": "«structured»",
+        "unknown": "«unknown» {reason}",
+        "text_no_dose": "«no dose found»",
+    }
+    changed = dataclasses.replace(
+        rs, texts=dataclasses.replace(rs.texts, dosage={**rs.texts.dosage, **marked})
+    )
+    seen = []
+    for fixture in fixtures():
+        if fixture.expected.get("status", 200) == 200:
+            outcome = call_service(
+                changed,
+                fixture.expected["service"],
+                fixture.request,
+                today=date.fromisoformat(fixture.expected["today"]),
+                profile=fixture.expected["profile"],
+                fetcher=None,
+            )
+            seen.append(json.dumps(outcome.response, ensure_ascii=False))
+    shown = "\n".join(seen)
+    for mark in ("«count_one» 1 tablet", "«daily»", "(«structured»)", "«unknown» «no dose found»"):
+        assert mark in shown
+    assert "dose unknown" not in shown
 
 
 def test_a_stale_value_given_as_a_range_is_worded_from_the_file() -> None:

@@ -66,7 +66,7 @@ class FactsConfig:
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
-    # same_specimen_lowest, conflicting_copies, upper_bound_used, upper_bound_unused; and the data card's
+    # same_specimen_lowest, conflicting_copies, race_coefficient_removed; and the data card's
     # <state>_stale ({what}, {date}, {days}) and <state>_superseded ({date}, {newer}).
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
@@ -360,7 +360,7 @@ def extract_facts(
     labs = config.labs
     found = collector.candidates
     vitd = read_vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
-    egfr = read_simple_lab(found, labs["egfr"], config, today, collector.issues) if "egfr" in labs else None
+    egfr = read_simple_lab(found, labs["egfr"], config, today) if "egfr" in labs else None
     calcium = read_simple_lab(found, labs["calcium"], config, today) if "calcium" in labs else None
     return Facts(
         today=today,

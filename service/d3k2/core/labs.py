@@ -14,7 +14,6 @@ shown, so Observations are read in two stages:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from d3k2.core.copies import canonical
-from d3k2.core.quantities import Interval, LabBand, Mark, format_interval
+from d3k2.core.quantities import Interval, LabBand, Mark, format_exact, format_interval
 from d3k2.core.readers import Unreadable, instant, nonempty_str, parse_date, ref_of
 from d3k2.core.terminology import LOINC, Terminology
 
@@ -73,7 +72,10 @@ class LabConfig:
     d3_fraction: tuple[str, ...] = ()
     d2_fraction: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    never: tuple[str, ...] = ()
+    # Codes whose value a published race coefficient multiplied ("among blacks" eGFR) → that coefficient: the
+    # value divided by it is the same equation's value without it, read as a `fallback` (legacy) result.
+    race_coefficients: Mapping[str, float] = field(default_factory=dict)
+    race_coefficients_source: str = ""
     default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
     # value set → the kind of measurement it is, named on the card (calcium: total, ionized, …).
     kinds: Mapping[str, str] = field(default_factory=dict)
@@ -97,9 +99,6 @@ class LabConfig:
     # unit → every threshold a rule holds a value reported in it against (canonical unit; the loader collects
     # them): a converted value is shown with the digits that keep it on its side of each (`format_beside`).
     marks: Mapping[str, tuple[Mark, ...]] = field(default_factory=dict)
-    # Codes whose value a coefficient > 1 raised ("among blacks" eGFR): `never` codes; only a value
-    # certainly below this limit is used, as the upper bound it is, else the result is not used. Both named.
-    upper_bound_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -202,12 +201,18 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
 
 def _read(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str, str]:
     """(interval in the canonical unit, reported text, unit) of a result triage found readable. Converted,
-    never rounded: the rules decide on the value reported (374.5 nmol/L is above 150 ng/mL)."""
+    never rounded: the rules decide on the value reported (374.5 nmol/L is above 150 ng/mL). A value a race
+    coefficient multiplied is divided by it (`LabConfig.race_coefficients`)."""
     value, comparator, unit = quantity_parts(resource, lab, code)
     factor = lab.units[unit]
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
     converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor)
+    coefficient = lab.race_coefficients.get(code)
+    if coefficient is not None:
+        converted = Interval(
+            converted.lo / coefficient, converted.hi / coefficient, converted.lo_open, converted.hi_open
+        )
     return converted, format_interval(reported_interval, display_unit, None), unit
 
 
@@ -237,11 +242,11 @@ def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = 
 
 
 def lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
-    # A `never` code says what the value is, whatever other code the result also carries (an "among blacks"
-    # eGFR coded with a race-free code too is still the raised value).
+    # A race-specific code says what the value is, whatever other code the result also carries (an "among
+    # blacks" eGFR coded with a race-free code too is still the raised value): legacy, divided when read.
     for code in codes:
-        if code in lab.never:
-            return "upper_bound", code
+        if code in lab.race_coefficients:
+            return "fallback", code
     for code in codes:
         concepts = terminology.concepts(LOINC, code)
         if concepts & set(lab.exclude):
@@ -326,13 +331,17 @@ def _measurement(
 ) -> Measurement:
     """Stage 2: the picked result read in full (or its value and text `summed` with another's)."""
     _at, _id, when, status, found, upper, resource = candidate
+    extra: tuple[str, ...] = ()
     if summed is None:
         value, reported, unit = _read(resource, found.lab, found.code)
-        converted = found.lab.units[unit] != 1.0
+        coefficient = found.lab.race_coefficients.get(found.code)
+        converted = found.lab.units[unit] != 1.0 or coefficient is not None
+        if coefficient is not None:
+            extra = (config.notes["race_coefficient_removed"].format(coefficient=format_exact(coefficient)),)
     else:
         (value, reported), upper, unit, converted = summed, None, lab.canonical_unit, True
     age = (today - when).days
-    extra = (config.notes["preliminary"],) if status == "preliminary" else ()
+    extra += (config.notes["preliminary"],) if status == "preliminary" else ()
     return Measurement(
         analyte=lab.name,
         value=value,
@@ -420,33 +429,22 @@ def _lowest_of_specimen(
     )
     if len({(value, text) for (value, text), _c in read}) < 2:
         return read[0][1], ()
-    listed = ", ".join(f"{text} ({c[4].code})" for (_value, text), c in read)
+    listed = ", ".join(f"{_as_compared(value, text, c, config)} ({c[4].code})" for (value, text), c in read)
     return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
 
 
-def _upper_bound(
-    bound: Candidate,
-    lab: LabConfig,
-    config: FactsConfig,
-    today: date,
-    notes: tuple[str, ...],
-    issues: list[str],
-) -> Measurement | None:
-    """A value a coefficient > 1 raised: the true value is at most it. Used only when certainly below
-    `upper_bound_below`; named on the data card either way."""
-    value, reported = _quantity(bound[6], bound[4].lab, bound[4].code)
-    notes_ = config.notes
-    named = f"{notes_['dated'].format(what=lab.label, date=bound[2].isoformat())} ({reported})"
-    if lab.upper_bound_below is None or value.lt(lab.upper_bound_below) is not True:
-        issues.append(notes_["not_used"].format(what=named, reason=notes_["upper_bound_unused"]))
-        return None
-    issues.append(f"{notes_['estimate'].format(what=named)}: {notes_['upper_bound_used']}")
-    measured = _measurement(bound, lab, config, today, (config.notes["upper_bound_used"], *notes))
-    return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open), converted=True)
+def _as_compared(value: Interval, reported: str, candidate: Candidate, config: FactsConfig) -> str:
+    """A result as reported, and as compared when that differs (an "among blacks" eGFR without its race
+    coefficient, never shown across a threshold)."""
+    lab, code = candidate[4].lab, candidate[4].code
+    if code not in lab.race_coefficients:
+        return reported
+    shown = format_interval(value, lab.canonical_unit, lab.decimals, lab.marks.get(lab.canonical_unit, ()))
+    return config.notes["race_coefficient_listed"].format(reported=reported, value=shown)
 
 
 def read_simple_lab(
-    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date, issues: list[str] | None = None
+    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date
 ) -> Measurement | None:
     group = _group(candidates, lab, "primary")
     best, notes = _newest(*group, lab, config)
@@ -457,11 +455,6 @@ def read_simple_lab(
     if legacy is not None and (best is None or legacy[2] > best[2]):
         best, group = legacy, legacy_group
         notes = (config.notes["legacy_equation"], *legacy_notes)
-    bound, bound_notes = _newest(*_group(candidates, lab, "upper_bound"), lab, config)
-    if bound is not None and (best is None or bound[2] > best[2]):
-        used = _upper_bound(bound, lab, config, today, bound_notes, [] if issues is None else issues)
-        if used is not None:
-            return used
     if best is not None and lab.same_specimen_lowest:
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice

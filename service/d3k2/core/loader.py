@@ -108,8 +108,6 @@ def _marks(lab: LabConfig, more: tuple[Mark, ...] = ()) -> dict[str, tuple[Mark,
     """unit → the thresholds rules hold a value reported in it against, in the canonical unit: the lab's
     bands and grades, its default limits (as stated in that unit, converted as a result is), `more`."""
     marks = (*marks_of(lab.bands), *marks_of(lab.grades), *more)
-    if lab.upper_bound_below is not None:
-        marks += ((lab.upper_bound_below, True),)
     by_unit: dict[str, tuple[Mark, ...]] = {}
     for unit, factor in lab.units.items():
         limits = dict(lab.kind_limits)
@@ -150,7 +148,8 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 d3_fraction=tuple(lab.get("d3_fraction", ())),
                 d2_fraction=tuple(lab.get("d2_fraction", ())),
                 exclude=tuple(lab.get("exclude", ())),
-                never=tuple(lab.get("never", ())),
+                race_coefficients={str(k): float(v) for k, v in lab.get("race_coefficients", {}).items()},
+                race_coefficients_source=str(lab.get("race_coefficients_source", "")),
                 default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
                 kinds={str(k): str(v) for k, v in lab.get("kinds", {}).items()},
                 kind_limits={str(k): float(v) for k, v in lab.get("kind_limits", {}).items()},
@@ -165,7 +164,6 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
                 same_specimen_lowest=bool(lab.get("same_specimen_lowest", False)),
                 cautious=cautious_direction(lab.get("cautious", "highest")),
-                upper_bound_below=(float(lab["upper_bound_below"]) if "upper_bound_below" in lab else None),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
             )

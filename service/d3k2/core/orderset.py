@@ -101,8 +101,7 @@ def set_values(
 
 def _weekly_lead(ingredient: IngredientDose) -> str | None:
     """A weekly dose's own lead ("50,000 IU/week"): weekly doses stay weekly (CLINICAL.md 6a)."""
-    lead = ingredient.arithmetic.split(":", 1)[0]
-    return lead if lead.endswith("/week") else None
+    return ingredient.lead if ingredient.lead_period == "wk" else None
 
 
 def _daily(amount: float | None, texts: Texts) -> str:
@@ -137,7 +136,7 @@ def total_text(the_set: OrderSet, texts: Texts) -> str:
     weekly), or "7,000 IU/day in all"."""
     if len(the_set.vitamin_d) + len(the_set.current) == 1 and the_set.vitamin_d:
         only = the_set.vitamin_d[0][1]
-        return only.arithmetic.split(":", 1)[0] if only.daily is not None else texts.unknown_dose
+        return only.lead if only.daily is not None else texts.unknown_dose
     return _in_all(the_set, texts)
 
 
@@ -159,7 +158,7 @@ def draft_fields(
         name=_name(draft, ingredient),
         arithmetic=ingredient.arithmetic,
         daily=daily,
-        basis=ingredient.basis,
+        basis=texts.dosage[f"basis_{ingredient.basis}"],
         combined=combined_text(the_set, texts),
         total=total_text(the_set, texts),
         vka_drafts=partner_names(the_set, texts, "vka"),

@@ -345,7 +345,9 @@ class RuleSet:
     unknown_facts: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "medications", MedicationReader(self.terminology, self.catalog))
+        object.__setattr__(
+            self, "medications", MedicationReader(self.terminology, self.catalog, self.texts.dosage)
+        )
         hooks = {hook for rule in self.rules for hook in rule.hooks}
         by_hook = {hook: tuple(r for r in self.rules if hook in r.hooks) for hook in hooks}
         object.__setattr__(self, "by_hook", by_hook)
