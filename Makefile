@@ -40,7 +40,8 @@ pytest: $(STAMP)
 # Longer schemathesis and hypothesis runs (minutes); `make test` runs the same tests bounded.
 fuzz: $(STAMP)
 	D3K2_FUZZ_EXAMPLES=$${D3K2_FUZZ_EXAMPLES:-1000} D3K2_PROPERTY_EXAMPLES=$${D3K2_PROPERTY_EXAMPLES:-3000} \
-	  $(BIN)/python -m pytest -p no:cacheprovider tests/http/test_schemathesis.py tests/unit/test_properties.py
+	  $(BIN)/python -m pytest -p no:cacheprovider tests/http/test_schemathesis.py tests/unit/test_properties.py \
+	  tests/unit/test_thresholds.py
 
 # The pre-launch attack of issue 24, replayed (a few minutes): each class of tests/http/test_attack.py with
 # more examples, the edge (gunicorn, nginx, slow clients), the log checks, feedback through database outages

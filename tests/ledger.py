@@ -9,6 +9,7 @@ tests/integration/test_two_instances.py and tests/http/test_attack.py.
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -39,7 +40,7 @@ def send(
     except urllib.error.HTTPError as error:
         with error:
             return int(error.code), None
-    except (OSError, ValueError):  # URLError, reset, timeout; a body cut short
+    except (OSError, ValueError, http.client.HTTPException):  # URLError, reset, timeout; a body cut short
         return 0, None
 
 

@@ -214,6 +214,12 @@ def check_smart(settings: Settings) -> None:
             "the SMART app in production requires D3K2_SMART_SECRET (the same in every worker: it seals the "
             "app's session cookies)"
         )
+    # Whoever guesses it can forge a launch cookie, and with it the token endpoint d3k2 posts to.
+    if settings.smart_secret is not None and len(settings.smart_secret) < CARD_KEY_MIN:
+        # Never quoted: it is a secret.
+        raise ConfigError(
+            f"D3K2_SMART_SECRET must be at least {CARD_KEY_MIN} characters (e.g. openssl rand -hex 32)"
+        )
 
 
 def _url(env: Mapping[str, str], name: str) -> str | None:

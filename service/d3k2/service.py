@@ -96,7 +96,7 @@ def drafts_of(ruleset: RuleSet, request: CdsRequest) -> DraftReading | None:
     context = request.context
     orders = context.draftOrders if context.draftOrders is not None else context.medications
     selections = context.selections if request.hook == "order-select" else None
-    return read_draft_orders(orders, selections, ruleset.terminology, ruleset.catalog, ruleset.medications)
+    return read_draft_orders(orders, selections, ruleset.medications)
 
 
 def call_service(
@@ -118,7 +118,7 @@ def call_service(
     request = parse_request(payload)
     if request.hook != service.hook:
         raise BadRequest(f"service {service_id!r} answers hook {service.hook!r}, not {request.hook!r}")
-    resolved = resolve(service.prefetch, request, fetcher)
+    resolved = resolve(service.prefetch, request, fetcher, ruleset.texts)
     fetch_medications(resolved, request, fetcher)
     resources = adjust(resolved.resources, request) if adjust else resolved.resources
     facts = facts_for(ruleset, resources, today, resolved)

@@ -186,7 +186,7 @@ def _lab_code(lab: LabConfig, ruleset: RuleSet) -> tuple[str, str]:
     main = (lab.total or lab.primary)[0]
     for system, code in ruleset.terminology.codes_in(main):
         concepts = ruleset.terminology.concepts(system, code)
-        if system == LOINC and code not in lab.never and not concepts & set(lab.exclude):
+        if system == LOINC and code not in lab.race_coefficients and not concepts & set(lab.exclude):
             return system, code
     raise OverrideError(f"the rule set's value set {main!r} has no usable LOINC code")
 
@@ -288,11 +288,11 @@ def _matches(
         category = "vka" if override.name == "warfarin" else "vitamin-k2"
         codeable = _medication_codeable(resource, everything)
         return any(found == category for found, _name, _by in classifier(ruleset)(codeable))
-    facts = ruleset.facts
+    pregnancy = ruleset.facts.states["pregnancy"]
     if rtype == "Condition":
-        return bool(ruleset.terminology.concepts_of(resource.get("code")) & set(facts.pregnancy_conditions))
+        return bool(ruleset.terminology.concepts_of(resource.get("code")) & set(pregnancy.conditions))
     if rtype == "Observation":
-        return bool(_loinc_concepts(resource, ruleset) & set(facts.pregnancy_observation))
+        return bool(_loinc_concepts(resource, ruleset) & set(pregnancy.observation))
     return False
 
 
@@ -383,7 +383,7 @@ def _measurement(m: Measurement | None) -> dict[str, Any] | None:
     if m is None:
         return None
     return {
-        "value": format_interval(m.value, m.unit),
+        "value": format_interval(m.value, m.unit, m.decimals, m.marks),  # never across a threshold
         "reported": m.reported,
         "unit": m.unit,
         "date": m.when.isoformat(),
@@ -453,6 +453,7 @@ def report(explanation: Explanation, ruleset: RuleSet) -> dict[str, Any]:
             ],
             "conditions": {name: _evidence(items) for name, items in facts.conditions.items()},
             "pregnancy": _evidence(facts.pregnancy),
+            "lactation": _evidence(facts.lactation),
             "issues": list(facts.issues),
             "missing": list(facts.missing),
             "incomplete": list(facts.incomplete),

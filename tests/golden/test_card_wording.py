@@ -26,7 +26,9 @@ INTERNAL = re.compile(r"not on record \(no date\)|no band|\bprofile\b|\bprefetch
 # A daily equivalent of a weekly dose ("7,142.9 IU/day"): a fraction of an IU per day.
 DAILY_FRACTION = re.compile(r"\d[\d,]*\.\d+ IU/day")
 # Ingredient names a summary should say once (case-insensitive; "vitamin K2 (vitamin K2)" is twice).
-INGREDIENTS = re.compile(r"vitamin K2|vitamin D2|vitamin D3|cholecalciferol|ergocalciferol", re.IGNORECASE)
+INGREDIENTS = re.compile(
+    r"vitamin K2|vitamin D2|vitamin D3|\bvitamin D\b|cholecalciferol|ergocalciferol", re.IGNORECASE
+)
 
 
 def requests() -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -112,3 +114,7 @@ def test_the_patterns_catch_what_they_should() -> None:
     assert (
         wording_problems({"summary": "eGFR 25 mL/min/1.73 m² on 2026-10-15", "source": {"label": "x"}}) == []
     )
+    twice = {"summary": "Vitamin D ordered with hypercalcemia: hold vitamin D", "source": {"label": "x"}}
+    assert wording_problems(twice) == [f"an ingredient named twice: {twice['summary']!r}"]
+    once = {"summary": "Vitamin D2 ordered: vitamin D3 is more potent", "source": {"label": "x"}}
+    assert wording_problems(once) == []

@@ -5,6 +5,7 @@ batches, at most once per EXPIRE_EVERY seconds. The PostgreSQL store: tests/inte
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from jwt_keys import ISSUER, NOW
 
 
 def rows(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:  # `with` on a connection alone does not close it
         return int(conn.execute("SELECT count(*) FROM jti").fetchone()[0])
 
 

@@ -16,7 +16,8 @@ from werkzeug.serving import make_server
 from builders import CARDS, ruleset
 from d3k2.config import Settings
 from d3k2.http.app import create_app
-from d3k2.http.smart import SCOPE_V1, SCOPE_V2, focused_rule, granted, wanted_scope
+from d3k2.http.smart import focused_rule
+from d3k2.http.smart_auth import SCOPE_V1, SCOPE_V2, granted, wanted_scope
 from fhir_server import free_port
 
 CONFIGS: dict[str, Any] = {}
@@ -71,12 +72,18 @@ def _good(base: str) -> dict[str, Any]:
         ("text", Response("<html>", mimetype="text/html"), 502, "is not JSON"),
         ("list", [1, 2], 502, "not a JSON object"),
         ("nopkce", {"code_challenge_methods_supported": ["plain"]}, 502, "does not support PKCE S256"),
-        ("noauth", {"token_endpoint": "http://127.0.0.1:9/token"}, 502, "incomplete"),
+        (
+            "noauth",
+            {"token_endpoint": "http://127.0.0.1:9/token", "code_challenge_methods_supported": ["S256"]},
+            502,
+            "incomplete",
+        ),
         (
             "plainhttp",
             {
                 "authorization_endpoint": "http://as.example.org/a",
                 "token_endpoint": "https://as.example.org/t",
+                "code_challenge_methods_supported": ["S256"],
             },
             502,
             "not on https",

@@ -137,6 +137,13 @@ def test_what_if_vitd_in_nmol_pregnancy_and_calcium(bundle_file: Path) -> None:
     assert verdicts(data)["hypercalcemia"] == "fired"
 
 
+def test_a_converted_value_is_never_shown_across_a_threshold(bundle_file: Path) -> None:
+    # 74.87 nmol/L is 29.996 ng/mL, below 30 (seed: deficient); shown rounded to one digit it would be "30".
+    data = report(str(bundle_file), "--today", TODAY, "--set", "vitd=74.87nmol/L")
+    assert data["facts"]["vitd"]["value"] == "29.996 ng/mL"
+    assert data["values"]["vitd.value"] == "29.995992" and data["values"]["vitd.band"] == "deficient"
+
+
 def off_the_network_copy(request: Path, tmp_path: Path) -> Path:
     """A recorded fixture copied with its request off the network and its golden beside it."""
     folder = tmp_path / request.parent.name

@@ -299,7 +299,7 @@ def test_cards_link_to_the_app_only_when_configured(app: Any, tmp_path: Any) -> 
     on = app.test_client().post("/cds-services/d3k2-patient-view", data=body, headers=headers).get_json()
     smart = [link for card in on["cards"] for link in card["links"] if link["type"] == "smart"]
     assert smart and all(link["url"] == f"{APP_URL}/launch" for link in smart)
-    assert '{"rule":"vitd-deficient"}' in {link["appContext"] for link in smart}
+    assert '{"rule":"vitd-deficient","patient":"pt-deficient"}' in {link["appContext"] for link in smart}
     off_settings = Settings(
         env="test", cards_dir=CARDS, data_dir=tmp_path / "off", auth="off", smart_app_url=APP_URL, smart=False
     )

@@ -87,7 +87,8 @@ def smart_link_of_a_card(base: str, ehr: smart_ehr.Ehr) -> dict[str, Any]:
         link
         for card in answer.json()["cards"]
         for link in card["links"]
-        if link["type"] == "smart" and json.loads(link["appContext"]) == {"rule": "vitd-deficient"}
+        if link["type"] == "smart"
+        and json.loads(link["appContext"]) == {"rule": "vitd-deficient", "patient": PATIENT}
     ]
     assert links, answer.json()
     return links[0]

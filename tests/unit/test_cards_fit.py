@@ -187,6 +187,7 @@ def test_every_golden_suggestion_fits_the_patient(fixture: Any) -> None:
         fetcher=None,
     )
     pregnant = outcome.evaluation.values.get("pregnant") is True
+    lactating = outcome.evaluation.values.get("lactating") is True
     for card in fixture.expected["response"].get("cards", []):
         for resource in resources_of(card):
             daily = daily_iu(resource)
@@ -194,6 +195,8 @@ def test_every_golden_suggestion_fits_the_patient(fixture: Any) -> None:
                 continue
             if pregnant:  # ACOG 495: at most 2,000 IU/day, never a course (CLINICAL.md 3b)
                 assert daily <= 2000, (card["summary"], daily)
+            if lactating:  # IOM 2011 UL 4,000 IU/day, no course exception (CLINICAL.md 3b)
+                assert daily <= ADULT_UL, (card["summary"], daily)
             assert daily <= ceiling(months) or is_course(resource), (card["summary"], daily)
 
 

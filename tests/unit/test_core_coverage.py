@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from builders import CARDS, TODAY, ruleset
+from d3k2.core.calcium import calcium_high, describe_limit
 from d3k2.core.cards import medication_request
 from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.dosage import IngredientDose
@@ -18,7 +19,6 @@ from d3k2.core.drafts import read_draft_orders
 from d3k2.core.engine import evaluate_condition
 from d3k2.core.errors import BadRequest, RuleSetError
 from d3k2.core.hooks import parse_feedback
-from d3k2.core.labs import calcium_high, describe_limit
 from d3k2.core.loader import load_ruleset
 from d3k2.core.medications import medication_codeable
 from d3k2.core.quantities import Interval, format_interval
@@ -371,7 +371,7 @@ def _draft(dosage: dict[str, Any], medication: Any = D3_2000, **fields: Any) -> 
     if medication is not None:
         resource["medicationCodeableConcept"] = medication
     resource |= {"dosageInstruction": [dosage], **fields}
-    reading = read_draft_orders([resource], None, ruleset().terminology, ruleset().catalog)
+    reading = read_draft_orders([resource], None, ruleset().medications)
     [order] = reading.orders
     assert order.problems == ()
     [ingredient] = order.ingredients

@@ -195,7 +195,7 @@ def test_traced_and_untraced_evaluation_find_the_same(fixture: Any) -> None:
     rs = ruleset()
     request = parse_request(fixture.request)
     service = rs.services[fixture.expected["service"]]
-    resolved = resolve(service.prefetch, request, None)
+    resolved = resolve(service.prefetch, request, None, rs.texts)
     today = date.fromisoformat(fixture.expected["today"])
     profile = fixture.expected.get("profile", "seed")
     facts = facts_for(rs, resolved.resources, today, resolved)
@@ -229,7 +229,7 @@ def test_medication_facts_are_named_by_the_catalog() -> None:
 def _facts_with_everything() -> Facts:
     fixture = next(f for f in fixtures() if f.name == "warfarin-with-k2")
     request = parse_request(fixture.request)
-    resolved = resolve(ruleset().services["d3k2-patient-view"].prefetch, request, None)
+    resolved = resolve(ruleset().services["d3k2-patient-view"].prefetch, request, None, ruleset().texts)
     return facts_for(ruleset(), resolved.resources, TODAY, resolved)
 
 
@@ -253,7 +253,7 @@ def test_draft_fields_add_the_draft_to_the_answers_fields() -> None:
     rs = ruleset()
     fixture = next(f for f in fixtures() if f.request["hook"] == "order-sign" and "sandbox" in f.name)
     request = parse_request(fixture.request)
-    resolved = resolve(rs.services["d3k2-order-sign"].prefetch, request, None)
+    resolved = resolve(rs.services["d3k2-order-sign"].prefetch, request, None, rs.texts)
     facts = facts_for(rs, resolved.resources, TODAY, resolved)
     found = evaluate(rs, facts, hook="order-sign", profile="seed", drafts=drafts_of(rs, request)).findings
     scoped = [f for f in found if f.draft is not None]
@@ -314,12 +314,10 @@ def test_concepts_that_read_alike_share_an_entry() -> None:
 
 def test_the_medication_caches_are_bounded() -> None:
     rs = ruleset()
-    reader = MedicationReader(rs.terminology, rs.catalog, maxsize=3)
+    reader = MedicationReader(rs.terminology, rs.catalog, rs.texts.dosage, maxsize=3)
     for n in range(10):
         reader.concepts({"text": f"vitamin d3 {n} unit"})
-    reader_drafts = read_draft_orders(
-        [_d3_order(n) for n in range(1, 8)], None, rs.terminology, rs.catalog, reader
-    )
+    reader_drafts = read_draft_orders([_d3_order(n) for n in range(1, 8)], None, reader)
     assert len(reader_drafts.orders) == 7
     assert reader.cached() == (3, 3)
 
@@ -335,8 +333,10 @@ def test_rule_sets_do_not_share_what_they_remember() -> None:
 def test_remembered_draft_doses_equal_fresh_ones() -> None:
     rs = _fresh()
     orders = [_d3_order(2), _d3_order(2), _d3_order(3)]
-    remembered = read_draft_orders(orders, None, rs.terminology, rs.catalog, rs.medications)
-    plain = read_draft_orders(orders, None, rs.terminology, rs.catalog)
+    remembered = read_draft_orders(orders, None, rs.medications)
+    plain = read_draft_orders(
+        orders, None, MedicationReader(rs.terminology, rs.catalog, rs.texts.dosage, maxsize=0)
+    )
     assert remembered == plain
     assert remembered.orders[0].ingredients is remembered.orders[1].ingredients
     assert rs.medications.cached() == (1, 2)
@@ -485,7 +485,7 @@ FATAL = {"resourceType": "OperationOutcome", "issue": [{"severity": "fatal", "co
 def test_a_prefetched_value_is_read_in_one_pass(
     value: dict[str, Any], usable: list[Any], failure: str | None
 ) -> None:
-    assert usable_resources(value) == (usable, failure)
+    assert usable_resources(value, ruleset().texts) == (usable, failure)
     if failure is None:
         assert resources_of(value) == usable
 

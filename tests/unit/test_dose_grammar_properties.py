@@ -32,7 +32,13 @@ def _daily(strength: int, text: str) -> float | None:
     name = f"Cholecalciferol {strength:,} IU tablet"
     product = rs.medications.product({"text": name})
     (ingredient,) = product.ingredients
-    return ingredient_dose(ingredient, product, [read_dosage({"text": text}, rs.catalog)], rs.catalog).daily
+    return ingredient_dose(
+        ingredient,
+        product,
+        [read_dosage({"text": text}, rs.catalog, rs.texts.dosage)],
+        rs.catalog,
+        rs.texts.dosage,
+    ).daily
 
 
 counts = st.integers(min_value=1, max_value=12)
@@ -56,7 +62,7 @@ def test_daily_amount_never_decreases_with_count_strength_or_frequency(c1, c2, s
 def test_thousands_separators_read_as_one_number(thousands, rest, space) -> None:
     amount = thousands * 1000 + rest
     shown = f"{thousands}{' ' if space else ','}{rest:03d} IU daily"
-    dosage = read_dosage({"text": shown}, ruleset().catalog)
+    dosage = read_dosage({"text": shown}, ruleset().catalog, ruleset().texts.dosage)
     assert not isinstance(dosage, str)
     assert dosage.dose.value == amount
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from builders import TODAY, ruleset
+from d3k2.core.calcium import calcium_high
 from d3k2.core.engine import band_of
 from d3k2.core.facts import Facts
-from d3k2.core.labs import calcium_high
 from d3k2.core.quantities import Interval
 from d3k2.core.readers import parse_date
 from d3k2.service import facts_for
@@ -55,12 +55,15 @@ def test_ng_per_ml_is_canonical() -> None:
     assert vitd.shown == "18 ng/mL" and vitd.source == "Observation/o1" and vitd.when == date(2026, 11, 1)
 
 
-@pytest.mark.parametrize(("value", "expected"), [(45, 18.0), (75, 30.0), (375, 150.2)])
-def test_nmol_per_litre_converts_with_2_496(value: float, expected: float) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected", "shown"), [(45, 18.028845, "18"), (75, 30.048075, "30"), (375, 150.240375, "150.2")]
+)
+def test_nmol_per_litre_converts_with_2_496(value: float, expected: float, shown: str) -> None:
     vitd = facts(obs("62292-8", **qty(value, "nmol/L"))).vitd
     assert vitd is not None
-    assert vitd.value.lo == pytest.approx(expected, abs=0.01)
-    assert vitd.shown.startswith(f"{value} nmol/L (")
+    # The rules decide on the value converted, unrounded; the card shows it rounded beside the reported one.
+    assert vitd.value.lo == pytest.approx(expected, abs=1e-9)
+    assert vitd.shown == f"{value} nmol/L ({shown} ng/mL)"
 
 
 def test_round_trip_ng_nmol() -> None:
@@ -233,14 +236,16 @@ def test_egfr_comparator_greater_than_sixty_is_not_below_thirty() -> None:
     assert egfr is not None and egfr.value.lt(30) is False and egfr.shown == ">60 mL/min/1.73 m²"
 
 
-def test_legacy_race_specific_egfr_only_without_race_free_of_its_day_and_never_the_black_value() -> None:
+def test_legacy_race_specific_egfr_only_without_race_free_of_its_day_and_never_the_black_value_as_sent() -> (
+    None
+):
     legacy = obs("88294-4", oid="legacy", when="2026-11-10", **qty(25, "mL/min/1.73m2"))
     black = obs("48643-1", oid="black", when="2026-11-20", **qty(40, "mL/min/1.73m2"))
     race_free = obs("98979-8", oid="free", when="2026-11-10", **qty(40, "mL/min/1.73m2"))
     assert facts(legacy, race_free).egfr.source == "Observation/free"  # type: ignore[union-attr]
-    only_legacy = facts(legacy, black).egfr
-    assert only_legacy is not None and only_legacy.source == "Observation/legacy"
-    assert "legacy sex/race-specific equation" in only_legacy.notes
+    newest = facts(legacy, black).egfr
+    assert newest is not None and newest.source == "Observation/black" and newest.value.lo == 40 / 1.212
+    assert "legacy sex/race-specific equation" in newest.notes
 
 
 @pytest.mark.parametrize(

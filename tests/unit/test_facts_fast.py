@@ -13,8 +13,9 @@ import pytest
 
 import d3k2.core.facts as facts_module
 from builders import TODAY, ruleset
+from d3k2.core.calcium import calcium_high
 from d3k2.core.facts import Facts, extract_facts
-from d3k2.core.labs import Measurement, calcium_high
+from d3k2.core.labs import Measurement
 from d3k2.core.quantities import Interval
 from d3k2.core.record import Evidence, MedicationFact, UnknownMedication
 from d3k2.core.terminology import LOINC, spellings
@@ -204,7 +205,7 @@ def test_d3_fraction_with_d2_on_a_date_without_a_total() -> None:
     old_d3 = obs(D3, 80, when="2026-10-01", oid="d3-old")
     result = facts(older_total, d2_other_day, d3, d2_same_day, total_same_day_as_old_d3, old_d3)
     assert result.vitd == vitd(
-        Interval.exact(25.0),
+        Interval.exact(20 + 12.5 * 0.400641),  # unrounded: 25.0080125
         "20 ng/mL + D2 12.5 nmol/L",
         when=date(2026, 11, 5),
         source="Observation/d3",
@@ -262,14 +263,14 @@ def test_ionized_calcium_uses_a_usable_lab_range_else_the_default_and_the_newest
     )
     newest = facts(no_range, ranged, not_a_list, unknown_unit).calcium
     assert newest is not None and newest.source == "Observation/none" and newest.kind == "ionized"
-    assert newest.upper_limit is None and calcium_high(newest, lab) is True  # above 5.29 mg/dL
+    assert newest.upper_limit is None and calcium_high(newest, lab) is True  # above 1.32 mmol/L
     for unusable in (not_a_list, unknown_unit):
         read = facts(unusable).calcium
         assert read is not None and read.upper_limit is None
     assert calcium_high(facts(not_a_list).calcium, lab) is False
     assert facts(ranged).calcium == Measurement(
         "calcium",
-        Interval.exact(5.61),
+        Interval.exact(1.4 * 4.008),
         "mg/dL",
         "1.4 mmol/L",
         date(2026, 11, 1),
@@ -279,7 +280,7 @@ def test_ionized_calcium_uses_a_usable_lab_range_else_the_default_and_the_newest
         False,
         23,
         (),
-        5.21,  # 1.3 mmol/L converted and rounded as a result is
+        1.3 * 4.008,  # 1.3 mmol/L converted as a result is, unrounded
         "ionized",
     )
     # An older total calcium does not beat a newer ionized one; its own range is kept when it is newest.
@@ -466,7 +467,7 @@ def test_everything_at_once_is_exact() -> None:
         today=TODAY,
         vitd=Measurement(
             "vitd",
-            Interval.exact(18.0),
+            Interval.exact(45 * 0.400641),  # 18.028845: the rules decide on it unrounded
             "ng/mL",
             "45 nmol/L",
             date(2025, 11, 1),
@@ -494,7 +495,7 @@ def test_everything_at_once_is_exact() -> None:
         ),
         calcium=Measurement(
             "calcium",
-            Interval.exact(10.82),
+            Interval.exact(2.7 * 4.008),
             "mg/dL",
             "2.7 mmol/L",
             date(2026, 11, 20),

@@ -43,14 +43,37 @@ def test_a_legacy_non_race_specific_or_non_black_egfr_is_used_when_no_race_free_
     assert result.notes == ("legacy sex/race-specific equation",)
 
 
-@pytest.mark.parametrize("code", [MDRD_BLACK, EPI_BLACK])
-def test_an_among_blacks_egfr_is_only_an_upper_bound_and_yields_to_any_other_of_its_day(code) -> None:
-    alone = facts(egfr(code, 35, "black"))
-    assert alone.egfr is None and len(alone.issues) == 1 and "unless below 30" in alone.issues[0]
-    bound = facts(egfr(code, 25, "black")).egfr
-    assert bound is not None and bound.value.hi == 25 and math.isinf(bound.value.lo)
+@pytest.mark.parametrize(("code", "coefficient"), [(MDRD_BLACK, 1.212), (EPI_BLACK, 1.159)])
+def test_an_among_blacks_egfr_is_its_value_without_the_race_coefficient_as_a_legacy_one(
+    code, coefficient
+) -> None:
+    alone = facts(egfr(code, 40, "black"))
+    assert alone.egfr is not None and alone.issues == () and alone.egfr.value.lo == 40 / coefficient
+    assert alone.egfr.code == code and alone.egfr.converted
+    # A race-free result of the same day is the same specimen by the current equation: it is used.
+    same_day = facts(egfr(code, 34, "black"), egfr(EPI_2021, 45, "free", when="2026-11-01T08:00:00Z")).egfr
+    assert same_day is not None and same_day.code == EPI_2021 and same_day.notes == ()
+    # An older race-free result does not hide a newer legacy one.
+    newer = facts(egfr(code, 34, "black"), egfr(EPI_2021, 45, "free", when="2026-06-01")).egfr
+    assert newer is not None and newer.code == code and newer.value.lt(30) is True
+    # One specimen by both legacy equations: the lowest value, the "among blacks" one without its coefficient.
     paired = facts(egfr(code, 34, "black"), egfr(MDRD_NON_BLACK, 28, "non-black")).egfr
     assert paired is not None and paired.code == MDRD_NON_BLACK and paired.value.lo == 28
+    lower = facts(egfr(code, 33, "black"), egfr(EPI_NON_BLACK, 29, "non-black")).egfr
+    assert lower is not None and lower.code == code and lower.value.lo == 33 / coefficient
+    without = f"{round(33 / coefficient)} mL/min/1.73 m²"  # 27 (÷ 1.212) or 28 (÷ 1.159): no threshold near
+    assert lower.shown == f"33 mL/min/1.73 m² ({without})"
+    # The specimen's results as compared: the raised value with the value it stands for.
+    assert lower.notes[1] == (
+        f"lowest of the specimen's results: 33 mL/min/1.73 m², {without} without its race coefficient "
+        f"({code}), 29 mL/min/1.73 m² ({EPI_NON_BLACK})"
+    )
+
+
+def test_every_race_coefficient_names_a_known_source() -> None:
+    lab = ruleset().facts.labs["egfr"]
+    assert set(lab.race_coefficients) == {MDRD_BLACK, EPI_BLACK}
+    assert lab.race_coefficients_source in ruleset().sources
 
 
 def test_a_race_free_result_beats_a_legacy_one_of_the_same_day_but_not_a_newer_one() -> None:
@@ -236,19 +259,29 @@ def test_no_threshold_adjacent_value_is_shown_on_the_other_side(
 @pytest.mark.parametrize(
     ("lab", "code", "unit", "threshold"),
     [("vitd", "62292-8", "nmol/L", t) for t in (12, 20, 30, 40, 50, 60, 80, 100, 150)]
-    + [("calcium", "2000-8", "mmol/L", t) for t in (10.5, 12, 14)]
-    + [("calcium", IONIZED_MMOL, "mmol/L", 5.29)],
+    + [("calcium", "2000-8", "mmol/L", t) for t in (2.62 * 4.008, 12, 14)]
+    + [("calcium", IONIZED_MMOL, "mmol/L", 1.32 * 4.008)],
 )
 def test_a_converted_value_is_shown_as_reported_and_on_the_side_the_rules_judged(lab, code, unit, threshold):
-    factor = ruleset().facts.labs[lab].units[unit]
-    for delta in (-0.01, -0.005, 0.005, 0.01):
+    config = ruleset().facts.labs[lab]
+    factor = config.units[unit]
+    # A value exactly on the threshold is in the band above it (a closed lower bound: 25(OH)D ≥ 30) or not
+    # (a limit: calcium above 10.5 is high).
+    on_is_above = dict(config.marks[unit])[threshold]
+
+    def above(x: float) -> bool:
+        return x > threshold or (x == threshold and on_is_above)
+
+    for delta in (-0.01, -0.005, -0.0001, 0, 0.0001, 0.005, 0.01):
         reported = round((threshold + delta) / factor, 4)
         numbers, measured = _shown_numbers(lab, obs(code, reported, unit))
         assert numbers[0] == reported, (lab, reported, numbers)
         converted = numbers[1] if len(numbers) > 1 else numbers[0]
-        # What the card shows beside it is exactly the value the rules compared.
-        assert converted == measured.value.lo
-        assert (converted > threshold) == (measured.value.gt(threshold) is True)
+        # The value the rules compared is the reported one converted, unrounded; the one shown beside it is
+        # rounded (to the lab's digits, or more) but on the side of the threshold the rules judged.
+        assert measured.value.lo == reported * factor
+        assert abs(converted - measured.value.lo) <= 0.5 * 10**-config.decimals
+        assert above(converted) == above(measured.value.lo), (reported, converted)
 
 
 def test_two_point_six_five_is_never_two_point_six() -> None:

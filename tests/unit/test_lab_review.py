@@ -118,7 +118,9 @@ def test_an_old_race_free_egfr_never_hides_a_newer_legacy_one() -> None:
 def test_egfr_and_calcium_text_without_a_unit_take_the_unit_of_their_code() -> None:
     kidney = facts(text_obs(EPI_2021, "<15"))
     assert kidney.issues == () and values(kidney)["egfr.band"] == "G5"
-    assert values(facts(text_obs(EPI_2021, ">60")))["egfr.band"] == "G2"
+    # `>60` may be G2 or G1: no category, and the lowest it may be in is G2.
+    assert values(facts(text_obs(EPI_2021, ">60")))["egfr.band"] is None
+    assert values(facts(text_obs(EPI_2021, ">60")))["egfr.lowest_band"] == "G2"
     calcium = facts(text_obs(CALCIUM, ">15.0"))
     assert calcium.issues == () and values(calcium)["calcium.grade"] == "severe"
     moles = facts(text_obs("2000-8", ">3.6"))
@@ -128,26 +130,44 @@ def test_egfr_and_calcium_text_without_a_unit_take_the_unit_of_their_code() -> N
 # ---------------------------------------------------------------- 5: an "among blacks" eGFR
 
 
-@pytest.mark.parametrize("codes", [["88293-6"], ["48643-1"], ["48643-1", "33914-3"], ["33914-3", "48643-1"]])
-def test_an_among_blacks_egfr_below_30_is_an_upper_bound_that_keeps_the_kidney_card(codes) -> None:
-    resource = obs(codes[0], 12, EGFR_UNIT, when="2026-10-15")
+@pytest.mark.parametrize(
+    ("codes", "shown"),
+    [
+        (["88293-6"], "34 mL/min/1.73 m² (29 mL/min/1.73 m²)"),  # 34 / 1.159 = 29.34
+        (["48643-1"], "34 mL/min/1.73 m² (28 mL/min/1.73 m²)"),  # 34 / 1.212 = 28.05
+        (["48643-1", "33914-3"], "34 mL/min/1.73 m² (28 mL/min/1.73 m²)"),
+        (["33914-3", "48643-1"], "34 mL/min/1.73 m² (28 mL/min/1.73 m²)"),
+    ],
+)
+def test_an_among_blacks_egfr_is_read_without_its_race_coefficient_and_keeps_the_kidney_card(
+    codes, shown
+) -> None:
+    """34 "among blacks" is below 30 without the coefficient (CKD G4): the kidney caution never disappears."""
+    resource = obs(codes[0], 34, EGFR_UNIT, when="2026-10-15")
     resource["code"] = {"coding": [{"system": LOINC, "code": code} for code in codes]}
     result = facts(resource, obs(EPI_2021, 60, EGFR_UNIT, oid="old", when="2026-01-01"))
-    assert result.egfr is not None and result.egfr.shown == "12 mL/min/1.73 m² (≤12 mL/min/1.73 m²)"
-    assert values(result)["egfr.band"] == "G5" and values(result)["data.issues"] is True
-    assert result.issues == (
-        'eGFR of 2026-10-15 (12 mL/min/1.73 m²) as an estimate: by an "among blacks" equation: only an upper '
-        "bound of the value without the race coefficient",
+    assert result.egfr is not None and result.egfr.shown == shown and result.egfr.value.lt(30) is True
+    assert values(result)["egfr.band"] == "G4" and values(result)["data.issues"] is False
+    coefficient = "1.159" if codes[0] == "88293-6" else "1.212"
+    assert result.egfr.notes == (
+        "legacy sex/race-specific equation",
+        f'by an "among blacks" equation, shown without its race coefficient (÷ {coefficient})',
     )
 
 
-def test_an_among_blacks_egfr_of_30_or_more_is_not_used_and_named() -> None:
-    result = facts(
-        obs("88293-6", 30, EGFR_UNIT, when="2026-10-15"),
-        obs(EPI_2021, 60, EGFR_UNIT, oid="old", when="2026-01-01"),
-    )
-    assert result.egfr is not None and result.egfr.source == "Observation/old"
-    assert len(result.issues) == 1 and "unless below 30" in result.issues[0]
+def test_an_among_blacks_egfr_is_never_shown_across_a_threshold() -> None:
+    # 35.9 / 1.212 = 29.62: below 30, so never rounded to "30"; 36.36 / 1.212 = 30 exactly: G3b.
+    near = facts(obs("48643-1", 35.9, EGFR_UNIT, when="2026-10-15")).egfr
+    assert near is not None and near.shown == "35.9 mL/min/1.73 m² (29.6 mL/min/1.73 m²)"
+    assert near.value.lt(30) is True
+    on = facts(obs("48643-1", 36.36, EGFR_UNIT, when="2026-10-15"))
+    assert on.egfr is not None and on.egfr.shown == "36.36 mL/min/1.73 m² (30 mL/min/1.73 m²)"
+    assert values(on)["egfr.band"] == "G3b"
+
+
+def test_an_among_blacks_egfr_with_a_comparator_stays_an_interval() -> None:
+    result = facts(text_obs("48643-1", "<30", when="2026-10-15")).egfr
+    assert result is not None and result.value.lt(30) is True and result.value.is_exact is False
 
 
 # ---------------------------------------------------------------- 6: a ">" value below every band's floor
@@ -161,7 +181,9 @@ def test_a_greater_than_value_below_the_second_band_gets_no_band_and_no_dosing()
     lt35 = obs(VITD, 35, "ng/mL", valueQuantity={"value": 35, "comparator": "<", "unit": "ng/mL"})
     assert values(facts(lt35))["vitd.band"] == "deficient"
     gt25_egfr = text_obs(EPI_2021, ">25")
-    assert values(facts(gt25_egfr))["egfr.band"] == "G4"
+    # `>25` may be G4 to G1: no category, G4 at the lowest, so the kidney caution shows (it may be below 30).
+    assert values(facts(gt25_egfr))["egfr.band"] is None
+    assert values(facts(gt25_egfr))["egfr.lowest_band"] == "G4"
 
 
 # ---------------------------------------------------------------- 10: plausibility floors
@@ -195,7 +217,7 @@ def test_a_unitless_range_is_in_the_results_unit_and_the_lowest_high_is_used() -
     )
     assert values(facts(two))["calcium.high"] is True
     mmol = obs("2000-8", 2.7, "mmol/L", referenceRange=[{"high": {"value": 2.6}}])
-    assert facts(mmol).calcium.upper_limit == 10.42  # type: ignore[union-attr]
+    assert facts(mmol).calcium.upper_limit == 2.6 * 4.008  # type: ignore[union-attr]  # unrounded, as results
 
 
 # ---------------------------------------------------------------- 15: an old calcium is named as old

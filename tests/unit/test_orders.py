@@ -17,10 +17,20 @@ from d3k2.core.catalog import MedicationCatalog, load_medication_catalog
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading, read_draft_orders
 from d3k2.core.errors import RuleSetError
+from d3k2.core.medication_reader import MedicationReader
 from d3k2.core.medications import classify_medication, medication_codeable
 from d3k2.core.terminology import RXNORM, UCUM, Terminology, load_terminology
+from d3k2.core.texts import load_texts
 
 CARDS = default_cards_dir()
+
+# cards/texts.toml [dosage]: the words of the arithmetic and of every reason a dose is unknown.
+WORDS = load_texts(CARDS / "texts.toml").dosage
+
+
+def reader(terminology: Terminology, catalog: MedicationCatalog) -> MedicationReader:
+    return MedicationReader(terminology, catalog, WORDS, maxsize=0)
+
 
 COMBO = "Cholecalciferol 1000 UNT / Vitamin K 2 0.09 MG Disintegrating Oral Tablet"
 
@@ -79,7 +89,7 @@ def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
 def read_one(
     resource: dict[str, Any], terminology: Terminology, catalog: MedicationCatalog
 ) -> tuple[IngredientDose, ...]:
-    reading = read_draft_orders(bundle(resource), None, terminology, catalog)
+    reading = read_draft_orders(bundle(resource), None, reader(terminology, catalog))
     assert len(reading.orders) == 1
     return reading.orders[0].ingredients
 
@@ -106,7 +116,9 @@ def test_sandbox_recordings_are_present() -> None:
 @pytest.mark.parametrize("name", ["order-select", "order-sign", "order-select.invalid-date"])
 def test_sandbox_combination_tablet(name: str, terminology: Terminology, catalog: MedicationCatalog) -> None:
     context = sandbox_context(name)
-    reading = read_draft_orders(context["draftOrders"], context.get("selections"), terminology, catalog)
+    reading = read_draft_orders(
+        context["draftOrders"], context.get("selections"), reader(terminology, catalog)
+    )
     assert reading.skipped == ()
     (order,) = reading.orders
     assert (order.reference, order.rxnorm_code, order.medication_text) == (
@@ -142,9 +154,9 @@ def test_sandbox_invalid_date_reads_like_the_final_draft(
 ) -> None:
     def read(name: str) -> DraftOrder:
         context = sandbox_context(name)
-        return read_draft_orders(context["draftOrders"], context["selections"], terminology, catalog).orders[
-            0
-        ]
+        return read_draft_orders(
+            context["draftOrders"], context["selections"], reader(terminology, catalog)
+        ).orders[0]
 
     typing, final = read("order-select.invalid-date"), read("order-select")
     assert typing.ingredients == final.ingredients
@@ -154,7 +166,7 @@ def test_sandbox_invalid_date_reads_like_the_final_draft(
 
 def test_sandbox_draft_without_medication(terminology: Terminology, catalog: MedicationCatalog) -> None:
     context = sandbox_context("order-select.no-medication")
-    reading = read_draft_orders(context["draftOrders"], context["selections"], terminology, catalog)
+    reading = read_draft_orders(context["draftOrders"], context["selections"], reader(terminology, catalog))
     (order,) = reading.orders
     assert order.ingredients == ()
     assert order.problems == ("no medication",)
@@ -164,7 +176,9 @@ def test_sandbox_draft_without_medication(terminology: Terminology, catalog: Med
 @pytest.mark.parametrize("name", ["order-select.after-suggestion", "order-sign.after-suggestion"])
 def test_sandbox_after_suggestion(name: str, terminology: Terminology, catalog: MedicationCatalog) -> None:
     context = sandbox_context(name)
-    reading = read_draft_orders(context["draftOrders"], context.get("selections"), terminology, catalog)
+    reading = read_draft_orders(
+        context["draftOrders"], context.get("selections"), reader(terminology, catalog)
+    )
     (order,) = reading.orders
     assert order.rxnorm_code == "801663"
     d3 = only(order.ingredients)
@@ -182,15 +196,15 @@ def test_strictly_valid_r4_reads_like_the_sandbox_shape(
     entry["fullUrl"] = "urn:uuid:6f1c1b0e-0d0a-4a53-9f39-2f1b3c3b9b1e"
     entry["resource"]["category"] = [entry["resource"]["category"]]
     entry["resource"]["reasonCode"] = [entry["resource"]["reasonCode"]]
-    as_sent = read_draft_orders(context["draftOrders"], context["selections"], terminology, catalog)
-    as_valid = read_draft_orders(valid, context["selections"], terminology, catalog)
+    as_sent = read_draft_orders(context["draftOrders"], context["selections"], reader(terminology, catalog))
+    as_valid = read_draft_orders(valid, context["selections"], reader(terminology, catalog))
     assert as_valid == as_sent
 
 
 def test_plain_list_of_resources(terminology: Terminology, catalog: MedicationCatalog) -> None:
     resource = sandbox_context("order-sign")["draftOrders"]["entry"][0]["resource"]
-    from_list = read_draft_orders([resource], None, terminology, catalog)
-    from_bundle = read_draft_orders(bundle(resource), None, terminology, catalog)
+    from_list = read_draft_orders([resource], None, reader(terminology, catalog))
+    from_bundle = read_draft_orders(bundle(resource), None, reader(terminology, catalog))
     assert from_list == from_bundle
     assert len(from_list.orders[0].ingredients) == 2
 
@@ -294,13 +308,13 @@ def test_text_only_dosage(
     d3 = only(read_one(request(rx(product), {"text": text}), terminology, catalog))
     assert d3.daily == pytest.approx(daily)
     assert d3.arithmetic == arithmetic
-    assert d3.basis == "parsed from text"
+    assert d3.basis == "text"
 
 
 def test_text_fills_in_what_the_structure_lacks(terminology: Terminology, catalog: MedicationCatalog) -> None:
     coded_dose = {"doseAndRate": [{"doseQuantity": {"value": 1, "unit": "tablet"}}], "text": "twice daily"}
     d3 = only(read_one(request(rx("801663"), coded_dose), terminology, catalog))
-    assert (d3.daily, d3.basis) == (4000, "parsed from text")
+    assert (d3.daily, d3.basis) == (4000, "text")
 
 
 @pytest.mark.parametrize(
@@ -374,6 +388,11 @@ def test_dose_range_uses_the_upper_end(terminology: Terminology, catalog: Medica
     assert (
         d3.arithmetic == "8,000 IU/day: 2 tablets of 2,000 IU (upper end of dose range 1–2 used) twice daily"
     )
+    ranged["doseAndRate"] = [{"doseRange": {"high": {"value": 2, "code": "{pill}"}}}]
+    up_to = only(read_one(request(rx("801663"), ranged), terminology, catalog))
+    assert up_to.arithmetic == (
+        "8,000 IU/day: 2 tablets of 2,000 IU (upper end of dose range up to 2 used) twice daily"
+    )
 
 
 def test_frequency_max_is_used(terminology: Terminology, catalog: MedicationCatalog) -> None:
@@ -409,7 +428,7 @@ def test_dstu2_medication_order(terminology: Terminology, catalog: MedicationCat
             }
         ],
     }
-    reading = read_draft_orders(bundle(order), ["MedicationOrder/mo1"], terminology, catalog)
+    reading = read_draft_orders(bundle(order), ["MedicationOrder/mo1"], reader(terminology, catalog))
     assert reading.orders[0].reference == "MedicationOrder/mo1"
     assert only(reading.orders[0].ingredients).daily == 8000
 
@@ -536,14 +555,14 @@ def test_selections_are_honoured(terminology: Terminology, catalog: MedicationCa
         request(rx("801663"), dosage(), rid="d3"),
         request(rx("1537458"), dosage(), rid="k2"),
     )
-    selected = read_draft_orders(drafts, ["MedicationRequest/d3"], terminology, catalog)
+    selected = read_draft_orders(drafts, ["MedicationRequest/d3"], reader(terminology, catalog))
     assert [o.reference for o in selected.orders] == ["MedicationRequest/d3"]
     assert selected.skipped == ("entry 1: 'MedicationRequest/k2' not in selections",)
     everything: list[str] | None
     for everything in (None, []):
-        assert len(read_draft_orders(drafts, everything, terminology, catalog).orders) == 2
+        assert len(read_draft_orders(drafts, everything, reader(terminology, catalog)).orders) == 2
     absolute = read_draft_orders(
-        drafts, ["http://ehr.example/fhir/MedicationRequest/k2"], terminology, catalog
+        drafts, ["http://ehr.example/fhir/MedicationRequest/k2"], reader(terminology, catalog)
     )
     assert [o.id for o in absolute.orders] == ["k2"]
 
@@ -554,7 +573,7 @@ def test_other_order_types_are_skipped(terminology: Terminology, catalog: Medica
         {"resourceType": "ServiceRequest", "id": "s"},
         request(rx("801663"), dosage()),
     )
-    reading = read_draft_orders(drafts, None, terminology, catalog)
+    reading = read_draft_orders(drafts, None, reader(terminology, catalog))
     assert [o.id for o in reading.orders] == ["r1"]
     assert reading.skipped == (
         "entry 0: 'NutritionOrder' is not a medication order",
@@ -569,7 +588,7 @@ def test_status_and_dates_are_noted_not_fatal(terminology: Terminology, catalog:
         "start": "0002-12-01",
         "end": 20270301,
     }
-    (order,) = read_draft_orders(bundle(resource), None, terminology, catalog).orders
+    (order,) = read_draft_orders(bundle(resource), None, reader(terminology, catalog)).orders
     assert order.problems == (
         "status 'on-hold' (not draft/active): judged anyway",
         "boundsPeriod.start '0002-12-01' implausible, ignored",
@@ -580,7 +599,7 @@ def test_status_and_dates_are_noted_not_fatal(terminology: Terminology, catalog:
 
 def test_unrecognised_medication_is_a_problem(terminology: Terminology, catalog: MedicationCatalog) -> None:
     (order,) = read_draft_orders(
-        bundle(request({"text": "Metformin 500 MG"}, dosage())), None, terminology, catalog
+        bundle(request({"text": "Metformin 500 MG"}, dosage())), None, reader(terminology, catalog)
     ).orders
     assert (order.ingredients, order.problems) == ((), ("medication not recognised",))
 
@@ -648,9 +667,9 @@ def test_unrecognised_medication_is_a_problem(terminology: Terminology, catalog:
 def test_garbage_never_raises(
     draft_orders: Any, terminology: Terminology, catalog: MedicationCatalog
 ) -> None:
-    reading = read_draft_orders(draft_orders, ["MedicationRequest/x", 5, None], terminology, catalog)  # type: ignore[list-item]
+    reading = read_draft_orders(draft_orders, ["MedicationRequest/x", 5, None], reader(terminology, catalog))  # type: ignore[list-item]
     assert isinstance(reading, DraftReading)
-    reading = read_draft_orders(draft_orders, None, terminology, catalog)
+    reading = read_draft_orders(draft_orders, None, reader(terminology, catalog))
     for order in reading.orders:
         for ingredient in order.ingredients:
             assert ingredient.daily is None or ingredient.daily >= 0
@@ -698,7 +717,7 @@ def test_random_mutations_never_raise(
         mutated = _mutate(context, rng)
         draft_orders = mutated.get("draftOrders") if isinstance(mutated, dict) else mutated
         selections = mutated.get("selections") if isinstance(mutated, dict) else None
-        read_draft_orders(draft_orders, selections, terminology, catalog)
+        read_draft_orders(draft_orders, selections, reader(terminology, catalog))
 
 
 # --- the catalog file ------------------------------------------------------------------------------

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from builders import ruleset
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder
 from d3k2.core.orderset import combined_text, order_set, partner_names, set_values, total_text
 from d3k2.core.quantities import Interval
 from d3k2.core.record import MedicationFact
 
+TEXTS = ruleset().texts
+
 
 def _dose(concept: str, daily: float | None, lead: str = "") -> IngredientDose:
     arithmetic = f"{lead}: detail" if daily is not None else "dose unknown: no dosage instruction"
     weekly = daily * 7 if daily is not None else None
-    return IngredientDose(concept, concept, None, "IU", daily, weekly, arithmetic, "structured", "code")
+    period = "" if daily is None else ("wk" if lead.endswith("/week") else "d")
+    return IngredientDose(
+        concept, concept, None, "IU", daily, weekly, arithmetic, "structured", "code", lead, period
+    )
 
 
 def _draft(ref: str, text: str | None, *doses: IngredientDose) -> DraftOrder:
@@ -38,8 +46,8 @@ def test_the_lead_is_the_judged_draft_with_the_highest_known_dose() -> None:
     assert set_values(the_set, c, unknown)["draft.set_lead"] is False
     # A lower bound: the unknown dose adds nothing, and the text says "at least".
     assert set_values(the_set, a, low)["draft.total_daily"] == Interval.exact(6000)
-    assert total_text(the_set, "unknown dose") == "at least 6,000 IU/day in all"
-    assert combined_text(the_set, "unknown dose") == (
+    assert total_text(the_set, TEXTS) == "at least 6,000 IU/day in all"
+    assert combined_text(the_set, TEXTS) == (
         "at least 6,000 IU/day in all: vitamin-d (unknown dose) + A (1,000 IU/day) + B (5,000 IU/day)"
     )
 
@@ -49,14 +57,14 @@ def test_an_unknown_dose_alone_is_unknown_and_still_leads() -> None:
     draft = _draft("a", "A", unknown)
     the_set = order_set([draft], [], [])
     assert the_set.lead == (draft, unknown)
-    assert total_text(the_set, "unknown dose") == "unknown dose"
-    assert combined_text(the_set, "unknown dose") == "A (unknown dose)"
+    assert total_text(the_set, TEXTS) == "unknown dose"
+    assert combined_text(the_set, TEXTS) == "A (unknown dose)"
 
 
 def test_a_weekly_dose_alone_stays_weekly() -> None:
     weekly = _dose("vitamin-d", 50000 / 7, "50,000 IU/week")
     the_set = order_set([_draft("a", "A", weekly)], [], [])
-    assert total_text(the_set, "unknown dose") == "50,000 IU/week"
+    assert total_text(the_set, TEXTS) == "50,000 IU/week"
 
 
 def test_current_products_count_but_a_draft_on_record_is_the_order_itself() -> None:
@@ -66,7 +74,7 @@ def test_current_products_count_but_a_draft_on_record_is_the_order_itself() -> N
     values = set_values(the_set, draft, d3)
     assert values["drafts.current_vitamin_d"] is True
     assert values["draft.total_daily"] == Interval.exact(7000)
-    assert combined_text(the_set, "unknown dose") == (
+    assert combined_text(the_set, TEXTS) == (
         "at least 7,000 IU/day in all: A (2,000 IU/day) + D3 2000, on record (5,000 IU/day)"
         " + D3 2000, on record (unknown dose)"
     )
@@ -91,8 +99,8 @@ def test_set_facts_without_vitamin_d_and_partner_names() -> None:
         "draft.total_weekly": None,
         "draft.weekly_schedule": False,
     }
-    assert partner_names(the_set, "vka") == "Warfarin"  # one name for two drafts of it
-    assert partner_names(the_set, "vitamin-k1") == "none"
+    assert partner_names(the_set, TEXTS, "vka") == "Warfarin"  # one name for two drafts of it
+    assert partner_names(the_set, TEXTS, "vitamin-k1") == "none"
     assert the_set.lead is None
 
 
@@ -112,6 +120,26 @@ def test_a_weekly_dose_beside_a_daily_one_has_no_fraction_of_an_iu() -> None:
     weekly = _dose("vitamin-d", 50000 / 7, "50,000 IU/week")
     the_set = order_set([_draft("w", "W", weekly)], [], [_current(2000)])
     # 7,142.857… + 2,000 IU/day: "about 9,143" (rounded up: never below a whole-number ceiling it exceeds).
-    assert total_text(the_set, "unknown") == "about 9,143 IU/day in all"
-    assert combined_text(the_set, "unknown").startswith("about 9,143 IU/day in all: W (50,000 IU/week) + ")
+    assert total_text(the_set, TEXTS) == "about 9,143 IU/day in all"
+    assert combined_text(the_set, TEXTS).startswith("about 9,143 IU/day in all: W (50,000 IU/week) + ")
     assert set_values(the_set, the_set.judged[0][0], weekly)["draft.total_weekly"] == Interval.exact(64000)
+
+
+def test_the_set_is_worded_from_the_texts_file() -> None:
+    """Every word of the set's total comes from cards/texts.toml ([doses], unknown_dose, none)."""
+    doses = {
+        **TEXTS.doses,
+        "in_all": "{total} «in all»",
+        "at_least": "«at least» {total}",
+        "set_part": "«{name}={dose}»",
+        "set_on_record": "«{name} rec {dose}»",
+    }
+    doses["set_total"] = "{total} «:» {parts}"
+    texts = dataclasses.replace(TEXTS, doses=doses, unknown_dose="«?»", none="«none»")
+    d3, unknown = _dose("vitamin-d", 2000, "2,000 IU/day"), _dose("vitamin-d", None)
+    the_set = order_set([_draft("a", "A", d3), _draft("b", "B", unknown)], [], [_current(1000)])
+    assert total_text(the_set, texts) == "«at least» 3,000 «in all»"
+    assert combined_text(the_set, texts) == (
+        "«at least» 3,000 «in all» «:» «A=2,000 IU/day» + «B=«?»» + «D3 2000 rec 1,000 IU/day»"
+    )
+    assert partner_names(the_set, texts, "vka") == "«none»"

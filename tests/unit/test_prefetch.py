@@ -4,6 +4,7 @@ arrive is used, what failed is named, and 412 is answered only when nothing the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from builders import FIXTURES, TODAY, ruleset, topics
 from d3k2.core.errors import PrefetchUnavailable
 from d3k2.core.hooks import parse_request
+from d3k2.core.texts import FETCH
 from d3k2.fhir.client import FetchOutcome
 from d3k2.fhir.prefetch import resolve
 from d3k2.service import call_service
@@ -82,6 +84,7 @@ def test_the_other_entries_of_a_bundle_with_an_error_are_used() -> None:
         ruleset().services[SERVICE].prefetch,
         parse_request(request(vitd=bundle(TIMEOUT, VITD), calcium=TIMEOUT)),
         None,
+        ruleset().texts,
     )
     assert VITD in resolved.resources
     assert resolved.incomplete == ["25(OH)D results"]
@@ -110,7 +113,7 @@ def test_nothing_the_rules_read_arrived_is_412_naming_the_keys(
     keys: dict[str, Any], named: list[str]
 ) -> None:
     with pytest.raises(PrefetchUnavailable) as raised:
-        resolve(ruleset().services[SERVICE].prefetch, parse_request(request(**keys)), None)
+        resolve(ruleset().services[SERVICE].prefetch, parse_request(request(**keys)), None, ruleset().texts)
     assert raised.value.extra["keys"] == named
 
 
@@ -147,7 +150,7 @@ class Fetcher:
 def test_a_failed_fetch_uses_the_part_that_arrived(fetcher: Fetcher, used: Any, reason: str) -> None:
     body = request(medstatements=bundle(WARFARIN, TIMEOUT))
     body["fhirServer"] = "https://ehr.example/fhir"
-    resolved = resolve(ruleset().services[SERVICE].prefetch, parse_request(body), fetcher)
+    resolved = resolve(ruleset().services[SERVICE].prefetch, parse_request(body), fetcher, ruleset().texts)
     assert used in resolved.resources
     assert resolved.incomplete == ["medication statements"]
     assert resolved.missing[0].startswith(f"medication statements (could not be fetched: {reason}")
@@ -171,7 +174,7 @@ def test_a_pregnancy_status_that_could_not_be_had_withholds_dosing_and_k2(failed
     assert "vitd-deficient" in topics(answer(_deficient_with()))
     response = answer(_deficient_with(pregnancy=failed))
     assert not {"vitd-deficient", "k2-with-d3"} & set(topics(response))
-    assert "pregnancy status (" in data_card(response)
+    assert "pregnancy and breastfeeding status (" in data_card(response)
 
 
 def test_calcium_that_could_not_be_had_withholds_dosing() -> None:
@@ -184,7 +187,9 @@ def test_a_failed_pregnancy_fetch_is_unknown() -> None:
     body = _deficient_with()
     del body["prefetch"]["pregnancy"]
     body["fhirServer"] = "https://ehr.example/fhir"
-    resolved = resolve(ruleset().services[SERVICE].prefetch, parse_request(body), Fetcher(None, "timed out"))
+    resolved = resolve(
+        ruleset().services[SERVICE].prefetch, parse_request(body), Fetcher(None, "timed out"), ruleset().texts
+    )
     assert resolved.unknown == ["pregnancy.unknown"]
 
 
@@ -225,6 +230,48 @@ def test_a_searchset_holding_all_its_results_is_complete() -> None:
         "entry": [{"resource": VITD}],
     }
     resolved = resolve(
-        ruleset().services[SERVICE].prefetch, parse_request(_deficient_with(vitd=complete)), None
+        ruleset().services[SERVICE].prefetch,
+        parse_request(_deficient_with(vitd=complete)),
+        None,
+        ruleset().texts,
     )
     assert resolved.missing == [] and resolved.incomplete == []
+
+
+class _Truncated(Fetcher):
+    def fetch_many(
+        self, base_url: str, queries: Mapping[str, str], access_token: str | None
+    ) -> dict[str, FetchOutcome]:
+        return {key: FetchOutcome(key, bundle(VITD), None, 5, 0.0, True) for key in queries}
+
+
+def test_every_fetch_text_reaches_the_data_card_from_the_file() -> None:
+    """Each [fetch] text of cards/texts.toml marked: each mark shows where a key was not had in full."""
+    rs = ruleset()
+    marked = {
+        key: f"«{key}»" + "".join(f"{{{name}}}" for name in sorted(names)) for key, names in FETCH.items()
+    }
+    texts = dataclasses.replace(rs.texts, fetch=marked)
+    keys = rs.services[SERVICE].prefetch
+    error_no_code = {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}
+    paged = {**bundle(WARFARIN), "link": [{"relation": "next", "url": "https://ehr.example/fhir?page=2"}]}
+    counted = {**bundle(WARFARIN), "total": 3}
+    offline = request(
+        vitd=TIMEOUT,  # an OperationOutcome instead of the data
+        medstatements=bundle(WARFARIN, TIMEOUT),  # an error with a code beside data
+        medrequests={**paged, "entry": [*paged["entry"], {"resource": error_no_code}]},  # error and pages
+        conditions=counted,  # a first page of three results
+        calcium=[1],  # not a FHIR resource
+        pregnancy=...,  # not prefetched
+    )
+    resolved = resolve(keys, parse_request(offline), None, texts)
+    online = request(medstatements=bundle(WARFARIN, TIMEOUT), medrequests=...)
+    online["fhirServer"] = "https://ehr.example/fhir"
+    fetched = resolve(keys, parse_request(online), Fetcher(None, None), texts)
+    truncated = resolve(keys, parse_request(online), _Truncated(None, None), texts)
+    seen = "\n".join([*resolved.missing, *resolved.issues, *fetched.missing, *truncated.issues])
+    assert [key for key in FETCH if f"«{key}»" not in seen] == []
+    assert "prefetch '" not in seen and "'calcium'" not in seen  # a key's label, not its internal name
+    # The shipped wording: a value that is no FHIR resource is named by its label.
+    plain = resolve(keys, parse_request(offline), None, rs.texts)
+    assert "calcium results (what the EHR sent is not a FHIR resource)" in plain.issues

@@ -77,7 +77,7 @@ MISTAKES = {
         [
             (
                 "conditions.toml",
-                '{ fact = "egfr.band", in = ["G4", "G5"] }',
+                '{ fact = "egfr.lowest_band", in = ["G4", "G5"] }',
                 '{ fact = "egfr.value", eq = true }',
             )
         ],
@@ -266,7 +266,7 @@ def test_fitting_tests_load(cards: Path) -> None:
     edit(
         cards,
         "conditions.toml",
-        '{ fact = "egfr.band", in = ["G4", "G5"] }',
+        '{ fact = "egfr.lowest_band", in = ["G4", "G5"] }',
         '{ fact = "egfr.value", eq = 29 }',
     )
     edit(cards, "rules/vitd-toxicity.toml", 'in = ["toxicity"]', 'eq = "toxicity"')
@@ -297,7 +297,7 @@ def test_several_mistakes_are_named_together(cards: Path) -> None:
     edit(
         cards,
         "conditions.toml",
-        '{ fact = "egfr.band", in = ["G4", "G5"] }',
+        '{ fact = "egfr.lowest_band", in = ["G4", "G5"] }',
         '{ fact = "egfr.value", in = ["low"] }',
     )
     with pytest.raises(RuleSetError) as raised:

@@ -36,7 +36,8 @@ def test_each_patient_view_card_names_its_rule() -> None:
         smart = [link for link in card["links"] if link["type"] == "smart"]
         assert len(smart) == 1, card["summary"]
         assert smart[0]["url"] == LAUNCH and smart[0]["label"] == ruleset().texts.smart_link
-        assert set(json.loads(smart[0]["appContext"])) == {"rule"}
+        assert set(json.loads(smart[0]["appContext"])) == {"rule", "patient"}
+        assert json.loads(smart[0]["appContext"])["patient"] == "pt-deficient"  # checked at the callback
     rules = {
         json.loads(link["appContext"])["rule"] for c in cards for link in c["links"] if "appContext" in link
     }

@@ -246,7 +246,8 @@ def build_cards(
     smart_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """`smart_url`: the "Why this card?" SMART app's launch URL; each card of a patient rule that
-    patient-view evaluates (what the app re-runs) then links to it, naming its rule in `appContext`."""
+    patient-view evaluates (what the app re-runs) then links to it, naming its rule and the patient in
+    `appContext`."""
     blocked = {category for f in evaluation.findings for category in f.rule.blocks}
     today = evaluation.facts.today
     ranked: list[tuple[int, int, str, dict[str, Any]]] = []
@@ -283,7 +284,8 @@ def build_cards(
                     "label": ruleset.texts.smart_link,
                     "url": smart_url,
                     "type": "smart",
-                    "appContext": orjson.dumps({"rule": rule.id}).decode(),
+                    # The patient too: the app refuses a launch whose token names another patient.
+                    "appContext": orjson.dumps({"rule": rule.id, "patient": patient_id}).decode(),
                 }
             )
         if suggestions:

@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from d3k2.core.catalog import MedicationCatalog
 from d3k2.core.dosage import IngredientDose, read_dosage
 from d3k2.core.lenient import as_list, dicts, is_map, nonblank, quote
 from d3k2.core.medication_reader import MedicationReader
 from d3k2.core.medications import medication_codeable, sorted_codings
-from d3k2.core.terminology import RXNORM, Terminology, normalise_system
+from d3k2.core.terminology import RXNORM, normalise_system
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def _read_order(resource: Mapping[str, Any], reference: str, medications: Medica
     if codeable is not None and not product.ingredients:
         problems.append("medication not recognised")
     raw_dosages = as_list(resource.get("dosageInstruction"))
-    dosages = tuple(read_dosage(d, catalog) for d in raw_dosages)
+    dosages = tuple(read_dosage(d, catalog, medications.words) for d in raw_dosages)
     problems += _date_problems(dicts(raw_dosages))
     rxnorm = None
     text = None
@@ -142,16 +141,10 @@ def _selected(reference: str, full_url: str | None, selections: Sequence[str]) -
 def read_draft_orders(
     draft_orders: object,
     selections: Sequence[str] | None,
-    terminology: Terminology,
-    catalog: MedicationCatalog,
-    medications: MedicationReader | None = None,
+    medications: MedicationReader,
 ) -> DraftReading:
-    """The medication drafts to judge, read leniently; never raises for JSON-shaped input.
-
-    `medications` (the rule set's, for the same terminology and catalog) remembers classifications.
-    """
-    if medications is None:
-        medications = MedicationReader(terminology, catalog, maxsize=0)
+    """The medication drafts to judge, read leniently; never raises for JSON-shaped input. `medications`
+    (the rule set's) reads them against its terminology and catalog, and remembers classifications."""
     if isinstance(selections, str):
         selections = [selections]
     wanted = [s for s in selections if isinstance(s, str) and s] if isinstance(selections, Sequence) else []

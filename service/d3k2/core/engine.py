@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from d3k2.core.calcium import calcium_grade, calcium_high
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder, DraftReading
 from d3k2.core.facts import Facts
 from d3k2.core.fields import FactValue, FieldContext, Fields, current_d, current_daily
-from d3k2.core.labs import calcium_grade, calcium_high
 from d3k2.core.orderset import OrderSet, draft_fields, order_set, set_values
 from d3k2.core.quantities import Interval, certain_band, format_number, possible_bands
 from d3k2.core.ruleset import AllOf, AnyOf, Condition, FactTest, NotOf, Profile, Ref, Rule, RuleSet
@@ -83,17 +83,22 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
         values[f"{name}.present"] = measurement is not None
         values[f"{name}.value"] = measurement.value if measurement else None
         values[f"{name}.stale"] = measurement.stale if measurement else None
-    egfr_band = certain_band(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else None
-    values["egfr.band"] = egfr_band.id if egfr_band else None
+    # KDIGO categories, ascending: `<30` may be G4 or G5, so it has no category (never "G5"), and its lowest
+    # possible one is G5: the kidney caution shows for every value that may be below 30.
+    egfr = possible_bands(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else []
+    values["egfr.band"] = egfr[0].id if len(egfr) == 1 else None
+    values["egfr.lowest_band"] = egfr[0].id if egfr else None
     # Only a value certainly above the limit is high: `<11` is not, `>12` is.
     calcium_lab = ruleset.facts.labs["calcium"]
     values["calcium.high"] = calcium_high(facts.calcium, calcium_lab) is True
     values["calcium.kind"] = facts.calcium.kind if facts.calcium else None
     values["calcium.grade"] = calcium_grade(facts.calcium, calcium_lab)
+    on_record = {m.category for m in facts.medications}
     for category in ruleset.catalog.by_category.values():
         if category.fact is not None:
-            values[category.fact] = bool(facts.meds(category.id))
+            values[category.fact] = category.id in on_record
     values["pregnant"] = bool(facts.pregnancy)
+    values["lactating"] = bool(facts.lactation)
     for condition in ruleset.facts.condition_facts:
         values[f"condition.{condition}"] = bool(facts.conditions.get(condition))
     # Whole months at "today"; None (and band "unknown") without a usable birthDate.
@@ -107,10 +112,8 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)
-    for service in ruleset.services.values():
-        for spec in service.prefetch.values():
-            if spec.unknown is not None:
-                values[spec.unknown] = spec.unknown in facts.unknown
+    for unknown in ruleset.unknown_facts:
+        values[unknown] = unknown in facts.unknown
     return values
 
 
@@ -125,24 +128,15 @@ _NUMBER_TESTS: dict[str, Callable[[float, float], bool]] = {
 }
 
 
-def _operator(test: FactTest) -> str:
-    """The one operator a validated FactTest has (`in_` for `in`)."""
-    # The attribute, not the `model_fields_set` property: a third less time, for every fact test of a call.
-    for name in test.__pydantic_fields_set__:
-        if name != "fact":
-            return name
-    raise ValueError("a fact test without an operator")
-
-
 def _test(test: FactTest, value: FactValue) -> bool | None:
-    op = _operator(test)
+    op = test.operator
     if op == "present":
         return (value is not None and value is not False) == test.present
     if value is None:
         return False
     if isinstance(value, Interval):
         if op in _NUMBER_TESTS:
-            result: bool | None = getattr(value, op)(getattr(test, op))
+            result: bool | None = getattr(value, op)(test.operand)
             return result
         if op == "eq" and isinstance(test.eq, float | int):
             return value.ge(float(test.eq)) if value.le(float(test.eq)) else False
@@ -154,7 +148,7 @@ def _test(test: FactTest, value: FactValue) -> bool | None:
     if op == "in_":
         return isinstance(value, str) and value in (test.in_ or [])
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return _NUMBER_TESTS[op](float(value), float(getattr(test, op)))
+        return _NUMBER_TESTS[op](float(value), float(test.operand))
     return False
 
 
@@ -173,10 +167,10 @@ def evaluate_condition(
         value = values.get(condition.fact)
         result = _test(condition, value)
         if trace is not None:
-            op = _operator(condition)
             shown = value if not isinstance(value, Interval) else _interval_text(value)
             trace.append(
-                f"{condition.fact} {op.rstrip('_')} {getattr(condition, op)!r}: {shown!r} → {_tv(result)}"
+                f"{condition.fact} {condition.operator.rstrip('_')} {condition.operand!r}: {shown!r}"
+                f" → {_tv(result)}"
             )
         return result
     if type(condition) is AllOf:
@@ -227,11 +221,15 @@ def _tv(value: bool | None) -> str:
 
 
 def _interval_text(value: Interval) -> str:
+    """As the rules compared it: converted values are not rounded (29.995992 is below 30, not "30")."""
     if value.is_exact:
-        return format_number(value.lo, 2)
+        return format_number(value.lo, _DIGITS)
     low = "(" if value.lo_open else "["
     high = ")" if value.hi_open else "]"
-    return f"{low}{format_number(value.lo, 2)}, {format_number(value.hi, 2)}{high}"
+    return f"{low}{format_number(value.lo, _DIGITS)}, {format_number(value.hi, _DIGITS)}{high}"
+
+
+_DIGITS = 6
 
 
 # ---------------------------------------------------------------- evaluation

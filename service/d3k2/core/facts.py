@@ -6,7 +6,7 @@ malformed entry cannot hide a contraindication.
 
 Lab results are read in two stages (see `d3k2.core.labs`): every one is triaged here (what it is,
 when, whether it can be read at all), and only the newest per lab and role is read in full there.
-Conditions, pregnancy and medications are read by `d3k2.core.record`.
+Conditions, pregnancy, lactation and medications are read by `d3k2.core.record`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ from d3k2.core.readers import (
     ref_of,
 )
 from d3k2.core.record import (
+    STATES,
     Evidence,
     MedicationClassifier,
     MedicationDoser,
     MedicationFact,
     RecordReader,
+    StateConfig,
     UnknownMedication,
     evidence_order,
 )
@@ -58,26 +60,22 @@ class FactsConfig:
     accepted_status: tuple[str, ...]
     fallback_status: tuple[str, ...]
     labs: Mapping[str, LabConfig]
-    pregnancy_observation: tuple[str, ...]
-    pregnant_answers: tuple[str, ...]
-    not_pregnant_answers: tuple[str, ...]
-    pregnancy_conditions: tuple[str, ...]
     active_clinical_status: tuple[str, ...]
     ignored_verification_status: tuple[str, ...]
     condition_facts: Mapping[str, tuple[str, ...]]
     statement_current: tuple[str, ...]
     request_current: tuple[str, ...]
     # Texts a measurement carries to the card: preliminary, d3_only, d3_plus_d2, legacy_equation,
-    # same_specimen_lowest, conflicting_copies, upper_bound_used, upper_bound_unused; and the data card's
-    # pregnancy_stale ({what}, {date}, {days}) and pregnancy_superseded ({date}, {newer}).
+    # same_specimen_lowest, conflicting_copies, race_coefficient_removed; and the data card's
+    # <state>_stale ({what}, {date}, {days}) and <state>_superseded ({date}, {newer}).
     notes: Mapping[str, str]
     # {evidence.<name>} → the condition facts whose evidence it lists.
     evidence: Mapping[str, tuple[str, ...]]
     age: AgeConfig
     # A result dated more than this many days after "today" is not used (clock skew allowed for).
     future_days: int
-    # A pregnancy status or condition older than this is not a current pregnancy.
-    pregnancy_days: int
+    # "pregnancy" and "lactation" (facts.toml): how each is read from status Observations and Conditions.
+    states: Mapping[str, StateConfig]
     # MedicationStatement statuses that say nothing about whether it is taken: a medication of unknown kind.
     statement_unknown: tuple[str, ...] = ("unknown",)
     # MedicationRequest statuses that say nothing about whether it is current: a medication of unknown kind.
@@ -91,6 +89,7 @@ class Facts:
     egfr: Measurement | None = None
     calcium: Measurement | None = None
     pregnancy: tuple[Evidence, ...] = ()
+    lactation: tuple[Evidence, ...] = ()  # breastfeeding on record
     conditions: Mapping[str, tuple[Evidence, ...]] = field(default_factory=dict)
     medications: tuple[MedicationFact, ...] = ()
     issues: tuple[str, ...] = ()
@@ -114,18 +113,22 @@ MAX_ROLES = 4096
 
 
 class _Lookup:
-    """What stays the same from call to call for one rule set: status classes, pregnancy codes and
-    what each code list means. Neither the config nor the terminology is changed once loaded."""
+    """What stays the same from call to call for one rule set: status classes, pregnancy and lactation status
+    codes and what each code list means. Neither the config nor the terminology is changed once loaded."""
 
-    __slots__ = ("config", "pregnancy_codes", "roles", "statuses", "terminology")
+    __slots__ = ("config", "roles", "state_codes", "statuses", "terminology")
 
     def __init__(self, config: FactsConfig, terminology: Terminology) -> None:
         self.config = config
         self.terminology = terminology
         # Listing a value set's codes scans the whole terminology: once per rule set.
-        self.pregnancy_codes = frozenset(
-            code for vs in config.pregnancy_observation for _system, code in terminology.codes_in(vs)
-        )
+        # Status Observation code → the state (pregnancy, lactation) it tells.
+        self.state_codes = {
+            code: state
+            for state, one in config.states.items()
+            for vs in one.observation
+            for _system, code in terminology.codes_in(vs)
+        }
         # status → accepted (True) or fallback (False); any other status is not used.
         self.statuses = dict.fromkeys(config.fallback_status, False) | dict.fromkeys(
             config.accepted_status, True
@@ -224,7 +227,7 @@ class _Collector(RecordReader):
         return tuple(sorted({min(names)[1] for names in named.values()}))
 
     def observation(self, resource: Mapping[str, Any]) -> None:
-        """Stage 1 for a lab result: triage (see above); pregnancy status is read in full."""
+        """Stage 1 for a lab result: triage (see above); a pregnancy or breastfeeding status is read whole."""
         codes = loinc_codes(resource)
         if not codes:
             return
@@ -232,8 +235,9 @@ class _Collector(RecordReader):
         if not isinstance(status, str):
             status = ""
         lookup = self.lookup
-        if not lookup.pregnancy_codes.isdisjoint(codes):
-            self.pregnancy_status(resource, status)
+        state = next((lookup.state_codes[c] for c in codes if c in lookup.state_codes), None)
+        if state is not None:
+            self.state_status(state, resource, status)
             return
         found = lookup.roles.get(codes) or lookup.role(codes)
         if found is None:
@@ -298,16 +302,24 @@ class _Collector(RecordReader):
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
             self.issues.append(notes["future"].format(what=what))
             return False
-        plausible = lab.plausible
-        reading = Interval.from_comparator(value, comparator)
-        canonical = reading.scaled(lab.units[unit])
-        floor = plausible.above_by_kind.get(kind, plausible.above)
-        if canonical.le(floor) is True or canonical.gt(plausible.most) is True:
-            shown = format_interval(reading, unit, None)
+        if implausible(lab, value, comparator, unit, kind):
+            shown = format_interval(Interval.from_comparator(value, comparator), unit, None)
             what = notes["dated"].format(what=lab.label, date=when.isoformat())
-            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=plausible.reason))
+            reason = lab.plausible.reason
+            self.issues.append(notes["implausible"].format(what=what, shown=shown, reason=reason))
             return False
         return True
+
+
+def implausible(lab: LabConfig, value: float, comparator: str | None, unit: str, kind: str) -> bool:
+    """Whether a result is certainly outside what a body can have (then it is not used, and named)."""
+    floor = lab.plausible.above_by_kind.get(kind, lab.plausible.above)
+    factor = lab.units[unit]
+    if comparator is None:  # most results: one number, compared as its exact Interval would be
+        canonical = value * factor
+        return canonical <= floor or canonical > lab.plausible.most
+    bounds = Interval.from_comparator(value, comparator).scaled(factor)
+    return bounds.le(floor) is True or bounds.gt(lab.plausible.most) is True
 
 
 def extract_facts(
@@ -343,11 +355,12 @@ def extract_facts(
         # OverflowError: an integer past float range (Python's json parses any size; orjson refuses it).
         except _ERRORS:
             collector.report(resource, config.notes["unreadable"])
-    pregnancy = collector.current_pregnancy()  # names what a newer status superseded: before the issues
+    # Names what a newer status superseded: before the issues.
+    pregnancy, lactation = (collector.current(state) for state in STATES)
     labs = config.labs
     found = collector.candidates
     vitd = read_vitd(found, labs["vitd"], config, today) if "vitd" in labs else None
-    egfr = read_simple_lab(found, labs["egfr"], config, today, collector.issues) if "egfr" in labs else None
+    egfr = read_simple_lab(found, labs["egfr"], config, today) if "egfr" in labs else None
     calcium = read_simple_lab(found, labs["calcium"], config, today) if "calcium" in labs else None
     return Facts(
         today=today,
@@ -356,6 +369,7 @@ def extract_facts(
         calcium=calcium,
         # Copies of one record (`unique_resources`) may say the same thing twice: said once.
         pregnancy=tuple(sorted(set(pregnancy), key=evidence_order)),
+        lactation=tuple(sorted(set(lactation), key=evidence_order)),
         conditions={
             k: tuple(sorted(set(v), key=evidence_order)) for k, v in sorted(collector.conditions.items())
         },

@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from d3k2.core.calcium import describe_limit
 from d3k2.core.facts import Facts
-from d3k2.core.labs import Measurement, describe_limit
+from d3k2.core.labs import Measurement
 from d3k2.core.quantities import Banded, Interval, format_number, possible_bands
 from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import RuleSet
@@ -172,7 +173,8 @@ def _evidence_fields(c: FieldContext) -> SimpleNamespace:
         name: evidence_of(facts, texts, *concepts) for name, concepts in c.ruleset.facts.evidence.items()
     }
     pregnancy = evidence_text(list(facts.pregnancy), texts)
-    return SimpleNamespace(**groups, pregnancy=pregnancy)
+    lactation = evidence_text(list(facts.lactation), texts)
+    return SimpleNamespace(**groups, pregnancy=pregnancy, lactation=lactation)
 
 
 def skipped_checks(facts: Facts, texts: Texts) -> list[str]:

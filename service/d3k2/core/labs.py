@@ -14,7 +14,6 @@ shown, so Observations are read in two stages:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from d3k2.core.copies import canonical
-from d3k2.core.quantities import Interval, LabBand, certain_band, format_exact, format_interval
+from d3k2.core.quantities import Interval, LabBand, Mark, format_exact, format_interval
 from d3k2.core.readers import Unreadable, instant, nonempty_str, parse_date, ref_of
 from d3k2.core.terminology import LOINC, Terminology
 
@@ -73,12 +72,17 @@ class LabConfig:
     d3_fraction: tuple[str, ...] = ()
     d2_fraction: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    never: tuple[str, ...] = ()
+    # Codes whose value a published race coefficient multiplied ("among blacks" eGFR) → that coefficient: the
+    # value divided by it is the same equation's value without it, read as a `fallback` (legacy) result.
+    race_coefficients: Mapping[str, float] = field(default_factory=dict)
+    race_coefficients_source: str = ""
     default_unit_by_code: Mapping[str, str] = field(default_factory=dict)
     # value set → the kind of measurement it is, named on the card (calcium: total, ionized, …).
     kinds: Mapping[str, str] = field(default_factory=dict)
     # kind → upper limit (canonical unit) when the lab sends no range.
     kind_limits: Mapping[str, float] = field(default_factory=dict)
+    # unit → kind → the same limit as its source states it in that unit, for results reported in it.
+    limits_in: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     # Severity grades above the limit, ascending, for the kinds they are defined for.
     grades: tuple[LabBand, ...] = ()
     graded_kinds: tuple[str, ...] = ()
@@ -92,9 +96,9 @@ class LabConfig:
     # Which of disagreeing copies of one result is the cautious one: "highest" (25(OH)D, calcium: the
     # toxicity and hypercalcemia cards) or "lowest" (eGFR: the kidney card; albumin: the higher correction).
     cautious: str = "highest"
-    # Codes whose value a coefficient > 1 raised ("among blacks" eGFR): `never` codes; only a value
-    # certainly below this limit is used, as the upper bound it is, else the result is not used. Both named.
-    upper_bound_below: float | None = None
+    # unit → every threshold a rule holds a value reported in it against (canonical unit; the loader collects
+    # them): a converted value is shown with the digits that keep it on its side of each (`format_beside`).
+    marks: Mapping[str, tuple[Mark, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,19 @@ class Measurement:
     notes: tuple[str, ...] = ()
     upper_limit: float | None = None  # canonical unit; the lab's range when given
     kind: str = ""  # calcium: "total", "albumin-corrected" or "ionized"
+    # How the value was reported (the unit as sent) and shown: the value the rules use is converted from it
+    # unrounded; shown beside the reported one with the lab's decimals, or more near a threshold (`marks`).
+    reported_unit: str = field(default="", compare=False)
+    converted: bool = field(default=False, compare=False)
+    decimals: int = field(default=2, compare=False)
+    marks: tuple[Mark, ...] = field(default=(), compare=False)
 
     @property
     def shown(self) -> str:
-        """As reported, with the value the rules used beside it when converted; neither rounded further."""
-        canonical = format_interval(self.value, self.unit, None)
-        return self.reported if canonical == self.reported else f"{self.reported} ({canonical})"
+        """As reported; a converted value beside it, never shown across a threshold from where it is."""
+        if not self.converted:
+            return self.reported
+        return f"{self.reported} ({format_interval(self.value, self.unit, self.decimals, self.marks)})"
 
 
 # (at, id, when, status, role, upper limit, resource): `at` and `id` first, as the newest result is
@@ -188,14 +199,27 @@ def quantity_parts(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tu
     return value, comparator, unit
 
 
-def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
-    """(interval in the canonical unit, reported text) of a result triage found readable."""
+def _read(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str, str]:
+    """(interval in the canonical unit, reported text, unit) of a result triage found readable. Converted,
+    never rounded: the rules decide on the value reported (374.5 nmol/L is above 150 ng/mL). A value a race
+    coefficient multiplied is divided by it (`LabConfig.race_coefficients`)."""
     value, comparator, unit = quantity_parts(resource, lab, code)
     factor = lab.units[unit]
     reported_interval = Interval.from_comparator(value, comparator)
     display_unit = lab.canonical_unit if factor == 1.0 else unit
-    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor).rounded(lab.decimals)
-    return converted, format_interval(reported_interval, display_unit, None)
+    converted = reported_interval if factor == 1.0 else reported_interval.scaled(factor)
+    coefficient = lab.race_coefficients.get(code)
+    if coefficient is not None:
+        converted = Interval(
+            converted.lo / coefficient, converted.hi / coefficient, converted.lo_open, converted.hi_open
+        )
+    return converted, format_interval(reported_interval, display_unit, None), unit
+
+
+def _quantity(resource: Mapping[str, Any], lab: LabConfig, code: str) -> tuple[Interval, str]:
+    """(interval in the canonical unit, reported text) of a result triage found readable."""
+    value, reported, _unit = _read(resource, lab, code)
+    return value, reported
 
 
 def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = None) -> float | None:
@@ -211,18 +235,18 @@ def upper_limit(resource: Mapping[str, Any], lab: LabConfig, unit: str | None = 
             high_unit = nonempty_str(high.get("code")) or nonempty_str(high.get("unit")) or unit
             factor = lab.units.get(high_unit or "")
             if factor is not None:
-                # Converted as a result is, so that a result equal to the limit is never above it.
+                # Converted as a result is (unrounded), so that a result equal to the limit is never above it.
                 limit = float(high["value"])
-                limits.append(limit if factor == 1.0 else round(limit * factor, lab.decimals))
+                limits.append(limit if factor == 1.0 else limit * factor)
     return min(limits, default=None)
 
 
 def lab_role(codes: Sequence[str], terminology: Terminology, lab: LabConfig) -> tuple[str, str] | None:
-    # A `never` code says what the value is, whatever other code the result also carries (an "among blacks"
-    # eGFR coded with a race-free code too is still the raised value).
+    # A race-specific code says what the value is, whatever other code the result also carries (an "among
+    # blacks" eGFR coded with a race-free code too is still the raised value): legacy, divided when read.
     for code in codes:
-        if code in lab.never:
-            return "upper_bound", code
+        if code in lab.race_coefficients:
+            return "fallback", code
     for code in codes:
         concepts = terminology.concepts(LOINC, code)
         if concepts & set(lab.exclude):
@@ -307,12 +331,17 @@ def _measurement(
 ) -> Measurement:
     """Stage 2: the picked result read in full (or its value and text `summed` with another's)."""
     _at, _id, when, status, found, upper, resource = candidate
+    extra: tuple[str, ...] = ()
     if summed is None:
-        value, reported = _quantity(resource, found.lab, found.code)
+        value, reported, unit = _read(resource, found.lab, found.code)
+        coefficient = found.lab.race_coefficients.get(found.code)
+        converted = found.lab.units[unit] != 1.0 or coefficient is not None
+        if coefficient is not None:
+            extra = (config.notes["race_coefficient_removed"].format(coefficient=format_exact(coefficient)),)
     else:
-        (value, reported), upper = summed, None
+        (value, reported), upper, unit, converted = summed, None, lab.canonical_unit, True
     age = (today - when).days
-    extra = (config.notes["preliminary"],) if status == "preliminary" else ()
+    extra += (config.notes["preliminary"],) if status == "preliminary" else ()
     return Measurement(
         analyte=lab.name,
         value=value,
@@ -327,6 +356,10 @@ def _measurement(
         notes=notes + extra,
         upper_limit=upper,
         kind=found.kind,
+        reported_unit=unit,
+        converted=converted,
+        decimals=lab.decimals,
+        marks=(*lab.marks.get(unit, ()), *(() if upper is None else ((upper, False),))),
     )
 
 
@@ -396,33 +429,22 @@ def _lowest_of_specimen(
     )
     if len({(value, text) for (value, text), _c in read}) < 2:
         return read[0][1], ()
-    listed = ", ".join(f"{text} ({c[4].code})" for (_value, text), c in read)
+    listed = ", ".join(f"{_as_compared(value, text, c, config)} ({c[4].code})" for (value, text), c in read)
     return read[0][1], (f"{config.notes['same_specimen_lowest']}: {listed}",)
 
 
-def _upper_bound(
-    bound: Candidate,
-    lab: LabConfig,
-    config: FactsConfig,
-    today: date,
-    notes: tuple[str, ...],
-    issues: list[str],
-) -> Measurement | None:
-    """A value a coefficient > 1 raised: the true value is at most it. Used only when certainly below
-    `upper_bound_below`; named on the data card either way."""
-    value, reported = _quantity(bound[6], bound[4].lab, bound[4].code)
-    notes_ = config.notes
-    named = f"{notes_['dated'].format(what=lab.label, date=bound[2].isoformat())} ({reported})"
-    if lab.upper_bound_below is None or value.lt(lab.upper_bound_below) is not True:
-        issues.append(notes_["not_used"].format(what=named, reason=notes_["upper_bound_unused"]))
-        return None
-    issues.append(f"{notes_['estimate'].format(what=named)}: {notes_['upper_bound_used']}")
-    measured = _measurement(bound, lab, config, today, (config.notes["upper_bound_used"], *notes))
-    return replace(measured, value=Interval(-math.inf, value.hi, True, value.hi_open))
+def _as_compared(value: Interval, reported: str, candidate: Candidate, config: FactsConfig) -> str:
+    """A result as reported, and as compared when that differs (an "among blacks" eGFR without its race
+    coefficient, never shown across a threshold)."""
+    lab, code = candidate[4].lab, candidate[4].code
+    if code not in lab.race_coefficients:
+        return reported
+    shown = format_interval(value, lab.canonical_unit, lab.decimals, lab.marks.get(lab.canonical_unit, ()))
+    return config.notes["race_coefficient_listed"].format(reported=reported, value=shown)
 
 
 def read_simple_lab(
-    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date, issues: list[str] | None = None
+    candidates: Candidates, lab: LabConfig, config: FactsConfig, today: date
 ) -> Measurement | None:
     group = _group(candidates, lab, "primary")
     best, notes = _newest(*group, lab, config)
@@ -433,11 +455,6 @@ def read_simple_lab(
     if legacy is not None and (best is None or legacy[2] > best[2]):
         best, group = legacy, legacy_group
         notes = (config.notes["legacy_equation"], *legacy_notes)
-    bound, bound_notes = _newest(*_group(candidates, lab, "upper_bound"), lab, config)
-    if bound is not None and (best is None or bound[2] > best[2]):
-        used = _upper_bound(bound, lab, config, today, bound_notes, [] if issues is None else issues)
-        if used is not None:
-            return used
     if best is not None and lab.same_specimen_lowest:
         best, choice = _lowest_of_specimen(best, group, config)
         notes += choice
@@ -468,47 +485,18 @@ def _albumin_corrected(
     if not value.is_exact:
         return measured
     lab = config.labs[measured.analyte]
-    corrected = round(
-        measured.value.lo + correction.coefficient * (correction.normal - value.lo), lab.decimals
-    )
+    upper = () if measured.upper_limit is None else ((measured.upper_limit, False),)
+    marks = (*lab.marks.get(lab.canonical_unit, ()), *upper)
+    corrected = Interval.exact(measured.value.lo + correction.coefficient * (correction.normal - value.lo))
     basis = f"{correction.note}: measured total {measured.shown}, albumin {reported} of the same day"
     return replace(
         measured,
-        value=Interval.exact(corrected),
-        reported=format_interval(Interval.exact(corrected), lab.canonical_unit, None),
+        value=corrected,
+        # Computed, not reported: shown as a converted value is, never across a threshold.
+        reported=format_interval(corrected, measured.unit, measured.decimals, marks),
         kind=correction.kind,
         notes=(*measured.notes, basis),
+        reported_unit=measured.unit,
+        converted=False,
+        marks=marks,
     )
-
-
-def _limit(calcium: Measurement, lab: LabConfig) -> float | None:
-    return calcium.upper_limit if calcium.upper_limit is not None else lab.kind_limits.get(calcium.kind)
-
-
-def calcium_high(calcium: Measurement | None, lab: LabConfig) -> bool | None:
-    """Above the lab's upper limit, else above the default limit of its kind (total, ionized, …)."""
-    if calcium is None:
-        return None
-    limit = _limit(calcium, lab)
-    if limit is None:
-        return None
-    return calcium.value.gt(limit)
-
-
-def calcium_grade(calcium: Measurement | None, lab: LabConfig) -> str | None:
-    """ "none" unless certainly high; then the highest grade it certainly reaches, or "ungraded" for a kind
-    without verified grades (ionized)."""
-    if calcium is None:
-        return None
-    if calcium_high(calcium, lab) is not True:
-        return "none"
-    grade = certain_band(calcium.value, lab.grades) if calcium.kind in lab.graded_kinds else None
-    return grade.id if grade else "ungraded"
-
-
-def describe_limit(calcium: Measurement, lab: LabConfig, lab_limit: str, default_limit: str) -> str:
-    """The upper limit used, and whether it is the lab's (`lab_limit`) or the default (`default_limit`,
-    which may name the calcium `{kind}`)."""
-    limit = _limit(calcium, lab)
-    origin = lab_limit if calcium.upper_limit is not None else default_limit.format(kind=calcium.kind)
-    return f"{format_exact(limit or 0.0)} {lab.canonical_unit} ({origin})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,8 @@ from d3k2.core.catalog import load_medication_catalog
 from d3k2.core.errors import RuleSetError
 from d3k2.core.facts import FactsConfig
 from d3k2.core.labs import AlbuminCorrection, LabConfig, Plausible
-from d3k2.core.quantities import LabBand
+from d3k2.core.quantities import LabBand, Mark, marks_of
+from d3k2.core.record import STATES, StateConfig
 from d3k2.core.rulecheck import (
     Parts,
     Problems,
@@ -36,6 +37,7 @@ from d3k2.core.ruleset import (
     ConditionsDoc,
     PrefetchKey,
     ProductsDoc,
+    Profile,
     ProfilesDoc,
     Rule,
     RuleSet,
@@ -92,6 +94,39 @@ def _age_config(data: Mapping[str, Any]) -> AgeConfig:
     return AgeConfig(bands=bands, max_years=int(data["max_years"]))
 
 
+def _state_config(data: Mapping[str, Any]) -> StateConfig:
+    return StateConfig(
+        observation=tuple(data["observation"]),
+        yes_answers=tuple(data["yes_answers"]),
+        no_answers=tuple(data["no_answers"]),
+        conditions=tuple(data["conditions"]),
+        max_age_days=int(data["max_age_days"]),
+    )
+
+
+def _marks(lab: LabConfig, more: tuple[Mark, ...] = ()) -> dict[str, tuple[Mark, ...]]:
+    """unit → the thresholds rules hold a value reported in it against, in the canonical unit: the lab's
+    bands and grades, its default limits (as stated in that unit, converted as a result is), `more`."""
+    marks = (*marks_of(lab.bands), *marks_of(lab.grades), *more)
+    by_unit: dict[str, tuple[Mark, ...]] = {}
+    for unit, factor in lab.units.items():
+        limits = dict(lab.kind_limits)
+        for stated_unit, stated in lab.limits_in.items():
+            if lab.units.get(stated_unit) == factor:
+                limits.update({kind: value * factor for kind, value in stated.items()})
+        by_unit[unit] = tuple(sorted({*marks, *((limit, False) for limit in limits.values())}))
+    return by_unit
+
+
+def with_profile_marks(facts: FactsConfig, lab: str, profiles: Iterable[Profile]) -> FactsConfig:
+    """The 25(OH)D thresholds of every profile among the marks of its lab."""
+    if lab not in facts.labs:
+        return facts
+    more = tuple(mark for profile in profiles for mark in marks_of(profile.bands))
+    labs = {**facts.labs, lab: replace(facts.labs[lab], marks=_marks(facts.labs[lab], more))}
+    return replace(facts, labs=labs)
+
+
 def cautious_direction(value: object) -> str:
     if value not in ("highest", "lowest"):
         raise ValueError(f"labs.*.cautious must be 'highest' or 'lowest', not {value!r}")
@@ -113,10 +148,15 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 d3_fraction=tuple(lab.get("d3_fraction", ())),
                 d2_fraction=tuple(lab.get("d2_fraction", ())),
                 exclude=tuple(lab.get("exclude", ())),
-                never=tuple(lab.get("never", ())),
+                race_coefficients={str(k): float(v) for k, v in lab.get("race_coefficients", {}).items()},
+                race_coefficients_source=str(lab.get("race_coefficients_source", "")),
                 default_unit_by_code=dict(lab.get("default_unit_by_code", {})),
                 kinds={str(k): str(v) for k, v in lab.get("kinds", {}).items()},
                 kind_limits={str(k): float(v) for k, v in lab.get("kind_limits", {}).items()},
+                limits_in={
+                    str(unit): {str(k): float(v) for k, v in limits.items()}
+                    for unit, limits in lab.get("limits_in", {}).items()
+                },
                 grades=tuple(LabBand(**band) for band in lab.get("grades", ())),
                 graded_kinds=tuple(lab.get("graded_kinds", ())),
                 correction=AlbuminCorrection(**lab["correction"]) if "correction" in lab else None,
@@ -124,21 +164,17 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
                 bands=tuple(LabBand(**band) for band in lab.get("bands", ())),
                 same_specimen_lowest=bool(lab.get("same_specimen_lowest", False)),
                 cautious=cautious_direction(lab.get("cautious", "highest")),
-                upper_bound_below=(float(lab["upper_bound_below"]) if "upper_bound_below" in lab else None),
                 source=str(lab.get("source", "")),
                 decimals=int(lab.get("decimals", 2)),
             )
             for name, lab in data["labs"].items()
         }
+        labs = {name: replace(lab, marks=_marks(lab)) for name, lab in labs.items()}
         conditions = data["conditions"]
         config = FactsConfig(
             accepted_status=tuple(data["observation"]["accepted_status"]),
             fallback_status=tuple(data["observation"]["fallback_status"]),
             labs=labs,
-            pregnancy_observation=tuple(data["pregnancy"]["observation"]),
-            pregnant_answers=tuple(data["pregnancy"]["pregnant_answers"]),
-            not_pregnant_answers=tuple(data["pregnancy"]["not_pregnant_answers"]),
-            pregnancy_conditions=tuple(data["pregnancy"]["conditions"]),
             active_clinical_status=tuple(conditions["active_clinical_status"]),
             ignored_verification_status=tuple(conditions["ignored_verification_status"]),
             condition_facts={
@@ -153,15 +189,15 @@ def _facts_config(data: Mapping[str, Any], path: Path) -> FactsConfig:
             notes={},  # texts.toml [notes], set by load_ruleset
             age=_age_config(data["age"]),
             future_days=int(data["observation"]["future_days"]),
-            pregnancy_days=int(data["pregnancy"]["max_age_days"]),
+            states={state: _state_config(data[state]) for state in STATES},
             evidence={str(k): tuple(str(c) for c in v) for k, v in data["evidence"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RuleSetError(f"{path.name}: {exc!s} is missing or malformed", file=str(path)) from exc
     for name, concepts in config.evidence.items():
         where = f"evidence.{name}"
-        if name == "pregnancy" or not concepts:
-            problem = "must list condition facts, and {evidence.pregnancy} is the pregnancy evidence"
+        if name in STATES or not concepts:
+            problem = "must list condition facts; {evidence.pregnancy} and {evidence.lactation} are reserved"
             raise RuleSetError(f"{path.name}: {where}: {problem}", file=str(path), field=where)
         for concept in concepts:
             if concept not in config.condition_facts:
@@ -231,9 +267,9 @@ def _rules(cards: Path, problems: Problems) -> list[tuple[Path, Rule]]:
 def _check_evidence_fields(
     cards: Path, facts: FactsConfig, vocabulary: Vocabulary, problems: Problems
 ) -> None:
-    """Each {evidence.<group>} template field is one group of facts.toml [evidence] (pregnancy apart)."""
+    """Each {evidence.<group>} field is one group of facts.toml [evidence] (pregnancy and lactation apart)."""
     declared = {f.removeprefix("evidence.") for f in vocabulary.fields.patient if f.startswith("evidence.")}
-    declared.discard("pregnancy")
+    declared.difference_update(STATES)
     for group in sorted(declared - set(facts.evidence)):
         problems.add(
             cards / "vocabulary.toml",
@@ -315,7 +351,8 @@ def load_ruleset(cards: Path, fixtures: Path | None = None) -> RuleSet:
         directory=cards,
         terminology=terminology,
         catalog=catalog,
-        facts=facts,
+        # The profiles' 25(OH)D bands are thresholds too: a converted 25(OH)D is never shown across one.
+        facts=with_profile_marks(facts, "vitd", parts.profiles.values()),
         vocabulary=vocabulary,
         sources=parts.sources,
         profiles=parts.profiles,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from d3k2.core.catalog import MedicationCatalog
-from d3k2.core.dosage import Dosage, IngredientDose, ingredient_dose, read_dosage
+from d3k2.core.dosage import Dosage, IngredientDose, Words, ingredient_dose, read_dosage
 from d3k2.core.lenient import as_list, is_map
 from d3k2.core.medications import NO_PRODUCT, MedicationKey, Product, classify_by_key, medication_key
 from d3k2.core.terminology import Terminology
@@ -21,15 +21,18 @@ class MedicationReader:
     entries each and forget the least recently used; what they hold is immutable.
     """
 
-    def __init__(self, terminology: Terminology, catalog: MedicationCatalog, maxsize: int = 2048) -> None:
+    def __init__(
+        self, terminology: Terminology, catalog: MedicationCatalog, words: Words, maxsize: int = 2048
+    ) -> None:
         self.terminology = terminology
         self.catalog = catalog
+        self.words = words  # cards/texts.toml [dosage]
 
         def classify_key(key: MedicationKey) -> Product:
             return classify_by_key(key, terminology, catalog)
 
         def doses(product: Product, dosages: tuple[Dosage | str, ...]) -> tuple[IngredientDose, ...]:
-            return tuple(ingredient_dose(i, product, dosages, catalog) for i in product.ingredients)
+            return tuple(ingredient_dose(i, product, dosages, catalog, words) for i in product.ingredients)
 
         self._by_key = lru_cache(maxsize=maxsize)(classify_key)
         # Keyed by what was read, not by the request: equal Decimals give equal doses and equal texts.
@@ -58,5 +61,5 @@ def medication_doses(
 ) -> tuple[IngredientDose, ...]:
     """The daily dose of each ingredient of a medication on record as its dosage instructions say
     (MedicationRequest.dosageInstruction, MedicationStatement.dosage): the arithmetic of draft orders."""
-    read = tuple(read_dosage(d, medications.catalog) for d in as_list(dosages))
+    read = tuple(read_dosage(d, medications.catalog, medications.words) for d in as_list(dosages))
     return medications.doses(medications.product(codeable), read)

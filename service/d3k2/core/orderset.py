@@ -109,8 +109,7 @@ def set_values(
 
 def _weekly_lead(ingredient: IngredientDose) -> str | None:
     """A weekly dose's own lead ("50,000 IU/week"): weekly doses stay weekly (CLINICAL.md 6a)."""
-    lead = ingredient.arithmetic.split(":", 1)[0]
-    return lead if lead.endswith("/week") else None
+    return ingredient.lead if ingredient.lead_period == "wk" else None
 
 
 def _total(value: float) -> str:
@@ -122,40 +121,44 @@ def _total(value: float) -> str:
     return f"about {format_number(math.ceil(value))}"
 
 
-def combined_text(the_set: OrderSet, unknown: str) -> str:
-    """The combined daily vitamin D dose with each part: "7,000 IU/day in all: A 5,000 IU/day + B …"."""
+def _daily(amount: float | None, texts: Texts) -> str:
+    if amount is None:
+        return texts.unknown_dose
+    return texts.daily_dose.format(amount=format_number(amount), unit="IU")
+
+
+def _in_all(the_set: OrderSet, texts: Texts) -> str:
+    total = texts.doses["in_all"].format(total=_total(the_set.known_total))
+    return total if the_set.complete else texts.doses["at_least"].format(total=total)
+
+
+def combined_text(the_set: OrderSet, texts: Texts) -> str:
+    """The combined daily vitamin D dose with each part: "7,000 IU/day in all: A (5,000 IU/day) + B …"."""
+    words = texts.doses
     parts = [
-        f"{_name(d, i)} ({_weekly_lead(i) or format_number(i.daily) + ' IU/day'})"
-        if i.daily is not None
-        else f"{_name(d, i)} ({unknown})"
+        words["set_part"].format(name=_name(d, i), dose=_weekly_lead(i) or _daily(i.daily, texts))
         for d, i in the_set.vitamin_d
     ]
     parts += [
-        f"{m.product or m.name}, on record ({format_number(m.daily)} IU/day)"
-        if m.daily is not None
-        else f"{m.product or m.name}, on record ({unknown})"
+        words["set_on_record"].format(name=m.product or m.name, dose=_daily(m.daily, texts))
         for m in the_set.current
     ]
     if len(parts) == 1:
         return parts[0]
-    lead = f"{_total(the_set.known_total)} IU/day in all"
-    if not the_set.complete:
-        lead = f"at least {lead}"
-    return f"{lead}: {' + '.join(parts)}"
+    return words["set_total"].format(total=_in_all(the_set, texts), parts=" + ".join(parts))
 
 
-def total_text(the_set: OrderSet, unknown: str) -> str:
+def total_text(the_set: OrderSet, texts: Texts) -> str:
     """The set's vitamin D in a few words: one product's own lead ("50,000 IU/week", weekly doses stay
     weekly), or "7,000 IU/day in all"."""
     if len(the_set.vitamin_d) + len(the_set.current) == 1 and the_set.vitamin_d:
         only = the_set.vitamin_d[0][1]
-        return only.arithmetic.split(":", 1)[0] if only.daily is not None else unknown
-    total = f"{_total(the_set.known_total)} IU/day in all"
-    return total if the_set.complete else f"at least {total}"
+        return only.lead if only.daily is not None else texts.unknown_dose
+    return _in_all(the_set, texts)
 
 
-def partner_names(the_set: OrderSet, *concepts: str) -> str:
-    return ", ".join(n for c in concepts for n in the_set.names.get(c, ())) or "none"
+def partner_names(the_set: OrderSet, texts: Texts, *concepts: str) -> str:
+    return ", ".join(n for c in concepts for n in the_set.names.get(c, ())) or texts.none
 
 
 def draft_fields(
@@ -173,9 +176,9 @@ def draft_fields(
         name=_name(draft, ingredient),
         arithmetic=ingredient.arithmetic,
         daily=daily,
-        basis=ingredient.basis,
-        combined=combined_text(the_set, texts.unknown_dose),
-        total=total_text(the_set, texts.unknown_dose),
-        vka_drafts=partner_names(the_set, "vka"),
-        k_drafts=partner_names(the_set, "vitamin-k2", "vitamin-k1"),
+        basis=texts.dosage[f"basis_{ingredient.basis}"],
+        combined=combined_text(the_set, texts),
+        total=total_text(the_set, texts),
+        vka_drafts=partner_names(the_set, texts, "vka"),
+        k_drafts=partner_names(the_set, texts, "vitamin-k2", "vitamin-k1"),
     )

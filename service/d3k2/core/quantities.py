@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Protocol, TypeVar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Interval:
     """A set of possible true values; comparisons answer True, False or None (cannot tell)."""
 
@@ -43,14 +43,6 @@ class Interval:
     def scaled(self, factor: float) -> Interval:
         return Interval(self.lo * factor, self.hi * factor, self.lo_open, self.hi_open)
 
-    def rounded(self, decimals: int) -> Interval:
-        """Converted values keep the precision a lab reports (2.62 mmol/L is 10.50 mg/dL, not 10.50096)."""
-
-        def r(v: float) -> float:
-            return v if math.isinf(v) else round(v, decimals)
-
-        return Interval(r(self.lo), r(self.hi), self.lo_open, self.hi_open)
-
     def lt(self, x: float) -> bool | None:
         if self.hi < x or (self.hi == x and self.hi_open):
             return True
@@ -75,9 +67,8 @@ class Interval:
 
     def within(self, lower: float, upper: float, lower_open: bool, upper_open: bool) -> bool | None:
         """Whether every possible value lies in the band (lower, upper) with the given openness."""
-        above = Interval(self.lo, self.hi, self.lo_open, self.hi_open)
-        low_ok = above.gt(lower) if lower_open else above.ge(lower)
-        high_ok = above.lt(upper) if upper_open else above.le(upper)
+        low_ok = self.gt(lower) if lower_open else self.ge(lower)
+        high_ok = self.lt(upper) if upper_open else self.le(upper)
         if low_ok is False or high_ok is False:
             return False
         if low_ok is None or high_ok is None:
@@ -152,11 +143,40 @@ def format_exact(value: float) -> str:
     return format(Decimal(repr(float(value))), ",f")
 
 
-def format_interval(interval: Interval, unit: str, decimals: int | None = 1) -> str:
-    """`decimals` None: the numbers as they are (`format_exact`)."""
+Mark = tuple[float, bool]  # a threshold, and whether a value exactly on it counts as above it
+
+
+def marks_of(bands: Sequence[Banded]) -> tuple[Mark, ...]:
+    """The thresholds between bands: a value on a closed lower bound is in the band above it."""
+    return tuple((b.lower, not b.lower_open) for b in bands if not math.isinf(b.lower))
+
+
+def format_beside(value: float, decimals: int, marks: Sequence[Mark]) -> str:
+    """A number the lab did not report (a converted or computed one), rounded to `decimals` unless that moves
+    it to the other side of a mark (a threshold): then with as many more digits as it takes. 374.5 nmol/L is
+    150.04 ng/mL, not "150.0" beside the toxicity threshold (> 150). So a number is never shown on the other
+    side of a threshold from where the rules put it."""
+
+    def sides(x: float) -> list[bool]:
+        return [x > mark or (x == mark and on_is_above) for mark, on_is_above in marks]
+
+    side = sides(value)
+    for digits in range(decimals, 16):
+        shown = round(value, digits)
+        if sides(shown) == side:
+            return format_exact(shown)
+    return format_exact(value)
+
+
+def format_interval(
+    interval: Interval, unit: str, decimals: int | None = 1, marks: Sequence[Mark] | None = None
+) -> str:
+    """`decimals` None: the numbers as they are (`format_exact`); with `marks`: `format_beside` them."""
 
     def number(value: float) -> str:
-        return format_exact(value) if decimals is None else format_number(value, decimals)
+        if decimals is None:
+            return format_exact(value)
+        return format_number(value, decimals) if marks is None else format_beside(value, decimals, marks)
 
     if interval.is_exact:
         return f"{number(interval.lo)} {unit}"

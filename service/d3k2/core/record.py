@@ -1,5 +1,5 @@
-"""Conditions, pregnancy and medications on record → Evidence and MedicationFacts. Pure: no Flask, no
-requests, no clock."""
+"""Conditions, pregnancy, lactation and medications on record → Evidence and MedicationFacts. Pure: no Flask,
+no requests, no clock."""
 
 from __future__ import annotations
 
@@ -37,6 +37,24 @@ class Evidence:
     text: str
     source: str
     when: date | None = None
+
+
+# The states read like pregnancy, each a section of facts.toml and an Evidence tuple of `Facts`.
+STATES = ("pregnancy", "lactation")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """A state read like pregnancy (facts.toml [pregnancy], [lactation]): a status Observation whose newest
+    "no" answer ends older "yes" answers, or an active Condition; evidence older than `max_age_days` is not
+    current. Its notes are texts.toml `<name>_stale`, `<name>_superseded`, `<name>_status` and
+    `<name>_status_evidence`."""
+
+    observation: tuple[str, ...]  # value sets of the status Observation code
+    yes_answers: tuple[str, ...]
+    no_answers: tuple[str, ...]
+    conditions: tuple[str, ...]  # value sets of the Condition code
+    max_age_days: int
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ def evidence_order(evidence: Evidence) -> tuple[str, str, str]:
 
 
 class RecordReader:
-    """Reads conditions, pregnancy and medications; the lab triage (`d3k2.core.facts`) builds on it."""
+    """Reads conditions, pregnancy, lactation and medications; `d3k2.core.facts` (the labs) builds on it."""
 
     def __init__(
         self,
@@ -98,62 +116,65 @@ class RecordReader:
         self.unique = unique
         # Observation status → accepted (True) or fallback (False): a pregnancy status of either counts.
         self.statuses = statuses
-        self.pregnancy: list[Evidence] = []
+        # State (config.states: pregnancy, lactation) → its evidence, and the dates of its "no" statuses.
+        self.states: dict[str, list[Evidence]] = {name: [] for name in config.states}
+        self.ended: dict[str, list[date]] = {name: [] for name in config.states}
         self.conditions: dict[str, list[Evidence]] = {}
         self.medications: list[MedicationFact] = []
         self.unknown: list[UnknownMedication] = []
         self.issues: list[str] = []  # for the data card, never with patient data beyond names and dates
-        self.not_pregnant: list[date] = []  # dates of "not pregnant" statuses
         self.index: dict[str, list[Mapping[str, Any]]] | None = None
 
-    def _current_pregnancy(self, when: date | None, what: str) -> bool:
+    def _current(self, state: str, when: date | None, what: str) -> bool:
         """Undated evidence counts (a caution is never dropped for a missing date); older evidence is not
         used, and named (CLINICAL.md 5)."""
-        days = self.config.pregnancy_days
+        days = self.config.states[state].max_age_days
         if when is None or (self.today - when).days <= days:
             return True
-        note = self.config.notes["pregnancy_stale"]
+        note = self.config.notes[f"{state}_stale"]
         self.issues.append(note.format(what=what, date=when.isoformat(), days=days))
         return False
 
-    def pregnancy_status(self, resource: Mapping[str, Any], status: str) -> None:
+    def state_status(self, state: str, resource: Mapping[str, Any], status: str) -> None:
+        """A pregnancy or breastfeeding status Observation: a coded "yes" is evidence, a dated "no" ends older
+        "yes" statuses (`current`); other answers ("unknown") say nothing."""
         if status not in self.statuses:
             return
         answer = resource.get("valueCodeableConcept")
         codings = answer.get("coding") if isinstance(answer, Mapping) else None
         if not isinstance(codings, list):
             return
+        config = self.config.states[state]
         for coding in codings:
             code = coding.get("code") if isinstance(coding, Mapping) else None
-            if code in self.config.not_pregnant_answers:
+            if code in config.no_answers:
                 when = observation_date(resource)
-                if when is not None:  # an undated "not pregnant" is not known to be newer than anything
-                    self.not_pregnant.append(when)
+                if when is not None:  # an undated "no" is not known to be newer than anything
+                    self.ended[state].append(when)
                 return
-            if code in self.config.pregnant_answers:
+            if code in config.yes_answers:
                 when = observation_date(resource)
                 notes = self.config.notes
-                if self._current_pregnancy(when, notes["pregnancy_status"]):
-                    evidence = Evidence(
-                        "pregnancy", notes["pregnancy_status_evidence"], ref_of(resource), when
-                    )
-                    self.pregnancy.append(evidence)
+                if self._current(state, when, notes[f"{state}_status"]):
+                    text = notes[f"{state}_status_evidence"]
+                    self.states[state].append(Evidence(state, text, ref_of(resource), when))
                 return
 
-    def current_pregnancy(self) -> list[Evidence]:
-        """The pregnancy evidence, without "pregnant" statuses that a later "not pregnant" status superseded
-        (the newest status wins; named on the data card). Undated statuses and conditions are kept."""
-        if not self.not_pregnant:
-            return self.pregnancy
-        newest = max(self.not_pregnant)
+    def current(self, state: str) -> list[Evidence]:
+        """The state's evidence, without "yes" statuses that a later "no" status superseded (the newest
+        status wins; named on the data card). Undated statuses and conditions are kept."""
+        evidence = self.states[state]
+        if not self.ended[state]:
+            return evidence
+        newest = max(self.ended[state])
         kept = []
-        for evidence in self.pregnancy:
-            status = evidence.source.startswith("Observation/")
-            if status and evidence.when is not None and evidence.when < newest:
-                note = self.config.notes["pregnancy_superseded"]
-                self.issues.append(note.format(date=evidence.when.isoformat(), newer=newest.isoformat()))
+        for one in evidence:
+            status = one.source.startswith("Observation/")
+            if status and one.when is not None and one.when < newest:
+                note = self.config.notes[f"{state}_superseded"]
+                self.issues.append(note.format(date=one.when.isoformat(), newer=newest.isoformat()))
             else:
-                kept.append(evidence)
+                kept.append(one)
         return kept
 
     def condition(self, resource: Mapping[str, Any]) -> None:
@@ -171,10 +192,11 @@ class RecordReader:
         for fact, valuesets in self.config.condition_facts.items():
             if not concepts.isdisjoint(valuesets):
                 self.conditions.setdefault(fact, []).append(Evidence(fact, text, ref_of(resource), when))
-        if not concepts.isdisjoint(self.config.pregnancy_conditions) and self._current_pregnancy(
-            when, self.config.notes["condition_named"].format(text=text)
-        ):
-            self.pregnancy.append(Evidence("pregnancy", text, ref_of(resource), when))
+        for state, config in self.config.states.items():
+            if not concepts.isdisjoint(config.conditions) and self._current(
+                state, when, self.config.notes["condition_named"].format(text=text)
+            ):
+                self.states[state].append(Evidence(state, text, ref_of(resource), when))
 
     def medication(self, resource: Mapping[str, Any]) -> None:
         status = nonempty_str(resource.get("status")) or ""

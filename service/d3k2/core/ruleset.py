@@ -7,6 +7,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,6 +52,20 @@ class FactTest(_Strict):
                 f"a fact test needs exactly one operator (eq, ne, in, lt, le, gt, ge, present), got {ops}"
             )
         return self
+
+    # Found once per test (the rule set is loaded once), read by every evaluation.
+    @cached_property
+    def operator(self) -> str:
+        """The one operator a validated test has (`in_` for `in`)."""
+        for name in self.__pydantic_fields_set__:
+            if name != "fact":
+                return name
+        raise ValueError("a fact test without an operator")
+
+    @cached_property
+    def operand(self) -> Any:
+        """What the fact is tested against: the value of the operator's field."""
+        return getattr(self, self.operator)
 
 
 class AllOf(_Strict):
@@ -324,9 +339,20 @@ class RuleSet:
     texts: Texts
     # Made from the fields above, per instance: a rule set changed with dataclasses.replace starts afresh.
     medications: MedicationReader = field(init=False, repr=False, compare=False)
+    # The rules of each hook, in rule set order: every call reads them.
+    by_hook: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
+    # The facts of prefetch keys whose data could not be had in full (`PrefetchKey.unknown`), each once.
+    unknown_facts: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "medications", MedicationReader(self.terminology, self.catalog))
+        object.__setattr__(
+            self, "medications", MedicationReader(self.terminology, self.catalog, self.texts.dosage)
+        )
+        hooks = {hook for rule in self.rules for hook in rule.hooks}
+        by_hook = {hook: tuple(r for r in self.rules if hook in r.hooks) for hook in hooks}
+        object.__setattr__(self, "by_hook", by_hook)
+        unknown = (spec.unknown for svc in self.services.values() for spec in svc.prefetch.values())
+        object.__setattr__(self, "unknown_facts", tuple(dict.fromkeys(u for u in unknown if u is not None)))
 
     def rules_for(self, hook: str) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if hook in r.hooks)
+        return self.by_hook.get(hook, ())

@@ -58,6 +58,12 @@ class Texts:
     skipped: Mapping[str, str]
     # UCUM code of a suggested dose → the unit word of its doseQuantity (other codes are shown as they are).
     units: Mapping[str, str]
+    # Why prefetch data could not be had, on the data card ([fetch]; keys and placeholders: FETCH).
+    fetch: Mapping[str, str]
+    # The words of an order set's vitamin D ([doses]; keys and placeholders: DOSES).
+    doses: Mapping[str, str]
+    # The words of a dose's arithmetic and of why it is unknown ([dosage]; keys and placeholders: DOSAGE).
+    dosage: Mapping[str, str]
 
 
 # [cards] key → the placeholders its text must use.
@@ -106,17 +112,20 @@ NOTES: dict[str, frozenset[str]] = {
     "legacy_equation": frozenset(),
     "same_specimen_lowest": frozenset(),
     "conflicting_copies": frozenset(),
-    "upper_bound_used": frozenset(),
-    "upper_bound_unused": frozenset(),
+    "race_coefficient_removed": frozenset({"coefficient"}),
+    "race_coefficient_listed": frozenset({"reported", "value"}),
     "pregnancy_stale": frozenset({"what", "date", "days"}),
     "pregnancy_superseded": frozenset({"date", "newer"}),
     "pregnancy_status": frozenset(),
     "pregnancy_status_evidence": frozenset(),
+    "lactation_stale": frozenset({"what", "date", "days"}),
+    "lactation_superseded": frozenset({"date", "newer"}),
+    "lactation_status": frozenset(),
+    "lactation_status_evidence": frozenset(),
     "condition_named": frozenset({"text"}),
     "condition_unnamed": frozenset(),
     "dated": frozenset({"what", "date"}),
     "condition_dated": frozenset({"what", "date"}),
-    "estimate": frozenset({"what"}),
     "future": frozenset({"what"}),
     "implausible": frozenset({"what", "shown", "reason"}),
     "not_used": frozenset({"what", "reason"}),
@@ -139,6 +148,96 @@ NOTES: dict[str, frozenset[str]] = {
     "medication_no_code": frozenset(),
     "status_unknown": frozenset(),
     "dose_not_read": frozenset(),
+}
+
+
+# [fetch] key → its placeholders: a prefetch key not had in full, as the data card names it
+# (d3k2.fhir.prefetch).
+FETCH: dict[str, frozenset[str]] = {
+    "no_server": frozenset({"label", "reason"}),
+    "not_fetched": frozenset({"label", "reason"}),
+    "not_prefetched": frozenset(),
+    "ehr_sent": frozenset({"failure"}),
+    "server_sent": frozenset({"failure"}),
+    "in_part": frozenset({"reason"}),
+    "part_used": frozenset({"reason"}),
+    "nothing": frozenset(),
+    "operation_outcome": frozenset(),
+    "bundle_error": frozenset(),
+    "bundle_error_codes": frozenset({"codes"}),
+    "and_pages": frozenset({"error", "pages"}),
+    "first_page": frozenset(),
+    "first_page_of": frozenset({"count", "total"}),
+    "not_resource": frozenset({"label"}),
+    "first_pages_read": frozenset({"label"}),
+}
+
+# [doses] key → its placeholders: an order set's vitamin D in all (d3k2.core.orderset).
+DOSES: dict[str, frozenset[str]] = {
+    "in_all": frozenset({"total"}),
+    "at_least": frozenset({"total"}),
+    "set_total": frozenset({"total", "parts"}),
+    "set_part": frozenset({"name", "dose"}),
+    "set_on_record": frozenset({"name", "dose"}),
+}
+
+
+_NONE: frozenset[str] = frozenset()
+
+# [dosage] key → its placeholders: a dose's arithmetic and why it is unknown (d3k2.core.dosage).
+DOSAGE: dict[str, frozenset[str]] = {
+    "arithmetic": frozenset({"amount", "lead", "detail"}),
+    "lead": frozenset({"unit", "period"}),
+    "summed": frozenset({"total", "unit", "parts"}),
+    "summed_part": frozenset({"daily", "unit", "detail"}),
+    "count_one": frozenset({"count", "noun", "strength", "unit"}),
+    "count_many": frozenset({"count", "noun", "strength", "unit"}),
+    "amount": frozenset({"amount", "unit"}),
+    "amount_converted": frozenset({"amount", "unit", "converted", "canonical"}),
+    "range_used": frozenset({"range"}),
+    "range_between": frozenset({"low", "high"}),
+    "range_up_to": frozenset({"high"}),
+    "frequency_max_used": frozenset({"times"}),
+    "once": _NONE,
+    "twice": _NONE,
+    "thrice": _NONE,
+    "four_times": _NONE,
+    "times": frozenset({"count"}),
+    "each_period": frozenset({"times", "adverb"}),
+    "every_periods": frozenset({"period", "noun"}),
+    "times_every_periods": frozenset({"times", "period", "noun"}),
+    "per_period": frozenset({"noun"}),
+    **{f"{kind}_{unit}": _NONE for kind in ("noun", "adverb") for unit in ("h", "d", "wk", "mo", "a")},
+    "count_unit": _NONE,
+    "basis_structured": _NONE,
+    "basis_text": _NONE,
+    "basis_unknown": _NONE,
+    "unknown": frozenset({"reason"}),
+    "of_several": frozenset({"number", "reason"}),
+    "no_dosage": _NONE,
+    "dosage_not_readable": _NONE,
+    "no_dose_quantity": _NONE,
+    "no_timing": _NONE,
+    "quantity_not_readable": _NONE,
+    "value_not_understood": frozenset({"value"}),
+    "quantity_no_unit": _NONE,
+    "unit_not_understood": frozenset({"unit"}),
+    "range_no_high": _NONE,
+    "period_unit_not_understood": frozenset({"unit"}),
+    "frequency_not_understood": frozenset({"value"}),
+    "period_not_understood": frozenset({"value"}),
+    "timing_code_not_understood": _NONE,
+    "timing_no_period_unit": _NONE,
+    "text_zero_dose": _NONE,
+    "text_no_dose": _NONE,
+    "text_zero_interval": _NONE,
+    "text_zero_frequency": _NONE,
+    "text_no_frequency": _NONE,
+    "text_timing_conflict": frozenset({"text", "timing"}),
+    "strength_unknown": frozenset({"name"}),
+    "form_mismatch": frozenset({"unit", "form"}),
+    "unit_not_for": frozenset({"unit", "label"}),
+    "combination_split": frozenset({"unit"}),
 }
 
 
@@ -178,7 +277,7 @@ def load_texts(path: Path) -> Texts:
         raise RuleSetError(f"{path.name}: file missing", file=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
-    _table(doc, path, "", {"cards", "notes", "skipped", "units"})
+    _table(doc, path, "", {"cards", "notes", "skipped", "units", "fetch", "doses", "dosage"})
     cards = _table(doc["cards"], path, "cards", set(PLACEHOLDERS))
     notes_table = _table(doc["notes"], path, "notes", set(NOTES))
     notes = {key: _text(notes_table[key], path, f"notes.{key}", wanted) for key, wanted in NOTES.items()}
@@ -190,5 +289,11 @@ def load_texts(path: Path) -> Texts:
         str(code): _text(word, path, f"units.{code}", frozenset())
         for code, word in _table(doc["units"], path, "units").items()
     }
+    fetch_table = _table(doc["fetch"], path, "fetch", set(FETCH))
+    fetch = {key: _text(fetch_table[key], path, f"fetch.{key}", wanted) for key, wanted in FETCH.items()}
+    doses_table = _table(doc["doses"], path, "doses", set(DOSES))
+    doses = {key: _text(doses_table[key], path, f"doses.{key}", wanted) for key, wanted in DOSES.items()}
+    dosage_table = _table(doc["dosage"], path, "dosage", set(DOSAGE))
+    dosage = {key: _text(dosage_table[key], path, f"dosage.{key}", wanted) for key, wanted in DOSAGE.items()}
     texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in PLACEHOLDERS.items()}
-    return Texts(**texts, notes=notes, skipped=skipped, units=units)
+    return Texts(**texts, notes=notes, skipped=skipped, units=units, fetch=fetch, doses=doses, dosage=dosage)

@@ -253,7 +253,12 @@ class _GuardedAdapter(HTTPAdapter):
 
 
 def _new_session(settings: Settings) -> requests.Session:
-    session = requests.Session()
+    return configure_session(requests.Session(), settings)
+
+
+def configure_session(session: requests.Session, settings: Settings) -> requests.Session:
+    """The fetcher's transport on ``session``: guarded sockets (see ``read_deadline``), no retries, and
+    nothing taken from the environment (the SMART app's own requests use it too)."""
     # No retries: a refused connection does not heal within milliseconds, and a retried connect timeout
     # would spend the whole budget twice over; the key is reported missing and the next hook call tries again.
     adapter = _GuardedAdapter(pool_connections=4, pool_maxsize=settings.fhir_workers, max_retries=0)
@@ -264,6 +269,24 @@ def _new_session(settings: Settings) -> requests.Session:
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     session.trust_env = False
     return session
+
+
+@contextlib.contextmanager
+def read_deadline(seconds: float) -> Iterator[None]:
+    """Requests this thread makes on a ``configure_session`` session end once ``seconds`` have passed: the
+    socket is shut down whatever phase the answer is in (a read timeout bounds each recv, not an answer)."""
+    guard = _Guard()
+    previous = getattr(_fetching, "guard", None)
+    _fetching.guard = guard
+    timer = threading.Timer(seconds, guard.abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        guard.release()
+        _fetching.guard = previous
 
 
 class FhirClient:

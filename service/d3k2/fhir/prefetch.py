@@ -9,6 +9,7 @@
    answered (contraindications included), as they would be if the key's fetch had failed.
 A key that cannot be had in full is named on the answer (and blocks dosing suggestions when required). A
 searchset with a `next` link or a `total` above its entries is a first page only: not had in full either.
+What the data card says about a key not had in full is worded by cards/texts.toml [fetch].
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Protocol, TypeGuard
 from d3k2.core.errors import PrefetchUnavailable
 from d3k2.core.hooks import FHIR_ID, CdsRequest
 from d3k2.core.ruleset import PrefetchKey
+from d3k2.core.texts import Texts
 from d3k2.fhir.client import FetchOutcome
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
@@ -110,13 +112,13 @@ def _outcome_codes(outcome: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def usable_resources(value: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+def usable_resources(value: Mapping[str, Any], texts: Texts) -> tuple[list[dict[str, Any]], str | None]:
     """(`resources_of(value)`, None), or what arrived and why the rest did not when the EHR or the server
     failed (an OperationOutcome, alone or an error inside the Bundle) or sent only some pages of a search.
     One pass over the entries."""
     kind = value.get("resourceType")
     if kind == "OperationOutcome":
-        return [], "an OperationOutcome"
+        return [], texts.fetch["operation_outcome"]
     if kind != "Bundle":
         return [dict(value)], None
     resources = []
@@ -131,15 +133,18 @@ def usable_resources(value: Mapping[str, Any]) -> tuple[list[dict[str, Any]], st
         resources.append(resource)
     # Entries, not the resources read from them: a malformed entry is named where it is read, not here.
     entries = value.get("entry")
-    more = _more_pages(value, len(entries) if isinstance(entries, list) else 0)
+    more = _more_pages(value, len(entries) if isinstance(entries, list) else 0, texts)
     if not failed:
         return resources, more
-    named = f" ({', '.join(sorted(set(codes)))})" if codes else ""
-    error = f"an error{named} in the Bundle"
-    return resources, f"{error} and {more}" if more else error
+    error = (
+        texts.fetch["bundle_error_codes"].format(codes=", ".join(sorted(set(codes))))
+        if codes
+        else texts.fetch["bundle_error"]
+    )
+    return resources, texts.fetch["and_pages"].format(error=error, pages=more) if more else error
 
 
-def _more_pages(bundle: Mapping[str, Any], count: int) -> str | None:
+def _more_pages(bundle: Mapping[str, Any], count: int, texts: Texts) -> str | None:
     """Why a searchset holds only part of the results: a `next` link (the EHR sent a first page only) or a
     `total` above the entries that arrived. What the other pages hold is unknown, so the key is incomplete."""
     links = bundle.get("link")
@@ -148,7 +153,9 @@ def _more_pages(bundle: Mapping[str, Any], count: int) -> str | None:
     short = type(total) is int and total > count
     if not (has_next or short):
         return None
-    return f"only a first page ({count} of {total} results)" if short else "only a first page"
+    return (
+        texts.fetch["first_page_of"].format(count=count, total=total) if short else texts.fetch["first_page"]
+    )
 
 
 def resources_of(value: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -162,7 +169,9 @@ def resolve(
     keys: Mapping[str, PrefetchKey],
     request: CdsRequest,
     fetcher: Fetcher | None,
+    texts: Texts,
 ) -> Resolved:
+    words = texts.fetch
     result = Resolved()
     given = request.prefetch or {}
     to_fetch: dict[str, str] = {}
@@ -170,32 +179,32 @@ def resolve(
     partial: dict[str, list[dict[str, Any]]] = {}
     unobtainable: dict[str, str] = {}  # required key → why it is missing
     for key, spec in keys.items():
-        reason = "not prefetched"
+        reason = words["not_prefetched"]
         if key in given:
             value = given[key]
             if value is None:
                 continue
             if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
-                resources, failure = usable_resources(value)
+                resources, failure = usable_resources(value, texts)
                 if failure is None:
                     result.resources.extend(resources)
                     continue
-                partial[key], reason = resources, f"the EHR sent {failure}"
+                partial[key], reason = resources, words["ehr_sent"].format(failure=failure)
             else:
-                result.issues.append(f"prefetch '{key}' is not a FHIR resource")
+                result.issues.append(words["not_resource"].format(label=spec.label))
         query = fill_template(spec.query, request)
         if request.fhirServer and query is not None and fetcher is not None:
             to_fetch[key] = query
             continue
         if partial.get(key):
             result.resources.extend(partial[key])
-            reason = f"only in part: {reason}"
+            reason = words["in_part"].format(reason=reason)
         if spec.unknown is not None:
             result.unknown.append(spec.unknown)
         if spec.required:
             unobtainable[key] = reason
         else:
-            result.missing.append(f"{spec.label} ({reason}; no FHIR server to ask)")
+            result.missing.append(words["no_server"].format(label=spec.label, reason=reason))
             result.missing_keys.append(key)
     if to_fetch and fetcher is not None and request.fhirServer:
         token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
@@ -204,21 +213,21 @@ def resolve(
             spec = keys[key]
             result.fetched[key] = outcome.error or "ok"
             fetched, failure = (
-                usable_resources(outcome.resource)
+                usable_resources(outcome.resource, texts)
                 if outcome.error is None and outcome.resource is not None
-                else ([], outcome.error or "nothing")
+                else ([], outcome.error or words["nothing"])
             )
             if failure is None:
                 result.resources.extend(fetched)
                 if outcome.truncated:
-                    result.issues.append(f"{spec.label}: only the first pages were read")
+                    result.issues.append(words["first_pages_read"].format(label=spec.label))
                 continue
-            reason = outcome.error or f"the FHIR server sent {failure}"
+            reason = outcome.error or words["server_sent"].format(failure=failure)
             arrived = fetched or partial.get(key)
             if arrived:
                 result.resources.extend(arrived)
-                reason += "; the part that arrived was used"
-            result.missing.append(f"{spec.label} (could not be fetched: {reason})")
+                reason = words["part_used"].format(reason=reason)
+            result.missing.append(words["not_fetched"].format(label=spec.label, reason=reason))
             result.missing_keys.append(key)
             if spec.unknown is not None:
                 result.unknown.append(spec.unknown)
@@ -232,7 +241,7 @@ def resolve(
                 keys=list(unobtainable),
             )
         for key, reason in unobtainable.items():
-            result.missing.append(f"{keys[key].label} ({reason}; no FHIR server to ask)")
+            result.missing.append(words["no_server"].format(label=keys[key].label, reason=reason))
             result.missing_keys.append(key)
             result.incomplete.append(keys[key].label)
     return result

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import requests
@@ -36,9 +35,20 @@ from werkzeug.wrappers import Response as BaseResponse
 from d3k2 import whatif
 from d3k2.config import Settings
 from d3k2.core.errors import D3K2Error
-from d3k2.fhir.client import is_allowed, origin
+from d3k2.fhir.client import is_allowed, read_deadline
 from d3k2.http import smart_view as view
 from d3k2.http.api import TODAY_HEADER, _today
+from d3k2.http.smart_auth import (
+    RESOURCES,
+    SmartError,
+    TokenSession,
+    endpoint,
+    granted,
+    refused,
+    smart_configuration,
+    unreachable,
+    wanted_scope,
+)
 from d3k2.http.web import runtime
 
 blueprint = Blueprint(
@@ -51,21 +61,13 @@ logging.getLogger("fhirclient").setLevel(logging.WARNING)
 COOKIE = "d3k2_smart"
 LAUNCH_SECONDS = 300  # from the launch to the callback
 SESSION_SECONDS = 1800  # at most; less when the token expires sooner
-MAX_DOCUMENT_BYTES = 256 * 1024
-RESOURCES = ("Patient", "Observation", "MedicationStatement", "MedicationRequest", "Condition")
-SCOPE_V2 = "openid fhirUser " + " ".join(f"patient/{r}.rs" for r in RESOURCES)
-SCOPE_V1 = "openid fhirUser " + " ".join(f"patient/{r}.read" for r in RESOURCES)
-_SCOPE = re.compile(r"^(patient|user)/(\*|[A-Za-z]+)\.(\*|read|[cruds]+)$")
+# A browser keeps a cookie of at most 4096 bytes (name, value and attributes); a larger one is dropped
+# without a word, and the app would then say "no session" after a launch that worked.
+MAX_COOKIE_BYTES = 3900
 _RULE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # what an Authorization header can carry: visible ASCII
 _SWITCHES = ("warfarin", "k2", "pregnant")
-
-
-class SmartError(Exception):
-    """An error page: what went wrong, in words a clinician or an integrator can act on."""
-
-    def __init__(self, status: int, title: str, detail: str) -> None:
-        super().__init__(title)
-        self.status, self.title, self.detail = status, title, detail
 
 
 @dataclass(frozen=True)
@@ -152,77 +154,6 @@ def _set_cookie(response: BaseResponse, value: str, seconds: int) -> None:
 # ---------------------------------------------------------------- launch
 
 
-def _bounded_get_json(url: str, timeout: float) -> Any:
-    with requests.get(
-        url, timeout=timeout, allow_redirects=False, stream=True, headers={"Accept": "application/json"}
-    ) as answer:
-        if answer.status_code != 200:
-            raise SmartError(
-                502,
-                "The FHIR server gave no SMART configuration",
-                f"HTTP {answer.status_code} from its .well-known/smart-configuration.",
-            )
-        body = answer.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
-    if len(body) > MAX_DOCUMENT_BYTES:
-        raise SmartError(502, "The FHIR server's SMART configuration is too large", "More than 256 KiB.")
-    return orjson.loads(body)
-
-
-def _endpoint(config: dict[str, Any], name: str) -> str:
-    url = config.get(name)
-    if not isinstance(url, str) or origin(url) is None:
-        raise SmartError(
-            502,
-            "The FHIR server's SMART configuration is incomplete",
-            f"{name} is missing or not an http(s) URL.",
-        )
-    host = urlsplit(url).hostname or ""
-    if url.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
-        raise SmartError(502, "The authorization server is not on https", f"{name} must use https.")
-    return url
-
-
-def smart_configuration(iss: str, timeout: float) -> dict[str, Any]:
-    try:
-        config = _bounded_get_json(f"{iss}/.well-known/smart-configuration", timeout)
-    except requests.RequestException as exc:
-        raise SmartError(
-            502,
-            "The FHIR server could not be reached",
-            f"Its SMART configuration could not be read ({type(exc).__name__}).",
-        ) from exc
-    except orjson.JSONDecodeError as exc:
-        raise SmartError(
-            502, "The FHIR server's SMART configuration is not JSON", "Ask its administrator."
-        ) from exc
-    if not isinstance(config, dict):
-        raise SmartError(
-            502, "The FHIR server's SMART configuration is not a JSON object", "Ask its administrator."
-        )
-    methods = config.get("code_challenge_methods_supported")
-    if isinstance(methods, list) and "S256" not in methods:
-        raise SmartError(
-            502,
-            "The authorization server does not support PKCE S256",
-            "SMART App Launch 2 requires it; d3k2 does not launch without it.",
-        )
-    return config
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def wanted_scope(config: dict[str, Any]) -> str:
-    """SMART v2 read scopes (``.rs``) unless the server advertises only v1."""
-    capabilities = _list(config.get("capabilities"))
-    supported = _list(config.get("scopes_supported"))
-    v1_only = "permission-v2" not in capabilities and (
-        "permission-v1" in capabilities or any(str(s).endswith(".read") for s in supported)
-    )
-    return SCOPE_V1 if v1_only else SCOPE_V2
-
-
 @blueprint.get("/launch")
 def launch() -> BaseResponse:
     app = _app()
@@ -245,11 +176,20 @@ def launch() -> BaseResponse:
         )
     if launch_token is not None and len(launch_token) > 2048:
         raise SmartError(400, "The launch parameter is too long", "At most 2048 characters.")
-    config = smart_configuration(iss, settings.fhir_timeout)
+    config = smart_configuration(iss, settings)
     authorize_uri, token_uri = (
-        _endpoint(config, "authorization_endpoint"),
-        _endpoint(config, "token_endpoint"),
+        endpoint(config, "authorization_endpoint"),
+        endpoint(config, "token_endpoint"),
     )
+    if not is_allowed(token_uri, settings.fhir_allowed):
+        # d3k2 itself posts the code and the PKCE verifier there: only to a server the operator allowed.
+        raise SmartError(
+            502,
+            "The token endpoint is not allowed",
+            "The FHIR server's SMART configuration names a token endpoint whose origin is not on d3k2's "
+            "allow-list (D3K2_FHIR_ALLOWED); nothing was sent to it. Add the authorization server's origin "
+            "to the list if it is the EHR's.",
+        )
     client = FHIRClient(
         settings={
             "app_id": settings.smart_client_id,
@@ -281,67 +221,30 @@ def launch() -> BaseResponse:
 # ---------------------------------------------------------------- callback
 
 
-class _BoundedSession(requests.Session):
-    """fhirclient's HTTP session for the token request: a timeout, and no redirects (the code and the
-    code_verifier go to the token endpoint the configuration named, nowhere else)."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self.timeout = timeout
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs["timeout"] = self.timeout
-        kwargs["allow_redirects"] = False
-        return super().request(method, url, *args, **kwargs)
-
-
-def granted(scopes: str, resource: str) -> bool:
-    for scope in scopes.split():
-        match = _SCOPE.match(scope)
-        if match and match.group(2) in ("*", resource):
-            access = match.group(3)
-            if access in ("*", "read") or ("r" in access and "s" in access):
-                return True
-    return False
-
-
-def _oauth_error(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, requests.Response):
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        error = body.get("error") if isinstance(body, dict) else None
-        return f"HTTP {response.status_code}" + (f": {error}" if isinstance(error, str) else "")
-    return type(exc).__name__
-
-
-def _refused(exc: Exception) -> SmartError:
-    return SmartError(
-        400,
-        "The authorization server refused the code",
-        f"{_oauth_error(exc)}. The code may have expired or been used already: launch the app again "
-        "from the card.",
-    )
-
-
 def _exchange(app: SmartApp, launched: dict[str, Any]) -> tuple[FHIRClient, dict[str, Any]]:
     client = FHIRClient(state=launched["client"])
     client.server.session.close()
-    client.server.session = session = _BoundedSession(app.settings.fhir_timeout)
+    client.server.session = session = TokenSession(app.settings)
+    started = time.monotonic()
     try:
-        client.handle_callback(request.url)
+        with read_deadline(app.settings.fhir_budget):
+            client.handle_callback(request.url)
+    except SmartError:
+        raise
     except requests.HTTPError as exc:
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
+    except requests.JSONDecodeError as exc:
+        raise SmartError(
+            502, "The authorization server's answer is not JSON", "Its token response could not be read."
+        ) from exc
     except requests.RequestException as exc:
         raise SmartError(
             502,
             "The authorization server could not be reached",
-            f"The token request failed ({type(exc).__name__}).",
+            unreachable("The token response", exc, started, app.settings.fhir_budget),
         ) from exc
     except Exception as exc:  # fhirclient raises plain Exceptions (no token, a 401 from the token endpoint)
-        raise _refused(exc) from exc
+        raise refused(exc) from exc
     finally:
         session.close()
     context = client.launch_context
@@ -387,12 +290,36 @@ def callback() -> BaseResponse:
         raise SmartError(
             400, "No patient was selected", "The authorization server named no patient for this launch."
         )
+    if not _FHIR_ID.match(patient):
+        # It goes into every query (patient=...): only a FHIR id, never more query or another path.
+        raise SmartError(
+            502,
+            "The authorization server named an invalid patient",
+            "Its token response's patient is not a FHIR id; nothing was read.",
+        )
     token = client.server.auth.access_token
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        raise SmartError(
+            502,
+            "The authorization server's token is not usable",
+            "Its access_token is not a string that an Authorization header can carry; nothing was read.",
+        )
     # fhirclient keeps the token's expires_in as expires_at (local time); the session ends with the token.
     expires_at = client.server.auth.expires_at
     lifetime = (expires_at - datetime.now()).total_seconds() if expires_at else SESSION_SECONDS
     seconds = int(max(1, min(SESSION_SECONDS, lifetime)))
+    # Only the rule the card named is kept (a short id): the EHR's appContext may be of any size.
     app_context = context.get("appContext") if isinstance(context.get("appContext"), str) else None
+    card_patient = _from_app_context(app_context, "patient")
+    if card_patient is not None and card_patient != patient:
+        # The card was for one patient, the token is for another (the EHR's context moved on, or a mix-up):
+        # the page would show that other patient's record under this card's rule.
+        raise SmartError(
+            409,
+            "The app was opened for another patient than the card's",
+            "The authorization server named a different patient than the one the card was shown for; "
+            "nothing was read. Open the app again from the card of the patient in front of you.",
+        )
     sealed = app.seal(
         {
             "phase": "session",
@@ -401,9 +328,16 @@ def callback() -> BaseResponse:
             "token": token,
             "patient": patient,
             "scope": scopes,
-            "app_context": app_context,
+            "focus": focused_rule(app_context),
         }
     )
+    if len(COOKIE) + 1 + len(sealed) > MAX_COOKIE_BYTES:
+        raise SmartError(
+            502,
+            "The access token is too large for this app",
+            f"The authorization server's token ({len(token)} characters) does not fit in the app's session "
+            "cookie, which a browser keeps only up to 4 KiB; ask for shorter tokens for this client.",
+        )
     response = redirect(f"{app.settings.smart_app_url}/", code=303)
     _set_cookie(response, sealed, seconds)
     return response
@@ -412,16 +346,22 @@ def callback() -> BaseResponse:
 # ---------------------------------------------------------------- the app page
 
 
-def focused_rule(app_context: str | None) -> str | None:
-    """The rule a card's appContext names (``{"rule": "vitd-deficiency"}``), when it is one."""
+def _from_app_context(app_context: str | None, name: str) -> str | None:
+    """A string member of a card's appContext (``{"rule": "vitd-deficient", "patient": "p1"}``)."""
     if not app_context:
         return None
     try:
         data = orjson.loads(app_context)
     except orjson.JSONDecodeError:
         return None
-    rule = data.get("rule") if isinstance(data, dict) else None
-    return rule if isinstance(rule, str) and _RULE.match(rule) else None
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def focused_rule(app_context: str | None) -> str | None:
+    """The rule a card's appContext names (``{"rule": "vitd-deficient"}``), when it is one."""
+    rule = _from_app_context(app_context, "rule")
+    return rule if rule is not None and _RULE.match(rule) else None
 
 
 def _overrides() -> tuple[list[str], dict[str, str]]:
@@ -484,7 +424,7 @@ def page() -> Response:
         ) from exc
     report = whatif.report(explanation, rt.ruleset)
     context = view.page_context(report, explanation, rt.ruleset, rt.profile, today)
-    focus = focused_rule(session.get("app_context"))
+    focus = session.get("focus")
     titles = {rule.id: rule.title for rule in rt.ruleset.rules_for("patient-view")}
     html = render_template(
         "smart.html",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
+from d3k2.core.facts import implausible
 from d3k2.core.labs import lab_role, quantity_parts
 from d3k2.core.readers import Unreadable, loinc_codes, medication_text, observation_date, parse_date, ref_of
 from d3k2.core.ruleset import Band, RuleSet
@@ -37,6 +38,7 @@ class Point:
     status: str
 
     plotted: bool = True  # False: listed only (ionized calcium; a fraction on a day with a total result)
+    used: bool = True  # False: a value no body can have, which the facts do not use either
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,21 @@ def lab_points(resources: Sequence[Mapping[str, Any]], ruleset: RuleSet, name: s
         canonical = round(value * lab.units[unit], lab.decimals)
         shown = f"{comparator or ''}{value:g} {unit}"
         point = Point(
-            when, canonical, shown, lab.canonical_unit, role[0], kind, ref_of(resource), resource["status"]
+            when,
+            canonical,
+            shown,
+            lab.canonical_unit,
+            role[0],
+            kind,
+            ref_of(resource),
+            resource["status"],
+            used=not implausible(lab, value, comparator, unit, kind),
         )
         found.setdefault((point.source, when, canonical), point)
     # A D3 or D2 fraction is drawn when it is the day's only 25(OH)D result (the facts then read it too).
     totals = {p.when for p in found.values() if p.role not in _FRACTIONS}
     return [
-        replace(p, plotted=p.kind != "ionized" and not (p.role in _FRACTIONS and p.when in totals))
+        replace(p, plotted=p.used and p.kind != "ionized" and not (p.role in _FRACTIONS and p.when in totals))
         for p in sorted(found.values(), key=lambda p: (p.when, p.source))
     ]
 

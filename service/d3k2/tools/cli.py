@@ -430,6 +430,7 @@ def _print_explanation(report: dict[str, Any]) -> None:
     console.print(f"current vitamin D (vitamin_d.current_daily): {shown}", markup=False)
     evidence = [(name, e) for name, items in facts["conditions"].items() for e in items]
     evidence += [("pregnancy", e) for e in facts["pregnancy"]]
+    evidence += [("lactation", e) for e in facts["lactation"]]
     conditions = Table(title="Facts: conditions", title_justify="left")
     for column in ("fact", "evidence", "source", "date"):
         conditions.add_column(column)
