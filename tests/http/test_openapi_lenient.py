@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_openapi import _validate, check_response, document, operation, post, settings
 
-from builders import ruleset, sandbox_request
+from builders import close, ruleset, sandbox_request
 from d3k2.http.app import create_app
 
 SERVICE = "/cds-services/d3k2-order-select"
@@ -52,8 +52,12 @@ def test_a_lenient_draft_shape_is_documented_and_answered(tmp_path: Path, shape:
     _validate(
         operation(doc, "post", SERVICE)["requestBody"]["content"]["application/json"]["schema"], request, doc
     )
-    with create_app(settings(tmp_path), ruleset()).test_client() as client:
-        response = post(client, SERVICE, request)
+    app = create_app(settings(tmp_path), ruleset())
+    try:
+        with app.test_client() as client:
+            response = post(client, SERVICE, request)
+    finally:
+        close(app)
     assert response.status_code == 200, response.get_json()
     check_response(doc, "post", SERVICE, response)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from builders import REPO
+from builders import REPO, close
 from d3k2.config import Settings
 from d3k2.core.errors import Unauthorized
 from d3k2.core.loader import load_ruleset
@@ -110,12 +110,15 @@ def test_d3k2_auth_required_with_the_trust_file_answers_the_sandbox_and_refuses_
         jti_db=tmp_path / "jti.sqlite3",
     )
     app = create_app(settings, load_ruleset(settings.cards_dir))
-    item = sandbox_tokens()[0]
-    app.extensions["d3k2.http.auth"].clock = lambda: item["claims"]["iat"] + 1
-    client = app.test_client()
-    answered = client.get(item["path"], headers={"Authorization": f"Bearer {item['token']}"})
-    assert answered.status_code == 200
-    assert answered.json["services"]
-    assert client.get(item["path"]).status_code == 401
-    altered = tampered_signature(item["token"])
-    assert client.get(item["path"], headers={"Authorization": f"Bearer {altered}"}).status_code == 401
+    try:
+        item = sandbox_tokens()[0]
+        app.extensions["d3k2.http.auth"].clock = lambda: item["claims"]["iat"] + 1
+        client = app.test_client()
+        answered = client.get(item["path"], headers={"Authorization": f"Bearer {item['token']}"})
+        assert answered.status_code == 200
+        assert answered.json["services"]
+        assert client.get(item["path"]).status_code == 401
+        altered = tampered_signature(item["token"])
+        assert client.get(item["path"], headers={"Authorization": f"Bearer {altered}"}).status_code == 401
+    finally:
+        close(app)

@@ -835,3 +835,14 @@ def post_json(url: str, body: Any) -> Any:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def test_writers_closed_at_exit_leave_no_idle_connection(tmp_path: Path) -> None:
+    """A store nobody closed: the exit hook writes its rows and closes its connections too (Python 3.13
+    reports a SQLite connection left to the collector; a hook worker's exit must not leave one open)."""
+    store = new_store(sqlite_url(tmp_path))
+    store.enqueue_cards(SERVICE, answer(0))
+    assert store.flush()
+    assert store.engine.pool.checkedin() == 1  # the writer's connection, idle in the pool
+    sv.close_served_writers()
+    assert store.engine.pool.checkedin() == 0

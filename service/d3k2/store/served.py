@@ -469,11 +469,13 @@ class ServedWriter:
 
 
 def close_served_writers(timeout: float = 10.0) -> None:
-    """Write and stop every writer of this process: at exit, and from gunicorn's worker_exit hook."""
+    """Write and stop every writer of this process, and close its idle connections (its store may never
+    be closed): at exit, and from gunicorn's worker_exit hook."""
     pid = os.getpid()
     for writer in list(_started):
         if writer._pid == pid:
             writer.close(timeout)
+            writer._engine.dispose()
 
 
 atexit.register(close_served_writers)
