@@ -8,11 +8,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from test_cards_fit import CURRENT_D3, PREGNANCY, answer  # the same patients and call path
 
 from builders import TODAY, lab_observation, ruleset
-from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
-from d3k2.core.engine import evaluate
-from d3k2.service import facts_for
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
@@ -35,35 +33,6 @@ def vitd(value: float, days_old: int = 20) -> dict[str, Any]:
 
 def calcium(value: float) -> dict[str, Any]:
     return lab_observation("17861-6", value, "mg/dL", oid="ca", when=(TODAY - timedelta(days=5)).isoformat())
-
-
-PREGNANCY = {
-    "resourceType": "Condition",
-    "id": "c",
-    "clinicalStatus": {"coding": [{"code": "active"}]},
-    "code": {"coding": [{"system": SNOMED, "code": "77386006", "display": "Pregnancy"}]},
-}
-CURRENT_D3 = {
-    "resourceType": "MedicationStatement",
-    "id": "s",
-    "status": "active",
-    "medicationCodeableConcept": {
-        "coding": [{"system": RXNORM, "code": "857466", "display": "Cholecalciferol 5000 UNT Oral Tablet"}]
-    },
-    "dosage": [
-        {
-            "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
-            "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "tablet"}}],
-        }
-    ],
-}
-
-
-def answer(resources: list[dict[str, Any]], profile: str) -> list[dict[str, Any]]:
-    rs = ruleset()
-    found = facts_for(rs, resources, TODAY)
-    evaluation = evaluate(rs, found, hook="patient-view", profile=profile)
-    return build_cards(rs, evaluation, hook="patient-view", patient_id="p1", card_key=OFFLINE_CARD_KEY)
 
 
 def topics(cards: list[dict[str, Any]]) -> list[str]:
