@@ -670,12 +670,16 @@ def test_every_egfr_result_decides_the_kidney_check(value, comparator) -> None:
     # A value that may be below 30 may be in G4 or G5: the caution shows.
     below_30 = band in ("G4", "G5")
     assert below_30 == (reading.lt(30) is not False)
-    kidney = "kidney-advanced" in topics_of(
+    topics = topics_of(
         build_cards(rs, evaluation, hook="patient-view", card_key=OFFLINE_CARD_KEY, patient_id="p1")
     )
+    kidney = "kidney-advanced" in topics or "kidney-possible" in topics
     assert kidney == below_30
     if reading.ge(30) is True:
         assert not kidney, "a value certainly at or above 30 (such as >60) is not < 30"
+    # Certainly below 30 (`<30` too): CKD 4–5 said; only possibly below (`<45`): "may be below 30" said.
+    assert ("kidney-advanced" in topics) == (reading.lt(30) is True)
+    assert ("kidney-possible" in topics) == (reading.lt(30) is None)
 
 
 @PROPERTY

@@ -88,6 +88,7 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     egfr = possible_bands(facts.egfr.value, ruleset.facts.labs["egfr"].bands) if facts.egfr else []
     values["egfr.band"] = egfr[0].id if len(egfr) == 1 else None
     values["egfr.lowest_band"] = egfr[0].id if egfr else None
+    values["egfr.highest_band"] = egfr[-1].id if egfr else None  # `<30`: G4, so certainly below 30
     # Only a value certainly above the limit is high: `<11` is not, `>12` is.
     calcium_lab = ruleset.facts.labs["calcium"]
     values["calcium.high"] = calcium_high(facts.calcium, calcium_lab) is True
