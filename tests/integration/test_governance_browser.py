@@ -4,32 +4,20 @@ under artifacts/. Needs what test_preview_browser.py needs, and is skipped as lo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from test_governance_report import seed
-from test_preview_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, MISSING, _announce_missing
+
+# `browser` is the preview test's fixture: skipped loudly without Chromium, a failure where CI requires it.
+from test_preview_browser import ARTIFACTS, browser  # noqa: F401 (a fixture)
 
 from d3k2.store.feedback import FeedbackStore
 from d3k2.tools.cli import main
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def chromium(request: pytest.FixtureRequest) -> Iterator[Any]:
-    if MISSING:
-        _announce_missing(request.config)
-        pytest.skip("browser tests need " + " and ".join(MISSING))
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def _page_file(tmp_path: Path) -> Path:
@@ -49,9 +37,12 @@ def _page_file(tmp_path: Path) -> Path:
     return out
 
 
-def test_the_governance_page_renders_its_charts(chromium: Any, tmp_path: Path) -> None:
+def test_the_governance_page_renders_its_charts(
+    browser: Any,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
     page_file = _page_file(tmp_path)
-    context = chromium.new_context(viewport={"width": 1200, "height": 900})
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
     page = context.new_page()
     errors: list[str] = []
     requests: list[str] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -57,6 +58,17 @@ MISSING = [
 ]
 
 
+def skip_without_browser(config: pytest.Config) -> None:
+    """Skip loudly when Chromium or Playwright is missing; where CI installed them (D3K2_REQUIRE_BROWSER=1)
+    a missing one fails instead, so that no browser test is skipped unnoticed."""
+    if not MISSING:
+        return
+    if os.environ.get("D3K2_REQUIRE_BROWSER") == "1":
+        pytest.fail("browser tests are required (D3K2_REQUIRE_BROWSER=1) but need " + " and ".join(MISSING))
+    _announce_missing(config)
+    pytest.skip("browser tests need " + " and ".join(MISSING))
+
+
 def _announce_missing(config: pytest.Config) -> None:
     """Print past pytest's output capture: a skipped browser test must not go unnoticed."""
     banner = "\n".join(
@@ -80,9 +92,7 @@ def _announce_missing(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="module")
 def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
-    if MISSING:
-        _announce_missing(request.config)
-        pytest.skip("browser tests need " + " and ".join(MISSING))
+    skip_without_browser(request.config)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -329,3 +339,15 @@ def test_hostile_fhir_text_is_shown_literally_never_run(preview: Page, how: str)
     assert SCRIPT in cards_text
     assert IMG in explanation
     assert SCRIPT in explanation
+
+
+def test_a_missing_browser_fails_where_ci_requires_it(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "MISSING", ["Debian chromium"])
+    monkeypatch.setenv("D3K2_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="D3K2_REQUIRE_BROWSER=1"):
+        skip_without_browser(request.config)
+    monkeypatch.delenv("D3K2_REQUIRE_BROWSER")
+    with pytest.raises(pytest.skip.Exception):
+        skip_without_browser(request.config)
