@@ -67,8 +67,7 @@ def trusting_app(tmp_path: Path, **changes: Any):
         data_dir=tmp_path,
         auth="required",
         trust_file=trust,
-        jti_db=tmp_path / "jti.sqlite3",
-        **changes,
+        **({"jti_db": tmp_path / "jti.sqlite3"} | changes),
     )
     app = create_app(settings, ruleset())
     app.extensions["d3k2.http.auth"].clock = lambda: NOW
@@ -84,6 +83,19 @@ def test_a_token_minted_for_the_host_header_is_refused_when_the_base_url_is_conf
     response = app.test_client().get("/cds-services", base_url="http://evil.example", headers=headers)
     assert response.status_code == 401
     assert BASE_URL in response.get_json()["detail"]
+
+
+def test_a_jti_store_that_cannot_be_written_refuses_with_503_not_500(tmp_path: Path) -> None:
+    """A data directory that is not writable (here: a file where the directory should be) gave 500 and a
+    'bug' in the log; the call is refused as 503, retryable, with a JSON body, and no token goes through
+    unchecked for replay."""
+    (tmp_path / "not-a-dir").write_text("")
+    app = trusting_app(tmp_path, public_base_url=BASE_URL, jti_db=tmp_path / "not-a-dir" / "jti.sqlite3")
+    token = es384().sign()
+    response = app.test_client().get("/cds-services", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert response.get_json()["error"] == "replay-store-unavailable"
+    close(app)
 
 
 # ---------------------------------------------------------------- 5. 5xx on bad input → 4xx

@@ -33,7 +33,8 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from d3k2.config import Settings
-from d3k2.store.schema import CONNECT_TIMEOUT
+from d3k2.core.errors import D3K2Error
+from d3k2.store.schema import CONNECT_TIMEOUT, sqlite_wal
 
 log = logging.getLogger("d3k2.http.jti")
 
@@ -41,6 +42,15 @@ EXPIRE_EVERY = 60.0  # seconds of token time between two deletes of expired rows
 RETRY_AFTER = 5.0  # seconds on the local file after PostgreSQL failed, before trying it again
 STATEMENT_TIMEOUT_MS = 1000
 CLAIM_TIMEOUT = 0.5  # seconds a claim may wait for PostgreSQL before the local file takes it
+
+
+class ReplayStoreUnavailable(D3K2Error):
+    """The local jti file cannot be read or written (disk full, a directory not writable, a lock held for
+    longer than its timeout): the token cannot be checked for replay, so the call is refused, as a 503 the
+    EHR may retry, never a 500 or a token let through unchecked."""
+
+    status = 503
+    code = "replay-store-unavailable"
 
 
 def _key(iss: str, jti: str) -> str:
@@ -67,10 +77,16 @@ class JtiStore:
         if self._conn is None or self._pid != os.getpid():
             self._path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS jti (key TEXT PRIMARY KEY, expires INTEGER NOT NULL)")
-            conn.execute("CREATE INDEX IF NOT EXISTS jti_expires ON jti (expires)")
+            try:
+                sqlite_wal(conn, 5.0)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS jti (key TEXT PRIMARY KEY, expires INTEGER NOT NULL)"
+                )
+                conn.execute("CREATE INDEX IF NOT EXISTS jti_expires ON jti (expires)")
+            except BaseException:
+                conn.close()  # not left for the garbage collector (Python 3.13 warns of it in a later test)
+                raise
             self._conn, self._pid = conn, os.getpid()
             # Closed with the store: a store dropped without close() (an app a test built, a worker's app
             # replaced) leaves no open database behind (Python 3.13 warns of one).
@@ -80,11 +96,17 @@ class JtiStore:
     def claim(self, iss: str, jti: str, expires: float, now: float) -> bool:
         """Record the pair; False when it was recorded before and has not expired (a replay)."""
         with self._lock:
-            conn = self._connection()
-            if now >= self._next_expiry:
-                conn.execute("DELETE FROM jti WHERE expires < ?", (int(now),))
-                self._next_expiry = now + EXPIRE_EVERY
-            taken = conn.execute(self._CLAIM, (_key(iss, jti), int(expires) + 1, int(now))).rowcount
+            try:
+                conn = self._connection()
+                if now >= self._next_expiry:
+                    conn.execute("DELETE FROM jti WHERE expires < ?", (int(now),))
+                    self._next_expiry = now + EXPIRE_EVERY
+                taken = conn.execute(self._CLAIM, (_key(iss, jti), int(expires) + 1, int(now))).rowcount
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("jti store: the file %s failed (%s)", self._path, type(exc).__name__)
+                raise ReplayStoreUnavailable(
+                    "bearer tokens cannot be checked for replay just now (its store failed); retry later"
+                ) from exc
             return taken == 1
 
     def close(self) -> None:

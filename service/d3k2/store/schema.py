@@ -9,6 +9,8 @@ database that is down, frozen or locked costs its caller seconds, never a hang.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -159,10 +161,28 @@ def open_engine(url: URL) -> Engine:
     return engine
 
 
+def sqlite_wal(connection: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode, waiting up to ``timeout`` seconds for the other connections.
+
+    Switching a new file to WAL needs it alone, and SQLite answers "database is locked" at once, without
+    its busy handler, when another connection opening it at the same instant holds a lock (several
+    workers' first requests on a fresh file): the switch is tried again until it succeeds or time is up.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    sqlite_wal(dbapi_connection, STATEMENT_TIMEOUT)
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
         # In WAL mode NORMAL survives a crash or restart of the process; only an OS crash or power loss
         # can drop the last commits. It saves an fsync on every batch.
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -204,5 +224,11 @@ def upgrade(connection: Connection) -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+    elif connection.dialect.name == "sqlite":  # the transaction's first statement (FeedbackStore.migrate)
+        # The same for SQLite: every worker of a fresh install migrates at startup, and without the write
+        # lock taken first two of them create the same tables ("table ... already exists"). IMMEDIATE
+        # takes it at once (waiting busy_timeout for another migrator) and keeps the DDL in one
+        # transaction, which Python's sqlite3 would otherwise commit statement by statement.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
