@@ -47,9 +47,12 @@ def test_order_sign_k2_with_warfarin_is_critical_and_kidney_and_sarcoidosis_warn
     assert _created_products(list(cards.values())) == [], "no suggestion creates a vitamin D or K product"
 
 
-def test_order_select_k2_with_warfarin_is_a_warning() -> None:
+def test_order_select_k2_with_warfarin_is_critical() -> None:
+    # CLINICAL.md 4: critical when a K2 order is drafted (order-select) or signed, not only at signing.
     cards = _by_topic(_cards("sandbox-order-select", "order-select"))
-    assert cards["order-k2-vka"]["indicator"] == "warning"
+    assert cards["order-k2-vka"]["indicator"] == "critical"
+    drafted = _by_topic(_cards("k2-selected-warfarin-unselected", "order-select"))
+    assert drafted["order-k2-vka-drafted"]["indicator"] == "critical"
 
 
 def test_first_order_select_without_medication_has_no_card_about_the_draft() -> None:

@@ -297,7 +297,7 @@ def evaluate(
             if reasons is not None:
                 traces.append(Trace(rule.id, fired, tuple(reasons)))
             if fired:
-                indicator = _indicator(rule, hook, values, ruleset.conditions, memo)
+                indicator = _indicator(rule, values, ruleset.conditions, memo)
                 findings.append(Finding(rule, indicator, fields, values))
             continue
         if scopes is None:
@@ -316,14 +316,13 @@ def evaluate(
                     scope.fields = ChainMap(
                         {"draft": draft_fields(draft, ingredient, ruleset.texts, the_set)}, fields
                     )
-                indicator = _indicator(rule, hook, scope.values, ruleset.conditions, scope.memo)
+                indicator = _indicator(rule, scope.values, ruleset.conditions, scope.memo)
                 findings.append(Finding(rule, indicator, scope.fields, scope.values, draft, ingredient))
     return Evaluation(hook, profile, facts, values, tuple(findings), tuple(traces))
 
 
 def _indicator(
     rule: Rule,
-    hook: str,
     values: Mapping[str, FactValue],
     named: Mapping[str, Condition],
     memo: dict[str, bool | None],
@@ -331,7 +330,7 @@ def _indicator(
     for case in rule.indicator_when:
         if evaluate_condition(case.when, values, named, None, memo) is True:
             return case.indicator
-    return rule.indicator_for(hook)
+    return rule.indicator
 
 
 def values_snapshot(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -211,8 +211,7 @@ class Rule(_Strict):
     hooks: list[Hook]
     scope: Literal["patient", "draft"] = "patient"
     indicator: Indicator
-    indicator_by_hook: dict[Hook, Indicator] = {}
-    # The first case whose condition holds sets the indicator; otherwise indicator_by_hook, then indicator.
+    # The first case whose condition holds sets the indicator; otherwise indicator.
     indicator_when: list[IndicatorCase] = []
     priority: int = 50
     reads: list[str]
@@ -224,12 +223,6 @@ class Rule(_Strict):
     override_reasons: list[Coding] = []
     blocks: list[str] = []
     tests: RuleTests = RuleTests()
-
-    def indicator_for(self, hook: str) -> Indicator:
-        for name, indicator in self.indicator_by_hook.items():
-            if name == hook:
-                return indicator
-        return self.indicator
 
 
 class PrefetchKey(_Strict):
