@@ -14,7 +14,7 @@ from datetime import date
 from typing import Any
 
 from d3k2.core.facts import implausible
-from d3k2.core.labs import lab_role, quantity_parts
+from d3k2.core.labs import LabConfig, lab_role, quantity_parts
 from d3k2.core.readers import Unreadable, loinc_codes, medication_text, observation_date, parse_date, ref_of
 from d3k2.core.ruleset import Band, RuleSet
 from d3k2.service import classifier
@@ -38,7 +38,12 @@ class Point:
     status: str
 
     plotted: bool = True  # False: listed only (ionized calcium; a fraction on a day with a total result)
-    used: bool = True  # False: a value no body can have, which the facts do not use either
+    # Why the facts do not use it either ("" when they do): a value no body can have, or a date after today.
+    unused: str = ""
+
+    @property
+    def used(self) -> bool:
+        return not self.unused
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,11 @@ def _ref(resource: Mapping[str, Any]) -> str:
     return f"{resource.get('resourceType')}/{resource.get('id', '(no id)')}"
 
 
-def lab_points(resources: Sequence[Mapping[str, Any]], ruleset: RuleSet, name: str) -> list[Point]:
-    """Every readable result of one lab, oldest first; copies of one result once."""
+def lab_points(
+    resources: Sequence[Mapping[str, Any]], ruleset: RuleSet, name: str, today: date
+) -> list[Point]:
+    """Every readable result of one lab, oldest first; copies of one result once. A result the facts do not
+    use (no body can have it, or dated after today beyond the clock skew allowed) is listed, never drawn."""
     lab = ruleset.facts.labs[name]
     statuses = {*ruleset.facts.accepted_status, *ruleset.facts.fallback_status}
     found: dict[tuple[str, date, float], Point] = {}
@@ -84,7 +92,7 @@ def lab_points(resources: Sequence[Mapping[str, Any]], ruleset: RuleSet, name: s
             kind,
             ref_of(resource),
             resource["status"],
-            used=not implausible(lab, value, comparator, unit, kind),
+            unused=_unused(lab, value, comparator, unit, kind, when, today, ruleset.facts.future_days),
         )
         found.setdefault((point.source, when, canonical), point)
     # A D3 or D2 fraction is drawn when it is the day's only 25(OH)D result (the facts then read it too).
@@ -93,6 +101,23 @@ def lab_points(resources: Sequence[Mapping[str, Any]], ruleset: RuleSet, name: s
         replace(p, plotted=p.used and p.kind != "ionized" and not (p.role in _FRACTIONS and p.when in totals))
         for p in sorted(found.values(), key=lambda p: (p.when, p.source))
     ]
+
+
+def _unused(
+    lab: LabConfig,
+    value: float,
+    comparator: str | None,
+    unit: str,
+    kind: str,
+    when: date,
+    today: date,
+    future: int,
+) -> str:
+    if (when - today).days > future:
+        return "not used: dated after today"
+    if implausible(lab, value, comparator, unit, kind):
+        return "not used: no body can have it"
+    return ""
 
 
 def _start_end(resource: Mapping[str, Any]) -> tuple[date | None, date | None]:
@@ -227,7 +252,7 @@ def lanes(spans: Sequence[Span], axis: Axis) -> list[dict[str, Any]]:
     """One horizontal bar per vitamin D product on the chart's time axis (ongoing ones reach today)."""
     drawn = []
     for i, span in enumerate(spans):
-        x0 = axis.x(max(span.start, axis.start))
+        x0 = axis.x(min(max(span.start, axis.start), axis.end))  # a future start: at today, not past the axis
         x1 = axis.x(min(span.end or axis.end, axis.end))
         until = span.end.isoformat() if span.end else "ongoing"
         drawn.append(
@@ -253,10 +278,11 @@ def page_context(
 ) -> dict[str, Any]:
     """What templates/smart.html shows: the charts, their table equivalents and the explain report."""
     resources = explanation.resolved.resources
-    series = {name: lab_points(resources, ruleset, name) for name in LABS}
+    series = {name: lab_points(resources, ruleset, name, today) for name in LABS}
     daily = {m["source"]: m["daily"] or "" for m in report["facts"]["medications"]}
     spans = vitamin_d_spans(resources, ruleset, daily)
-    axis = time_axis([p.when for points in series.values() for p in points] + [s.start for s in spans], today)
+    drawn = [p.when for points in series.values() for p in points if p.plotted]
+    axis = time_axis(drawn + [s.start for s in spans], today)
     profile = ruleset.profiles[profile_name]
     labs = ruleset.facts.labs
     charts = [
