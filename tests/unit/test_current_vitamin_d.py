@@ -158,3 +158,15 @@ def test_a_bare_count_before_the_schedule_is_one_of_the_products_units(text: str
     )
     (fact,) = found.meds("vitamin-d")
     assert fact.daily == pytest.approx(daily)
+
+
+def test_a_weekly_and_a_daily_product_add_up_to_whole_units_and_only_all_weekly_is_a_weekly_intake() -> None:
+    weekly = record("MedicationStatement", "w", D3_50000, WEEKLY)
+    daily_one = record("MedicationStatement", "d", D3K2, [{"text": "1 capsule daily"}])
+    found, daily, fields = current(weekly, daily_one)
+    assert daily is not None and daily.lo == pytest.approx(1000 + 50000 / 7)
+    # 8,142.857… IU/day is no dose a clinician orders: shown rounded up, never as "8,142.9".
+    assert fields.daily == "about 8,143 IU/day in all (1,000 IU/day + 50,000 IU/week)"
+    assert fact_values(ruleset(), found, "seed")["vitamin_d.current_weekly"] is None
+    found, _daily, _fields = current(weekly)
+    assert fact_values(ruleset(), found, "seed")["vitamin_d.current_weekly"] == Interval.exact(50000)

@@ -108,8 +108,15 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["meds.unknown"] = bool(facts.unknown_medications)
     # Some practice differs by profile: K2 pairing and testing without a reason are the seed article's.
     values["profile"] = profile_name
-    daily = current_daily(current_d(facts))
+    products = current_d(facts)
+    daily = current_daily(products)
     values["vitamin_d.current_daily"] = Interval.exact(daily) if daily is not None else None
+    # IU/week when every current vitamin D product is taken once a week (to 0.01 IU, so that 50,000 IU once
+    # weekly is 50,000): Holick 2011's weekly course is judged as a course (CLINICAL.md 3a), as at order time.
+    weekly = bool(products) and all(m.weekly for m in products)
+    values["vitamin_d.current_weekly"] = (
+        Interval.exact(round(daily * 7, 2)) if weekly and daily is not None else None
+    )
     values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from d3k2.core.calcium import describe_limit
 from d3k2.core.facts import Facts
 from d3k2.core.labs import Measurement
-from d3k2.core.quantities import Banded, Interval, format_number, possible_bands
+from d3k2.core.quantities import Banded, Interval, format_total, possible_bands
 from d3k2.core.record import MedicationFact
 from d3k2.core.ruleset import RuleSet
 from d3k2.core.texts import Texts
@@ -60,7 +60,7 @@ def _current_d_fields(c: FieldContext) -> SimpleNamespace:
     elif total is None:
         daily = texts.current_unknown.format(doses="; ".join(leads))
     else:
-        daily = texts.current_total.format(total=format_number(total), doses=" + ".join(leads))
+        daily = texts.current_total.format(total=format_total(total), doses=" + ".join(leads))
     return SimpleNamespace(names=names, daily=daily)
 
 

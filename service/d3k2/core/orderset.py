@@ -8,7 +8,6 @@ Pure: no Flask, no requests. order-select judges the selected drafts, but agains
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 from d3k2.core.dosage import IngredientDose
 from d3k2.core.drafts import DraftOrder
 from d3k2.core.lenient import fmt
-from d3k2.core.quantities import Interval, format_number
+from d3k2.core.quantities import Interval, format_number, format_total
 from d3k2.core.record import MedicationFact
 from d3k2.core.texts import Texts
 
@@ -112,15 +111,6 @@ def _weekly_lead(ingredient: IngredientDose) -> str | None:
     return ingredient.lead if ingredient.lead_period == "wk" else None
 
 
-def _total(value: float) -> str:
-    """A combined daily total: a weekly dose beside a daily one adds fractions of an IU ("9,142.9 IU/day"),
-    which no clinician orders; shown as "about 9,143", rounded up, so that it stays on the same side of every
-    whole-number ceiling it is judged against."""
-    if float(value).is_integer():
-        return format_number(value)
-    return f"about {format_number(math.ceil(value))}"
-
-
 def _daily(amount: float | None, texts: Texts) -> str:
     if amount is None:
         return texts.unknown_dose
@@ -128,7 +118,7 @@ def _daily(amount: float | None, texts: Texts) -> str:
 
 
 def _in_all(the_set: OrderSet, texts: Texts) -> str:
-    total = texts.doses["in_all"].format(total=_total(the_set.known_total))
+    total = texts.doses["in_all"].format(total=format_total(the_set.known_total))
     return total if the_set.complete else texts.doses["at_least"].format(total=total)
 
 

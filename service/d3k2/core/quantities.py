@@ -134,6 +134,15 @@ def format_number(value: float, decimals: int = 1) -> str:
     return f"{value:,.{decimals}f}".rstrip("0").rstrip(".")
 
 
+def format_total(value: float) -> str:
+    """A combined daily total: a weekly dose beside a daily one adds fractions of an IU ("9,142.9 IU/day"),
+    which no clinician orders; shown as "about 9,143", rounded up, so that it stays on the same side of every
+    whole-number ceiling it is judged against."""
+    if float(value).is_integer():
+        return format_number(value)
+    return f"about {format_number(math.ceil(value))}"
+
+
 def format_exact(value: float) -> str:
     """Every digit the number has (its shortest round-trip form), never rounded: 2.65 is "2.65", not
     "2.6", so a value is never shown on the other side of a threshold. Thousands separators; finite

@@ -69,6 +69,7 @@ class MedicationFact:
     product: str = ""
     daily: float | None = None
     dose: str = ""
+    weekly: bool = False  # the dose is stated once a week ("50,000 IU/week")
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,9 @@ class RecordReader:
         product = medication_text(codeable) or fact.name
         if dose is None:
             return replace(fact, product=product, dose=self.config.notes["dose_not_read"])
-        return replace(fact, product=product, daily=dose.daily, dose=dose.arithmetic)
+        return replace(
+            fact, product=product, daily=dose.daily, dose=dose.arithmetic, weekly=dose.lead_period == "wk"
+        )
 
     def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:
         if target.startswith("#"):
