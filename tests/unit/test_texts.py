@@ -84,7 +84,8 @@ def test_a_broken_text_stops_startup_naming_file_and_key(
 
 def test_the_two_tables_must_be_tables(texts_file: Path) -> None:
     texts_file.write_text(
-        'cards = 1\nnotes = 1\nskipped = 1\nunits = "x"\nfetch = 1\ndoses = 1\ndosage = 1\n', encoding="utf-8"
+        'cards = 1\nnotes = 1\nskipped = 1\nunits = "x"\nfetch = 1\ndoses = 1\ndosage = 1\nceilings = 1\n',
+        encoding="utf-8",
     )
     with pytest.raises(RuleSetError, match=r"texts\.toml: cards: missing or not a table"):
         load_texts(texts_file)
@@ -116,6 +117,7 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
         fetch=rs.texts.fetch,
         doses=rs.texts.doses,
         dosage=rs.texts.dosage,
+        ceilings={band: f"«ceilings.{band}»" for band in rs.texts.ceilings},
     )
     changed = dataclasses.replace(rs, texts=texts)
     answers = []
@@ -141,6 +143,8 @@ def test_every_text_reaches_the_cards_from_the_file() -> None:
     assert [key for key in marked if f"«{key}»" not in seen] == sorted(unreached, key=list(marked).index)
     assert '"unit": "«tablet»"' in seen
     assert "25(OH)D bands:" not in seen and "not on record" not in seen
+    # [ceilings] on current-d3-5000-child, current-d3-20000-adult and current-d3-20000-no-birthdate.
+    assert all(f"«ceilings.{band}»" in seen for band in ("child", "adult", "unknown"))
 
 
 def test_the_words_of_a_dose_reach_the_cards_from_the_file() -> None:

@@ -219,6 +219,7 @@ FIELD_MAKERS: dict[str, Callable[[FieldContext], SimpleNamespace]] = {
     "doac": lambda c: SimpleNamespace(names=names_of(c.facts, "doac", c.ruleset.texts)),
     "analog": lambda c: SimpleNamespace(names=names_of(c.facts, "vitamin-d-analog", c.ruleset.texts)),
     "current_d": _current_d_fields,
+    "age": lambda c: SimpleNamespace(ceiling=c.ruleset.texts.ceilings[str(c.values["age.band"])]),
     "current_d2": lambda c: d2_fields(c.facts),
     "evidence": _evidence_fields,
     "data": _data_fields,

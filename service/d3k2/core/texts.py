@@ -64,7 +64,13 @@ class Texts:
     doses: Mapping[str, str]
     # The words of a dose's arithmetic and of why it is unknown ([dosage]; keys and placeholders: DOSAGE).
     dosage: Mapping[str, str]
+    # {age.ceiling}: Holick 2011's supervised treatment ceiling for the patient's age band ([ceilings]; keys:
+    # the age bands of facts.toml and "unknown").
+    ceilings: Mapping[str, str]
 
+
+# [ceilings] keys: every value of the fact age.band (cards/vocabulary.toml).
+CEILINGS = ("infant", "child", "adolescent", "adult", "unknown")
 
 # [cards] key → the placeholders its text must use.
 PLACEHOLDERS: dict[str, frozenset[str]] = {
@@ -277,7 +283,7 @@ def load_texts(path: Path) -> Texts:
         raise RuleSetError(f"{path.name}: file missing", file=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
-    _table(doc, path, "", {"cards", "notes", "skipped", "units", "fetch", "doses", "dosage"})
+    _table(doc, path, "", {"cards", "notes", "skipped", "units", "fetch", "doses", "dosage", "ceilings"})
     cards = _table(doc["cards"], path, "cards", set(PLACEHOLDERS))
     notes_table = _table(doc["notes"], path, "notes", set(NOTES))
     notes = {key: _text(notes_table[key], path, f"notes.{key}", wanted) for key, wanted in NOTES.items()}
@@ -295,5 +301,16 @@ def load_texts(path: Path) -> Texts:
     doses = {key: _text(doses_table[key], path, f"doses.{key}", wanted) for key, wanted in DOSES.items()}
     dosage_table = _table(doc["dosage"], path, "dosage", set(DOSAGE))
     dosage = {key: _text(dosage_table[key], path, f"dosage.{key}", wanted) for key, wanted in DOSAGE.items()}
+    ceilings_table = _table(doc["ceilings"], path, "ceilings", set(CEILINGS))
+    ceilings = {key: _text(ceilings_table[key], path, f"ceilings.{key}", frozenset()) for key in CEILINGS}
     texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in PLACEHOLDERS.items()}
-    return Texts(**texts, notes=notes, skipped=skipped, units=units, fetch=fetch, doses=doses, dosage=dosage)
+    return Texts(
+        **texts,
+        notes=notes,
+        skipped=skipped,
+        units=units,
+        fetch=fetch,
+        doses=doses,
+        dosage=dosage,
+        ceilings=ceilings,
+    )
