@@ -1,6 +1,6 @@
 """The SMART app's charts draw what the facts use: a result dated after today (beyond the clock skew the
 facts allow) or one no body can have is listed with why, never drawn, and never stretches the time axis;
-a product that starts after today is drawn at today, not past the axis."""
+a product that starts after today is listed, not drawn (a bar at today would read as taken now)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,14 @@ def test_a_future_result_is_listed_with_why_and_not_drawn() -> None:
     )
 
 
-def test_a_product_starting_after_today_is_drawn_at_today() -> None:
+def test_a_product_starting_after_today_is_listed_not_drawn() -> None:
     axis = Axis(date(2026, 1, 1), TODAY)
-    span = Span(
+    later = Span(
         "Vitamin D3 1000 UNT", date(2027, 1, 1), None, "active", "1,000 IU/day", "MedicationStatement/m"
     )
-    (lane,) = lanes([span], axis)
-    assert lane["x"] == axis.x(TODAY)
-    assert lane["x"] + lane["w"] <= axis.x(TODAY) + 3.0
+    taken = Span(
+        "Vitamin D3 2000 UNT", date(2026, 3, 1), None, "active", "2,000 IU/day", "MedicationStatement/n"
+    )
+    (lane,) = lanes([later, taken], axis)
+    assert lane["text"] == "Vitamin D3 2000 UNT 2,000 IU/day"
+    assert lane["x"] + lane["w"] == axis.x(TODAY)

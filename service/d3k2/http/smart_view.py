@@ -251,8 +251,10 @@ def chart(label: str, unit: str, points: Sequence[Point], axis: Axis, bands: Seq
 def lanes(spans: Sequence[Span], axis: Axis) -> list[dict[str, Any]]:
     """One horizontal bar per vitamin D product on the chart's time axis (ongoing ones reach today)."""
     drawn = []
-    for i, span in enumerate(spans):
-        x0 = axis.x(min(max(span.start, axis.start), axis.end))  # a future start: at today, not past the axis
+    # A product that starts after today is listed (the table under the chart), not drawn: a bar at today would
+    # read as taken now.
+    for i, span in enumerate(s for s in spans if s.start <= axis.end):
+        x0 = axis.x(max(span.start, axis.start))
         x1 = axis.x(min(span.end or axis.end, axis.end))
         until = span.end.isoformat() if span.end else "ongoing"
         drawn.append(
