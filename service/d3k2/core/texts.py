@@ -33,6 +33,7 @@ class Texts:
     evidence_dated: str  # a condition or observation on record with its date; {text} {date}
     from_statement: str  # where a medication is on record: a MedicationStatement
     from_request: str  # ... a MedicationRequest
+    by_name: str  # a medication recognised by its name only, not a code (CLINICAL.md 5); {name}
     line: str  # {egfr.line}, {calcium.line}: a measurement in one phrase; {shown} {date} {stale} {notes}
     line_none: str  # ... when there is none
     brief: str  # {*.brief}: the same for a summary; {shown} {date}
@@ -88,6 +89,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "vitd_none": frozenset(),
     "evidence_dated": frozenset({"text", "date"}),
     "from_statement": frozenset(),
+    "by_name": frozenset({"name"}),
     "from_request": frozenset(),
     "line": frozenset({"shown", "date", "stale", "notes"}),
     "line_none": frozenset(),

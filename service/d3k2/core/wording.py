@@ -9,7 +9,11 @@ from d3k2.core.texts import Texts
 
 
 def names_of(facts: Facts, category: str, texts: Texts) -> str:
-    names = sorted({m.name for m in facts.meds(category)})
+    """The ingredients of a category on record; one recognised only by its name is labelled as such (a
+    labelled guess, CLINICAL.md 5), unless a coded record names it too."""
+    meds = facts.meds(category)
+    coded = {m.name for m in meds if m.matched_by == "code"}
+    names = sorted({m.name if m.name in coded else texts.by_name.format(name=m.name) for m in meds})
     return ", ".join(names) if names else texts.none
 
 
