@@ -151,7 +151,7 @@ def _stage(mode: str, ruleset: Any, profile: str) -> Callable[[], object]:
     """One stage of the typical call_service, the stages before it run once."""
     import orjson
 
-    from d3k2.core.cards import build_cards
+    from d3k2.core.cards import OFFLINE_CARD_KEY, build_cards
     from d3k2.core.engine import evaluate
     from d3k2.core.hooks import parse_request
     from d3k2.fhir.prefetch import resolve
@@ -159,7 +159,7 @@ def _stage(mode: str, ruleset: Any, profile: str) -> Callable[[], object]:
 
     payload = orjson.loads(json.dumps(scenarios.typical()))
     request = parse_request(payload)
-    resolved = resolve(ruleset.services[SERVICE].prefetch, request, None)
+    resolved = resolve(ruleset.services[SERVICE].prefetch, request, None, ruleset.texts)
     facts = facts_for(ruleset, resolved.resources, TODAY, resolved)
     if mode == "facts-typical":
         return lambda: facts_for(ruleset, resolved.resources, TODAY, resolved)
@@ -168,7 +168,9 @@ def _stage(mode: str, ruleset: Any, profile: str) -> Callable[[], object]:
 
     def cards() -> object:  # a fresh evaluation each time: its template fields are made when read
         evaluation = evaluate(ruleset, facts, hook=request.hook, profile=profile)
-        return build_cards(ruleset, evaluation, hook_instance=request.hookInstance, patient_id=PATIENT)
+        return build_cards(
+            ruleset, evaluation, hook=request.hook, patient_id=PATIENT, card_key=OFFLINE_CARD_KEY
+        )
 
     return cards
 
