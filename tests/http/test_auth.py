@@ -573,24 +573,6 @@ def test_jti_store_forgets_expired_entries(tmp_path: Path) -> None:
     assert store.claim(ISSUER, "j1", NOW + 700, NOW + 400)
 
 
-def test_jti_store_under_concurrency_accepts_exactly_once(tmp_path: Path) -> None:
-    stores = [JtiStore(tmp_path / "jti.sqlite3") for _ in range(8)]
-    results: list[bool] = []
-    lock = threading.Lock()
-
-    def claim(store: JtiStore) -> None:
-        got = store.claim(ISSUER, "contended", NOW + 300, NOW)
-        with lock:
-            results.append(got)
-
-    threads = [threading.Thread(target=claim, args=(store,)) for store in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results) == [False] * 7 + [True]
-
-
 # ---------------------------------------------------------------- trust configuration
 
 

@@ -264,6 +264,14 @@ def _table(value: object, path: Path, key: str, keys: set[str] | None = None) ->
     return value
 
 
+def _texts_of(
+    doc: Mapping[str, Any], path: Path, name: str, wanted: Mapping[str, frozenset[str]]
+) -> dict[str, str]:
+    """The table ``name``: exactly the keys of ``wanted``, each a text with exactly its placeholders."""
+    table = _table(doc[name], path, name, set(wanted))
+    return {key: _text(table[key], path, f"{name}.{key}", places) for key, places in wanted.items()}
+
+
 def _text(value: object, path: Path, key: str, placeholders: frozenset[str]) -> str:
     if not isinstance(value, str):
         raise _fail(path, key, "must be a string")
@@ -287,8 +295,7 @@ def load_texts(path: Path) -> Texts:
         raise RuleSetError(f"{path.name}: not valid TOML: {exc}", file=str(path)) from exc
     _table(doc, path, "", {"cards", "notes", "skipped", "units", "fetch", "doses", "dosage", "ceilings"})
     cards = _table(doc["cards"], path, "cards", set(PLACEHOLDERS))
-    notes_table = _table(doc["notes"], path, "notes", set(NOTES))
-    notes = {key: _text(notes_table[key], path, f"notes.{key}", wanted) for key, wanted in NOTES.items()}
+    notes = _texts_of(doc, path, "notes", NOTES)
     skipped = {
         str(key): _text(text, path, f"skipped.{key}", frozenset())
         for key, text in _table(doc["skipped"], path, "skipped").items()
@@ -297,14 +304,10 @@ def load_texts(path: Path) -> Texts:
         str(code): _text(word, path, f"units.{code}", frozenset())
         for code, word in _table(doc["units"], path, "units").items()
     }
-    fetch_table = _table(doc["fetch"], path, "fetch", set(FETCH))
-    fetch = {key: _text(fetch_table[key], path, f"fetch.{key}", wanted) for key, wanted in FETCH.items()}
-    doses_table = _table(doc["doses"], path, "doses", set(DOSES))
-    doses = {key: _text(doses_table[key], path, f"doses.{key}", wanted) for key, wanted in DOSES.items()}
-    dosage_table = _table(doc["dosage"], path, "dosage", set(DOSAGE))
-    dosage = {key: _text(dosage_table[key], path, f"dosage.{key}", wanted) for key, wanted in DOSAGE.items()}
-    ceilings_table = _table(doc["ceilings"], path, "ceilings", set(CEILINGS))
-    ceilings = {key: _text(ceilings_table[key], path, f"ceilings.{key}", frozenset()) for key in CEILINGS}
+    fetch = _texts_of(doc, path, "fetch", FETCH)
+    doses = _texts_of(doc, path, "doses", DOSES)
+    dosage = _texts_of(doc, path, "dosage", DOSAGE)
+    ceilings = _texts_of(doc, path, "ceilings", dict.fromkeys(CEILINGS, frozenset()))
     texts = {key: _text(cards[key], path, f"cards.{key}", wanted) for key, wanted in PLACEHOLDERS.items()}
     return Texts(
         **texts,
