@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psycopg
@@ -115,7 +115,7 @@ def running_postgres() -> Iterator[PostgresServer]:
                 _unavailable("running as root and there is no 'postgres' user to run the server")
             run_as = account.pw_name
             os.chown(base, account.pw_uid, account.pw_gid)
-        server = PostgresServer(bin_dir, base, free_port(), run_as)
+        server = PostgresServer(bin_dir, base, 0, run_as)  # its port is picked once initdb is done
         initdb = server._command(
             str(bin_dir / "initdb"),
             "-D",
@@ -130,6 +130,9 @@ def running_postgres() -> Iterator[PostgresServer]:
         result = subprocess.run(initdb, capture_output=True, text=True, check=False, timeout=120)
         if result.returncode != 0:
             pytest.fail(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        # Picked just before the server binds it, not before initdb's seconds: a free port stays free only
+        # until another program binds it.
+        server = replace(server, port=free_port())
         server.start()
         try:
             yield server
