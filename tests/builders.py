@@ -207,14 +207,20 @@ def value(found: dict[Any, float], name: str, **labels: str) -> float | None:
 _REFUSING: list[socket.socket] = []
 
 
-def refused_url() -> str:
-    """A FHIR base on a loopback port that is bound by this process but never listens: every connection
-    to it is refused, whatever else runs on the machine (no fixed port, no race with another program)."""
+def refused_port() -> int:
+    """A loopback port that is bound by this process but never listens: every connection to it is refused,
+    whatever else runs on the machine (no fixed port; a port merely free when picked may be another
+    program's by the time it is called)."""
     if not _REFUSING:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         _REFUSING.append(sock)
-    return f"http://127.0.0.1:{_REFUSING[0].getsockname()[1]}/fhir"
+    return int(_REFUSING[0].getsockname()[1])
+
+
+def refused_url() -> str:
+    """A FHIR base on ``refused_port()``."""
+    return f"http://127.0.0.1:{refused_port()}/fhir"
 
 
 def lab_observation(

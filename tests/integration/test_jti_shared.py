@@ -12,11 +12,11 @@ import psycopg
 import pytest
 from test_database_stall import frozen, timed
 
+from builders import refused_port
 from d3k2.config import Settings
 from d3k2.http import jti
 from d3k2.http.jti import CLAIM_TIMEOUT, JtiStore, PostgresJtiStore, open_jti_store
 from d3k2.store.feedback import FeedbackStore
-from fhir_server import free_port
 from jwt_keys import ISSUER, NOW
 from postgres import running_postgres
 
@@ -80,7 +80,7 @@ def count(url: str) -> int:
 def test_postgresql_down_falls_back_to_the_local_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = f"postgresql://d3k2@127.0.0.1:{free_port()}/d3k2"
+    down = f"postgresql://d3k2@127.0.0.1:{refused_port()}/d3k2"
     store = open_jti_store(Settings(data_dir=tmp_path, database_url=down))
     try:
         assert store.claim(ISSUER, "j1", NOW + 300, NOW)

@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from builders import bundle_from_request, refused_url, stop
+from builders import bundle_from_request, refused_port, refused_url, stop
 from d3k2.http.auth import Issuer, JwksCache, Key, Verifier
 from d3k2.http.jti import JtiStore
 from d3k2.http.signing import TokenSigner
@@ -391,7 +391,7 @@ def test_url_mode_reports_a_changed_golden(server: str, tmp_path: Path) -> None:
 
 def test_url_mode_without_a_server_is_one_error_line(tmp_path: Path) -> None:
     copy_case(tmp_path)
-    result = run(str(tmp_path), "--url", f"http://127.0.0.1:{_free_port()}")
+    result = run(str(tmp_path), "--url", f"http://127.0.0.1:{refused_port()}")
     assert result.exit_code == 1
     assert "cannot read discovery" in result.output
     assert "Traceback" not in result.output
