@@ -83,6 +83,12 @@ def bundle_from_request(request: Path) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
+# How long a test waits for a server it started (gunicorn, sekmet, d3k2 serve, PostgreSQL) to answer. A
+# passing run waits only as long as the start takes; 30 s was outlasted on a loaded 2-core machine (gunicorn's
+# workers still loading the app after 30 s), which failed every test of the module.
+STARTUP_SECONDS = 120.0
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """Terminate a server started by a test; kill it if it does not go."""
     process.terminate()

@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from builders import bundle_from_request, refused_port, refused_url, stop
+from builders import STARTUP_SECONDS, bundle_from_request, refused_port, refused_url, stop
 from d3k2.http.auth import Issuer, JwksCache, Key, Verifier
 from d3k2.http.jti import JtiStore
 from d3k2.http.signing import TokenSigner
@@ -348,7 +348,7 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, settings: dict[str, str]) -
     command = [str(Path(sys.executable).parent / "d3k2"), "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/healthz", timeout=1) as answer:
