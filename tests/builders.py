@@ -83,6 +83,12 @@ def bundle_from_request(request: Path) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
+# How long a test waits for a server it started (gunicorn, sekmet, d3k2 serve, PostgreSQL) to answer. A
+# passing run waits only as long as the start takes; 30 s was outlasted on a loaded 2-core machine (gunicorn's
+# workers still loading the app after 30 s), which failed every test of the module.
+STARTUP_SECONDS = 120.0
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """Terminate a server started by a test; kill it if it does not go."""
     process.terminate()
@@ -207,14 +213,20 @@ def value(found: dict[Any, float], name: str, **labels: str) -> float | None:
 _REFUSING: list[socket.socket] = []
 
 
-def refused_url() -> str:
-    """A FHIR base on a loopback port that is bound by this process but never listens: every connection
-    to it is refused, whatever else runs on the machine (no fixed port, no race with another program)."""
+def refused_port() -> int:
+    """A loopback port that is bound by this process but never listens: every connection to it is refused,
+    whatever else runs on the machine (no fixed port; a port merely free when picked may be another
+    program's by the time it is called)."""
     if not _REFUSING:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         _REFUSING.append(sock)
-    return f"http://127.0.0.1:{_REFUSING[0].getsockname()[1]}/fhir"
+    return int(_REFUSING[0].getsockname()[1])
+
+
+def refused_url() -> str:
+    """A FHIR base on ``refused_port()``."""
+    return f"http://127.0.0.1:{refused_port()}/fhir"
 
 
 def lab_observation(

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from builders import REPO, gunicorn_env, stop
+from builders import REPO, STARTUP_SECONDS, gunicorn_env, stop
 from fhir_server import free_port
 
 DOCKER = REPO / "docker"
@@ -30,7 +30,7 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").e
 
 
 def _wait_up(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    end = time.monotonic() + 30
+    end = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < end and process.poll() is None:
         try:
             with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:

@@ -23,9 +23,7 @@ from typing import Any
 
 import pytest
 
-from builders import stop
-
-STARTUP_SECONDS = 30.0
+from builders import STARTUP_SECONDS, stop
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from builders import STARTUP_SECONDS
 from fhir_server import free_port
 
 REQUIRE_ENV = "D3K2_REQUIRE_POSTGRES"
@@ -50,7 +51,9 @@ class PostgresServer:
 
     def pg_ctl(self, *args: str) -> None:
         command = self._command(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args)
-        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+        result = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=STARTUP_SECONDS + 60
+        )
         if result.returncode != 0:
             log = (self.base / "server.log").read_text(errors="replace") if self.started_once else ""
             pytest.fail(f"pg_ctl {args[0]} failed ({result.returncode}): {result.stderr}\n{log}")
@@ -61,7 +64,9 @@ class PostgresServer:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self.pg_ctl("start", "-w", "-t", "30", "-l", str(self.base / "server.log"), "-o", options)
+        self.pg_ctl(
+            "start", "-w", "-t", f"{STARTUP_SECONDS:.0f}", "-l", str(self.base / "server.log"), "-o", options
+        )
 
     def stop(self) -> None:
         self.pg_ctl("stop", "-w", "-m", "fast")
@@ -115,7 +120,7 @@ def running_postgres() -> Iterator[PostgresServer]:
                 _unavailable("running as root and there is no 'postgres' user to run the server")
             run_as = account.pw_name
             os.chown(base, account.pw_uid, account.pw_gid)
-        server = PostgresServer(bin_dir, base, free_port(), run_as)
+        server = PostgresServer(bin_dir, base, 0, run_as)  # its port is picked once initdb is done
         initdb = server._command(
             str(bin_dir / "initdb"),
             "-D",
@@ -130,6 +135,9 @@ def running_postgres() -> Iterator[PostgresServer]:
         result = subprocess.run(initdb, capture_output=True, text=True, check=False, timeout=120)
         if result.returncode != 0:
             pytest.fail(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        # Picked just before the server binds it, not before initdb's seconds: a free port stays free only
+        # until another program binds it.
+        server = replace(server, port=free_port())
         server.start()
         try:
             yield server

@@ -211,7 +211,9 @@ def test_a_dripping_configuration_is_cut_at_the_budget(tmp_path: Any, ehr: str) 
 
 
 def test_a_dripping_token_response_is_cut_at_the_budget(tmp_path: Any, ehr: str) -> None:
-    for client in _client(tmp_path, fhir_timeout=1.0, fhir_budget=1.5):
+    # The read timeout far above the 0.3 s between bytes: a drip thread stalled on a loaded machine must not
+    # end the read by its timeout (another message) before the budget does.
+    for client in _client(tmp_path, fhir_timeout=5.0, fhir_budget=1.5):
         answer = _launch(client, ehr, "tokendrip", _drip(json.dumps(_token()).encode()))
         _page(answer, 502, "The authorization server could not be reached")
         assert "did not arrive within 1.5 s" in answer.get_data(as_text=True)

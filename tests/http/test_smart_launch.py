@@ -13,12 +13,11 @@ import pytest
 from flask import Flask, Response, jsonify
 from werkzeug.serving import make_server
 
-from builders import CARDS, ruleset
+from builders import CARDS, refused_port, ruleset
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 from d3k2.http.smart import focused_rule
 from d3k2.http.smart_auth import SCOPE_V1, SCOPE_V2, granted, wanted_scope
-from fhir_server import free_port
 
 CONFIGS: dict[str, Any] = {}
 
@@ -103,7 +102,7 @@ def test_a_bad_configuration_is_a_clear_page(
 
 
 def test_an_unreachable_server(client: Any) -> None:
-    answer = client.get("/smart/launch", query_string={"iss": f"http://127.0.0.1:{free_port()}/fhir"})
+    answer = client.get("/smart/launch", query_string={"iss": f"http://127.0.0.1:{refused_port()}/fhir"})
     assert answer.status_code == 502 and "could not be reached" in answer.get_data(as_text=True)
 
 

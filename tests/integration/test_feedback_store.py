@@ -21,6 +21,7 @@ from builders import (
     hook_request,
     make_app,
     post,
+    refused_port,
     rows,
     sandbox_feedback,
 )
@@ -28,7 +29,6 @@ from d3k2.core.hooks import FeedbackItem, parse_feedback
 from d3k2.store.feedback import FeedbackStore
 from d3k2.store.schema import StoreUnavailable, cards_served, feedback
 from d3k2.tools.cli import main
-from fhir_server import free_port
 from postgres import running_postgres
 
 # ---------------------------------------------------------------- the store
@@ -344,7 +344,7 @@ def test_postgres_going_down_gives_503_for_feedback_and_200_for_cards(tmp_path: 
 
 
 def test_database_down_at_startup(tmp_path: Path) -> None:
-    app = make_app(tmp_path, f"postgresql://d3k2@127.0.0.1:{free_port()}/d3k2")
+    app = make_app(tmp_path, f"postgresql://d3k2@127.0.0.1:{refused_port()}/d3k2")
     try:
         client = app.test_client()
         answer = post(client, f"/cds-services/{SERVICE}", hook_request())
@@ -358,7 +358,7 @@ def test_database_down_at_startup(tmp_path: Path) -> None:
 
 
 def test_card_recording_pauses_after_a_failure(tmp_path: Path) -> None:
-    s = FeedbackStore(f"postgresql://d3k2@127.0.0.1:{free_port()}/d3k2", pause_after_failure=60.0)
+    s = FeedbackStore(f"postgresql://d3k2@127.0.0.1:{refused_port()}/d3k2", pause_after_failure=60.0)
     try:
         with pytest.raises(StoreUnavailable):
             s.record_cards(SERVICE, [card("c", "A")])

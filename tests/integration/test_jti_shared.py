@@ -4,16 +4,19 @@ d3k2 instances (gunicorn) sharing one PostgreSQL: test_two_instances.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from test_database_stall import frozen, timed
 
+from builders import refused_port
 from d3k2.config import Settings
+from d3k2.http import jti
 from d3k2.http.jti import CLAIM_TIMEOUT, JtiStore, PostgresJtiStore, open_jti_store
 from d3k2.store.feedback import FeedbackStore
-from fhir_server import free_port
 from jwt_keys import ISSUER, NOW
 from postgres import running_postgres
 
@@ -77,7 +80,7 @@ def count(url: str) -> int:
 def test_postgresql_down_falls_back_to_the_local_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = f"postgresql://d3k2@127.0.0.1:{free_port()}/d3k2"
+    down = f"postgresql://d3k2@127.0.0.1:{refused_port()}/d3k2"
     store = open_jti_store(Settings(data_dir=tmp_path, database_url=down))
     try:
         assert store.claim(ISSUER, "j1", NOW + 300, NOW)
@@ -117,3 +120,39 @@ def test_a_frozen_postgresql_costs_a_claim_at_most_its_timeout(tmp_path: Path) -
         finally:
             store.close()
             other.close()
+
+
+def test_a_reconnection_that_ends_after_close_closes_its_connection(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconnecting thread still connecting when the store is closed (a worker stopping, an app a test
+    built): its new connection was stored in the closed store, open for good, and psycopg's warning when
+    the garbage collector took it failed whatever test ran then."""
+    migrated(postgres_url)
+    store = open_jti_store(Settings(data_dir=tmp_path, database_url=postgres_url))
+    assert isinstance(store, PostgresJtiStore)
+    connect, release, made = store._connect, threading.Event(), []
+
+    def slow_connect() -> psycopg.Connection:
+        if not made:  # the process's first claim: PostgreSQL fails, the local file takes over
+            made.append(None)
+            raise psycopg.OperationalError("down for this test")
+        assert release.wait(30)
+        made.append(connect())
+        return made[-1]
+
+    monkeypatch.setattr(jti, "RETRY_AFTER", 0.0)
+    monkeypatch.setattr(store, "_connect", slow_connect)
+    try:
+        assert store.claim(ISSUER, "j1", NOW + 300, NOW)  # failed over to the file
+        assert store.claim(ISSUER, "j2", NOW + 300, NOW)  # the file again; a reconnection starts
+        [thread] = [t for t in threading.enumerate() if t.name == "d3k2-jti-connect"]
+        store.close()
+        release.set()
+        thread.join(30)
+        assert not thread.is_alive() and len(made) == 2
+        assert made[1].closed
+    finally:
+        release.set()
+        for conn in made[1:]:
+            conn.close()

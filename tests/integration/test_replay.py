@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from builders import bundle_from_request, refused_url, stop
+from builders import STARTUP_SECONDS, bundle_from_request, refused_port, refused_url, stop
 from d3k2.http.auth import Issuer, JwksCache, Key, Verifier
 from d3k2.http.jti import JtiStore
 from d3k2.http.signing import TokenSigner
@@ -349,13 +348,13 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, settings: dict[str, str]) -
     command = [str(Path(sys.executable).parent / "d3k2"), "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/healthz", timeout=1) as answer:
                     if answer.status == 200:
                         break
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused, reset, or slower than 1 s (a TimeoutError urllib does not wrap)
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"d3k2 serve did not start (exit {process.poll()})")
@@ -392,7 +391,7 @@ def test_url_mode_reports_a_changed_golden(server: str, tmp_path: Path) -> None:
 
 def test_url_mode_without_a_server_is_one_error_line(tmp_path: Path) -> None:
     copy_case(tmp_path)
-    result = run(str(tmp_path), "--url", f"http://127.0.0.1:{_free_port()}")
+    result = run(str(tmp_path), "--url", f"http://127.0.0.1:{refused_port()}")
     assert result.exit_code == 1
     assert "cannot read discovery" in result.output
     assert "Traceback" not in result.output

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -30,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from builders import (
     REPO,
     SERVICE,
+    STARTUP_SECONDS,
     T0,
     TODAY,
     card,
@@ -812,7 +814,8 @@ def test_gunicorn_workers_write_their_queues_when_stopped(tmp_path: Path) -> Non
 
 def wait_until_up(base: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
     up = threading.Event()
-    for _ in range(300):
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:

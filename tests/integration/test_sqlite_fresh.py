@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def test_feedback_engines_on_a_fresh_file_all_connect(tmp_path: Path) -> None:
 def _migrate(url: str, start: Any, out: Any) -> None:
     store = FeedbackStore(url)
     try:
-        start.wait()
+        start.wait(timeout=120)  # a worker that never came must not leave the others waiting for good
         store.migrate()
         out.put("migrated")
     except Exception as exc:
@@ -95,15 +96,20 @@ def test_workers_of_a_fresh_install_all_migrate(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'data' / 'd3k2.sqlite3'}"
     start, out = ctx.Barrier(6), ctx.Queue()
     workers = [ctx.Process(target=_migrate, args=(url, start, out)) for _ in range(6)]
-    for worker in workers:
-        worker.start()
-    outcomes = sorted(out.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=30)
+    try:
+        for worker in workers:
+            worker.start()
+        outcomes = sorted(out.get(timeout=180) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=30)
+    finally:  # on a failure too: a worker left running would hang pytest's exit (it joins its children)
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
     assert outcomes == ["migrated"] * 6
-    with sqlite3.connect(tmp_path / "data" / "d3k2.sqlite3") as conn:
+    with closing(sqlite3.connect(tmp_path / "data" / "d3k2.sqlite3")) as conn:  # `with` alone does not close
         assert conn.execute("SELECT count(*) FROM d3k2_alembic_version").fetchone() == (1,)
-    conn.close()
 
 
 class _Locked:

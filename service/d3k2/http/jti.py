@@ -137,6 +137,7 @@ class PostgresJtiStore:
     def __init__(self, conninfo: str, local: JtiStore) -> None:
         self._conninfo = conninfo
         self.local = local
+        self._closed = False
         self._begin_process()
 
     def _begin_process(self) -> None:
@@ -201,7 +202,13 @@ class PostgresJtiStore:
             return
         with self._lock:
             self._connecting = False
-            self._conn = conn
+            if not self._closed:
+                self._conn = conn
+                return
+        # The store was closed while this thread connected: nothing else would ever close this connection
+        # (left to the garbage collector, psycopg warns of it in whatever runs then: a failure under pytest).
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
 
     def _failed(self, exc: psycopg.Error) -> None:
         """PostgreSQL failed: the local file for ``RETRY_AFTER`` seconds. The caller holds the lock."""
@@ -221,6 +228,7 @@ class PostgresJtiStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._drop_connection()
         self.local.close()
 
