@@ -30,6 +30,11 @@ forwarder_headers = ""
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("D3K2_LOG_LEVEL", "info").lower()
+# gunicorn 25.1+ opens a control socket for `gunicornc` (worker count, reload, shutdown) at
+# $XDG_RUNTIME_DIR/gunicorn.ctl or $HOME/.gunicorn/gunicorn.ctl: one path for every gunicorn of the user, so two
+# instances on one host take it from each other, and a read-only root cannot have it. d3k2 is run by its
+# orchestrator's signals, not by that socket.
+control_socket_disable = True
 # /tmp is a tmpfs in many container setups; workers heartbeat there.
 worker_tmp_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108
 

@@ -101,6 +101,19 @@ def test_forwarded_proto_from_loopback_does_not_change_the_audience(tmp_path: Pa
         )
 
 
+def test_gunicorn_opens_no_control_socket(tmp_path: Path) -> None:
+    """gunicorn 25.1+ would open $HOME/.gunicorn/gunicorn.ctl, one path shared by every gunicorn of the user
+    (two instances on one host, and every test's gunicorn, took it from each other)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    with gunicorn(tmp_path, workers=1, env=env) as (base, log):
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+        assert not (home / ".gunicorn").exists()
+        assert "control socket" not in log.read_text(errors="replace").lower()
+
+
 @pytest.mark.parametrize("clients", [3, 6])
 def test_probes_are_answered_through_nginx_while_slow_clients_hold_connections(
     proxied: str, clients: int
