@@ -3,6 +3,7 @@ their name and daily dose, read by the dose arithmetic of draft orders (CLINICAL
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 import pytest
@@ -170,3 +171,31 @@ def test_a_weekly_and_a_daily_product_add_up_to_whole_units_and_only_all_weekly_
     assert fact_values(ruleset(), found, "seed")["vitamin_d.current_weekly"] is None
     found, _daily, _fields = current(weekly)
     assert fact_values(ruleset(), found, "seed")["vitamin_d.current_weekly"] == Interval.exact(50000)
+
+
+def test_a_weekly_course_is_counted_from_its_start_as_the_record_gives_it() -> None:
+    def days(*resources: Any) -> Any:
+        found, _daily, _fields = current(*resources)
+        return fact_values(ruleset(), found, "seed")["vitamin_d.current_weekly_days"]
+
+    def since(kind: str, **dates: Any) -> dict[str, Any]:
+        return {**record(kind, kind[:1], D3_50000, WEEKLY), **dates}
+
+    started = TODAY.toordinal()
+    statement = since("MedicationStatement", effectivePeriod={"start": "2026-10-20"})
+    assert days(statement) == Interval.exact(float(started - date(2026, 10, 20).toordinal()))
+    moment = since("MedicationStatement", effectiveDateTime="2026-11-10T08:00:00Z")
+    assert days(moment) == Interval.exact(float(started - date(2026, 11, 10).toordinal()))
+    authored = since("MedicationRequest", authoredOn="2026-09-01")
+    assert days(authored) == Interval.exact(float(started - date(2026, 9, 1).toordinal()))
+    valid = since(
+        "MedicationRequest",
+        authoredOn="2026-09-01",
+        dispenseRequest={"validityPeriod": {"start": "2026-11-01"}},
+    )
+    assert days(valid) == Interval.exact(float(started - date(2026, 11, 1).toordinal()))
+    # One intake on two records (a statement and its prescription): the earlier start; none when a record of
+    # it does not say when it started.
+    assert days(statement, authored) == days(authored)
+    assert days(statement, record("MedicationRequest", "r2", D3_50000, WEEKLY)) is None
+    assert days(record("MedicationStatement", "n", D3_50000, WEEKLY)) is None

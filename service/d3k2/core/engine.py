@@ -117,6 +117,16 @@ def fact_values(ruleset: RuleSet, facts: Facts, profile_name: str) -> dict[str, 
     values["vitamin_d.current_weekly"] = (
         Interval.exact(round(daily * 7, 2)) if weekly and daily is not None else None
     )
+    # ... and for how many days the longest of them has been taken, when every record of them says when it
+    # started (one intake on two records: the earlier start): the course has a length (6 to 8 weeks), and one
+    # that runs on is no longer a course.
+    records = facts.meds("vitamin-d")
+    starts = [m.since for m in records if m.since is not None]
+    values["vitamin_d.current_weekly_days"] = (
+        Interval.exact(float((facts.today - min(starts)).days))
+        if weekly and len(starts) == len(records)
+        else None
+    )
     values.update(d2_values(facts))
     values["data.issues"] = bool(facts.issues or facts.missing or facts.copies or facts.unknown_medications)
     values["data.incomplete"] = bool(facts.incomplete)

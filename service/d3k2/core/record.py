@@ -70,6 +70,9 @@ class MedicationFact:
     daily: float | None = None
     dose: str = ""
     weekly: bool = False  # the dose is stated once a week ("50,000 IU/week")
+    # When it was started, as the record says (a statement's effective start, a request's validity start or
+    # authoring date); None when the record does not say.
+    since: date | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,12 @@ class RecordReader:
         if dose is None:
             return replace(fact, product=product, dose=self.config.notes["dose_not_read"])
         return replace(
-            fact, product=product, daily=dose.daily, dose=dose.arithmetic, weekly=dose.lead_period == "wk"
+            fact,
+            product=product,
+            daily=dose.daily,
+            dose=dose.arithmetic,
+            weekly=dose.lead_period == "wk",
+            since=_started(resource),
         )
 
     def _resolve(self, resource: Mapping[str, Any], target: str) -> list[Mapping[str, Any]]:
@@ -280,3 +288,17 @@ class RecordReader:
         key = target.rsplit("/", 2)
         short = "/".join(key[-2:]) if len(key) >= 2 else target
         return self.index.get(short, [])
+
+
+def _started(resource: Mapping[str, Any]) -> date | None:
+    """When a medication was started, as its record says: a MedicationStatement's effectivePeriod.start or
+    effectiveDateTime; a MedicationRequest's dispenseRequest.validityPeriod.start or authoredOn."""
+    if resource.get("resourceType") == "MedicationStatement":
+        period = resource.get("effectivePeriod")
+        moment = resource.get("effectiveDateTime")
+    else:
+        dispense = resource.get("dispenseRequest")
+        period = dispense.get("validityPeriod") if isinstance(dispense, Mapping) else None
+        moment = resource.get("authoredOn")
+    start = parse_date(period.get("start")) if isinstance(period, Mapping) else None
+    return start or parse_date(moment)
