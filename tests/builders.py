@@ -7,7 +7,9 @@ import json
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from functools import cache
@@ -18,6 +20,7 @@ import pytest
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
+from werkzeug.serving import make_server
 
 from d3k2.config import Settings
 from d3k2.core.loader import load_ruleset
@@ -251,3 +254,17 @@ def edit_card_file(cards: Path, file: str, old: str, new: str) -> None:
     text = path.read_text(encoding="utf-8")
     assert old in text, f"{old!r} not in {file}"
     path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """A WSGI app served on a loopback port the OS picks, in a thread: its base URL; stopped on exit."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()

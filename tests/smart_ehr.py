@@ -8,7 +8,6 @@ that path itself. Test code only; one werkzeug server on a free loopback port.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +21,8 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc7636 import CodeChallenge
 from flask import Flask, Response, abort, jsonify, request
-from werkzeug.serving import make_server
+
+from builders import serving
 
 CLIENT_ID = "d3k2-test"
 CAPABILITIES = [
@@ -234,13 +234,6 @@ def build(ehr: Ehr, sekmet_base: str) -> Flask:
 @contextmanager
 def running(sekmet_base: str) -> Iterator[Ehr]:
     ehr = Ehr()
-    server = make_server("127.0.0.1", 0, build(ehr, sekmet_base), threaded=True)
-    ehr.base_url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(build(ehr, sekmet_base)) as base:
+        ehr.base_url = base  # read by its handlers at request time, none of which has come yet
         yield ehr
-    finally:
-        server.shutdown()
-        thread.join()
-        server.server_close()

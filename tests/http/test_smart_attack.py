@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,9 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from flask import Flask, Response, jsonify, request
-from werkzeug.serving import make_server
 
-from builders import CARDS, ruleset
+from builders import CARDS, ruleset, serving
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 from d3k2.http.smart_auth import SCOPE_V2 as SCOPE
@@ -28,13 +26,8 @@ RECORDS: dict[str, list[dict[str, Any]]] = {}  # the Observations each FHIR serv
 
 
 def _serve(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join()
-    server.server_close()
+    with serving(app) as base:
+        yield base
 
 
 def _answer(found: Any) -> Any:

@@ -4,16 +4,14 @@ check of granted scopes. A small Flask app on a free port plays the FHIR server.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from flask import Flask, Response, jsonify
-from werkzeug.serving import make_server
 
-from builders import CARDS, refused_port, ruleset
+from builders import CARDS, refused_port, ruleset, serving
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 from d3k2.http.smart import focused_rule
@@ -31,13 +29,8 @@ def fhir() -> Iterator[str]:
         found = CONFIGS[name]
         return found if isinstance(found, Response) else jsonify(found)
 
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join()
-    server.server_close()
+    with serving(app) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,13 @@ import importlib.util
 import json
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.serving import make_server
 
-from builders import CARDS, FIXTURES, REPO, off_the_network, ruleset
+from builders import CARDS, FIXTURES, REPO, off_the_network, ruleset, serving
 from d3k2.config import Settings
 from d3k2.http.app import create_app
 
@@ -114,13 +112,8 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         fhir_budget=2.0,
     )
     app = create_app(settings, ruleset())
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join()
-    server.server_close()
+    with serving(app) as base:
+        yield base
     app.extensions["d3k2.store"].close()
     app.extensions["d3k2"].fetcher.close()
 
