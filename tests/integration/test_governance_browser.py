@@ -8,33 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
-from test_governance_report import seed
+from test_governance_report import html_page, seeded_cli
 
 # `browser` is the preview test's fixture: skipped loudly without Chromium, a failure where CI requires it.
 from test_preview_browser import ARTIFACTS, browser  # noqa: F401 (a fixture)
-
-from d3k2.store.feedback import FeedbackStore
-from d3k2.tools.cli import main
 
 pytestmark = pytest.mark.browser
 
 
 def _page_file(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    store = FeedbackStore(f"sqlite:///{data / 'd3k2.sqlite3'}")
-    try:
-        store.migrate()
-        seed(store)
-    finally:
-        store.close()
-    out = tmp_path / "governance.html"
-    env = {"D3K2_DATA_DIR": str(data), "D3K2_DATABASE_URL": ""}
-    result = CliRunner().invoke(
-        main, ["feedback", "report", "--format", "html", "--output", str(out)], env=env
-    )
-    assert result.exit_code == 0, result.output
-    return out
+    return html_page(seeded_cli(tmp_path), tmp_path / "governance.html")
 
 
 def test_the_governance_page_renders_its_charts(

@@ -336,7 +336,8 @@ def test_rule_titles_and_reasons_are_escaped(seeded: FeedbackStore) -> None:
     assert "<b>D</b>" not in html and "&lt;b&gt;D&lt;/b&gt; &amp; co" in html
 
 
-def test_cli_writes_the_html_page(tmp_path: Path) -> None:
+def seeded_cli(tmp_path: Path) -> dict[str, str]:
+    """A seeded SQLite feedback database under ``tmp_path``: the environment the CLI reads it with."""
     data = tmp_path / "data"
     store = FeedbackStore(f"sqlite:///{data / 'd3k2.sqlite3'}")
     try:
@@ -344,10 +345,19 @@ def test_cli_writes_the_html_page(tmp_path: Path) -> None:
         seed(store)
     finally:
         store.close()
-    env = {"D3K2_DATA_DIR": str(data), "D3K2_DATABASE_URL": ""}
-    out = tmp_path / "report.html"
+    return {"D3K2_DATA_DIR": str(data), "D3K2_DATABASE_URL": ""}
+
+
+def html_page(env: dict[str, str], out: Path) -> Path:
+    """``d3k2 feedback report --format html -o out``, which must succeed."""
     result = CliRunner().invoke(main, ["feedback", "report", "--format", "html", "-o", str(out)], env=env)
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_writes_the_html_page(tmp_path: Path) -> None:
+    env = seeded_cli(tmp_path)
+    out = html_page(env, tmp_path / "report.html")
     page = parsed(out.read_text(encoding="utf-8"))
     assert [row[0] for row in page.tables["table-rules"][1:]] == [
         "Vitamin K2 order with a vitamin K antagonist order-k2-vka",
