@@ -68,6 +68,15 @@ def test_the_shipped_texts_keep_their_wording() -> None:
         ('count_unit = "unit"', 'count_unit = "{x}"', "dosage.count_unit", "no placeholders"),
         ('no_timing = "no timing"\n', "", "dosage.no_timing", "missing"),
         ("[units]", "[unit]", "units", "missing"),
+        ("[ceilings]", "[ceiling]", "ceilings", "missing"),
+        ('infant = "2,000', 'toddler = "2,000', "ceilings.infant", "missing"),
+        (
+            'adult = "10,000 IU/day, the supervised',
+            'adult = "{x} IU/day, the supervised',
+            "ceilings.adult",
+            "no placeholders",
+        ),
+        ('by_name = "{name} (recognised', 'by_name = "(recognised', "cards.by_name", "must use {name}"),
         ('none = "none"', '[other]\nnone = "none"', "other", "unknown key"),
     ],
 )
